@@ -1,0 +1,256 @@
+"""How one step is planned: running requests first, then admissions (vLLM v1 order)."""
+
+from __future__ import annotations
+
+from bisect import insort
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .kv import CACHED
+from .messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
+from .request import Request, RequestStatus
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Scheduler
+
+WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
+
+
+class _Builder:
+    """Accumulates one plan's chunks, KV operations and cost counters."""
+
+    __slots__ = ("chunks", "index", "removes", "copies", "prefill", "decode", "context", "sum_sq", "pad",
+                 "copied", "budget", "preempted")
+
+    def __init__(self, removes: list[KVRemove], budget: int) -> None:
+        self.chunks: list[ScheduledChunk] = []
+        self.index: dict[str, int] = {}
+        self.removes = removes
+        self.copies: list[KVCopy] = []
+        self.prefill = self.decode = self.context = self.sum_sq = self.pad = self.copied = 0
+        self.budget = budget
+        self.preempted = False
+
+    def add(self, r: Request, start: int, n: int, pad: int = 0) -> None:
+        end = start + n
+        remaining = r.num_tokens - start
+        is_decode = n == 1 and remaining == 1 and start >= r.num_prompt_tokens
+        chunk = ScheduledChunk(r.request_id, r.slot, start, r.token_at(start, end) if n else (),
+                               n > 0 and end == r.num_tokens, pad, is_decode, r.sampling)
+        self.index[r.request_id] = len(self.chunks)
+        self.chunks.append(chunk)
+        self.budget -= n
+        self.pad += pad
+        if is_decode:
+            self.decode += 1
+            self.context += end
+        elif n:
+            self.prefill += n
+            self.context += end
+            self.sum_sq += n * end
+
+    def drop(self, request_id: str) -> None:
+        """Take a chunk back out (its request was preempted later in the same step)."""
+        i = self.index.pop(request_id, None)
+        if i is None:
+            return
+        c = self.chunks.pop(i)
+        for rid, j in self.index.items():
+            if j > i:
+                self.index[rid] = j - 1
+        n = len(c.token_ids)
+        self.budget += n
+        self.pad -= c.num_pad_tokens
+        if c.is_decode:
+            self.decode -= 1
+            self.context -= c.start_pos + 1
+        elif n:
+            self.prefill -= n
+            self.context -= c.start_pos + n
+            self.sum_sq -= n * (c.start_pos + n)
+
+
+def _victim(s: Scheduler) -> Request:
+    rule = s.config.preemption_victim
+    running = s.running
+    if rule == "newest":
+        return max(running, key=lambda r: (r.arrival_s, r.request_id))
+    if rule == "lowest_priority":
+        return max(running, key=lambda r: (r.priority, r.arrival_s, r.request_id))
+    return min(running, key=lambda r: (r.num_computed_tokens, -r.arrival_s))
+
+
+def _preempt(s: Scheduler, victim: Request, b: _Builder) -> None:
+    """Recompute preemption: the victim's KV becomes cache, the request waits again."""
+    b.drop(victim.request_id)
+    s.running.remove(victim)
+    if s.pool.release(victim.slot, keep_cached=True):
+        b.removes.append(KVRemove(victim.slot))
+    s._lost[victim.request_id] = victim.num_computed_tokens
+    victim.slot = None
+    victim.num_computed_tokens = 0
+    victim.num_preemptions += 1
+    victim.status = WAITING
+    s.stats.num_preemptions += 1
+    insort(s.waiting, victim, key=lambda r: r.arrival_s)
+    b.preempted = True
+
+
+def _make_room(s: Scheduler, r: Request, need: int, b: _Builder) -> bool:
+    """Evict cached slots, then preempt, until need blocks are free; False if r itself was preempted."""
+    pool = s.pool
+    while pool.num_free_blocks < need:
+        if pool.num_evictable:
+            b.removes.append(KVRemove(pool.evict_one()))
+            s.stats.num_evictions += 1
+            continue
+        victim = _victim(s)
+        if victim.padding:  # a padded request is already done: end it instead of recomputing it
+            s._pending_outputs.append(s._finish(victim, victim.finish_reason, b_now(s)))
+            continue
+        _preempt(s, victim, b)
+        if victim is r:
+            return False
+    return True
+
+
+def b_now(s: Scheduler) -> float:
+    """The now_s of the plan being built."""
+    return s._now_s
+
+
+def _schedule_running(s: Scheduler, b: _Builder) -> None:
+    pool = s.pool
+    policy = s.policy
+    cap = s.config.max_prefill_chunk_tokens or s.config.max_num_batched_tokens
+    use_budget = policy.uses_token_budget
+    for r in list(s.running):
+        if r.status is not RUNNING:
+            continue
+        if r.padding:
+            b.add(r, r.num_computed_tokens, 0, pad=1)
+            continue
+        start = r.num_computed_tokens
+        n = r.num_tokens - start
+        if n > 1 and policy.chunked_prefill:
+            n = min(n, cap)
+        if use_budget and n > b.budget:
+            if not policy.chunked_prefill or b.budget <= 0:
+                continue
+            n = b.budget
+        need = pool.blocks_for(start + n) - len(pool.slot_blocks[r.slot])
+        if need > 0 and not _make_room(s, r, need, b):
+            continue
+        pool.reserve(r.slot, start + n)
+        b.add(r, start, n)
+
+
+def _prefix_hashes(s: Scheduler, r: Request) -> list[int]:
+    cached = s._hashes.get(r.request_id)
+    if cached is not None and cached[0] == r.num_tokens:
+        return cached[1]
+    tokens = r.token_at(0, r.num_tokens)
+    hashes = s.pool.chain_hashes(tokens, (r.num_tokens - 1) // s.pool.block_size)
+    s._hashes[r.request_id] = (r.num_tokens, hashes)
+    return hashes
+
+
+def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
+    """Admit waiting requests in the policy's order while slots, budget and KV allow."""
+    pool = s.pool
+    policy = s.policy
+    c = s.config
+    limit = policy.max_num_seqs(s) - len(s.running)
+    use_budget = policy.uses_token_budget
+    if limit <= 0 or not s.waiting or (use_budget and b.budget <= 0):
+        return []
+    cap = c.max_prefill_chunk_tokens or c.max_num_batched_tokens
+    admitted: list[int] = []
+    for r in list(policy.select(s, now_s, limit)):
+        if len(admitted) >= limit or (use_budget and b.budget <= 0) or not pool.has_slot():
+            break
+        if r.status is not WAITING or r.request_id not in s.requests:
+            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
+        depth, src = pool.match_prefix(_prefix_hashes(s, r)) if c.enable_prefix_caching else (0, None)
+        m = depth * c.block_size
+        n = r.num_tokens - m
+        if policy.chunked_prefill:
+            n = min(n, cap, b.budget)
+        elif use_budget and n > b.budget and b.chunks:
+            break  # a whole prompt that does not fit waits for the next step (head of line)
+        reuse = src is not None and pool.slot_state[src] == CACHED
+        pinned = sum(1 for blk in pool.slot_blocks[src][:depth] if pool.running_holders[blk] == 0) if reuse else 0
+        need = pool.blocks_for(m + n) - depth
+        if not pool.can_reserve(need + pinned):
+            break  # nothing changed: the request keeps its place
+        if reuse:
+            held = pool.slot_tokens[src]
+            pool.reuse_cached(src, depth)
+            slot = src
+            if held > m:
+                b.removes.append(KVRemove(slot, m))
+        else:
+            slot, evicted = pool.acquire_slot()
+            if evicted is not None:
+                b.removes.append(KVRemove(evicted))
+                s.stats.num_evictions += 1
+            if depth:
+                pool.copy_prefix(src, slot, depth)
+                b.copies.append(KVCopy(src, slot, m))
+                b.copied += m
+        while pool.num_free_blocks < need:
+            b.removes.append(KVRemove(pool.evict_one()))
+            s.stats.num_evictions += 1
+        pool.reserve(slot, m + n)
+        s.waiting.remove(r)
+        s.running.append(r)
+        r.status = RUNNING
+        r.slot = slot
+        r.num_computed_tokens = m  # the prefix arrives by copy (or stays in place) before the batch runs
+        r.num_cached_tokens = m
+        if r.first_scheduled_s is None:
+            r.first_scheduled_s = now_s
+            s.stats.num_prompt_tokens += r.num_prompt_tokens
+            s.stats.num_prefix_hit_tokens += min(m, r.num_prompt_tokens)
+        lost = s._lost.pop(r.request_id, 0)
+        if lost:
+            recomputed = max(0, lost - m)
+            r.num_recomputed_tokens += recomputed
+            s.stats.num_recomputed_tokens += recomputed
+        admitted.append(len(b.chunks))
+        b.add(r, m, n)
+    return admitted
+
+
+def _pad_prompts(s: Scheduler, b: _Builder, admitted: list[int]) -> None:
+    """Padded static batching: every admitted prompt is padded to the batch's longest."""
+    longest = max(s.requests[b.chunks[i].request_id].num_tokens for i in admitted)
+    for i in admitted:
+        c = b.chunks[i]
+        pad = longest - s.requests[c.request_id].num_tokens
+        if pad:
+            b.chunks[i] = replace(c, num_pad_tokens=c.num_pad_tokens + pad)
+            b.pad += pad
+
+
+def build_plan(s: Scheduler, now_s: float) -> StepPlan:
+    """Plan one step for scheduler s."""
+    s._now_s = now_s
+    removes, s._pending_removes = s._pending_removes, []
+    finished, s._pending_finished = s._pending_finished, []
+    b = _Builder(removes, s.config.max_num_batched_tokens)
+    _schedule_running(s, b)
+    if not b.preempted:
+        admitted = _admit(s, b, now_s)
+        if admitted and s.policy.padding:
+            _pad_prompts(s, b, admitted)
+    finished.extend(s._pending_finished)  # requests finished while planning (padding victims)
+    s._pending_finished = []
+    b.removes.extend(s._pending_removes)  # their slots too: removals run before this batch
+    s._pending_removes = []
+    wake = None
+    if not b.chunks and s.waiting:
+        wake = s.policy.wake_at_s(s, now_s)
+    s._step_id += 1
+    return StepPlan(s._step_id, now_s, tuple(b.chunks), tuple(b.removes), tuple(b.copies), b.prefill, b.decode,
+                    b.context, b.sum_sq, b.pad, b.copied, wake, tuple(finished))

@@ -1,0 +1,281 @@
+"""KV accounting: slots, blocks with reference counts, and a prefix index over full blocks.
+
+A slot is a llama.cpp sequence id. A slot holds the KV of one token sequence as a
+list of physical blocks. A block is shared between slots only through a prefix
+copy (``llama_memory_seq_cp``), never because two slots computed equal tokens:
+those are separate cells in llama.cpp, so they stay separate blocks here.
+
+Slots are FREE (empty), RUNNING (owned by a running request) or CACHED (the KV of
+a finished or preempted request, kept for prefix reuse until its space or slot is
+needed, evicted least recently used first). Used blocks = live physical blocks;
+evictable blocks = blocks no running slot holds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+FREE, RUNNING, CACHED = 0, 1, 2
+_ROOT_HASH = hash(("tokenstep-prefix-root",))
+
+
+class KVPool:
+    """Block accounting for one scheduler (one llama.cpp context)."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.num_slots = num_slots
+        self.enable_prefix_caching = enable_prefix_caching
+        self.slot_state = [FREE] * num_slots
+        self.slot_blocks: list[list[int]] = [[] for _ in range(num_slots)]
+        self.slot_hashes: list[list[int]] = [[] for _ in range(num_slots)]  # hashes of computed full blocks
+        self.slot_tokens = [0] * num_slots  # tokens whose KV is in the slot (computed)
+        self.holders: dict[int, int] = {}  # block id -> slots holding it
+        self.running_holders: dict[int, int] = {}  # block id -> RUNNING slots holding it
+        self.block_hash: dict[int, int] = {}  # block id -> chained hash (full, computed blocks)
+        self.index: dict[int, int] = {}  # chained hash -> block id
+        self.cached_lru: OrderedDict[int, None] = OrderedDict()  # CACHED slots, least recent first
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self.num_evictable = 0  # live blocks with no running holder
+        self._next_block_id = 0
+
+    # ---- queries -------------------------------------------------------------
+    @property
+    def num_used_blocks(self) -> int:
+        """Live physical blocks."""
+        return len(self.holders)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks not holding any KV."""
+        return self.num_blocks - len(self.holders)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold num_tokens positions."""
+        return -(-num_tokens // self.block_size)
+
+    def can_reserve(self, num_new_blocks: int) -> bool:
+        """True if that many blocks can be had, evicting cached slots if needed."""
+        return num_new_blocks <= self.num_free_blocks + self.num_evictable
+
+    def has_slot(self) -> bool:
+        """True if a slot is free or can be freed by evicting a cached one."""
+        return bool(self.free_slots) or bool(self.cached_lru)
+
+    # ---- prefix index ----------------------------------------------------------
+    def chain_hashes(self, token_ids: tuple[int, ...], max_blocks: int) -> list[int]:
+        """Chained hashes of the first max_blocks full blocks of token_ids."""
+        bs = self.block_size
+        out = []
+        parent = _ROOT_HASH
+        for j in range(min(max_blocks, len(token_ids) // bs)):
+            parent = hash((parent, token_ids[j * bs : (j + 1) * bs]))
+            out.append(parent)
+        return out
+
+    def match_prefix(self, hashes: list[int]) -> tuple[int, int | None]:
+        """(number of matched blocks, a slot holding them), preferring a CACHED holder."""
+        if not self.enable_prefix_caching:
+            return 0, None
+        index = self.index
+        depth = 0
+        block = -1
+        for h in hashes:
+            b = index.get(h)
+            if b is None:
+                break
+            block = b
+            depth += 1
+        if depth == 0:
+            return 0, None
+        j = depth - 1
+        running_holder = None
+        for slot in range(self.num_slots):
+            blocks = self.slot_blocks[slot]
+            if len(blocks) > j and blocks[j] == block and len(self.slot_hashes[slot]) > j:
+                if self.slot_state[slot] == CACHED:
+                    return depth, slot
+                if running_holder is None:
+                    running_holder = slot
+        if running_holder is None:  # index and slots disagree: never share what no slot holds
+            return 0, None
+        return depth, running_holder
+
+    # ---- mutations (the scheduler emits the matching KV operations) -------------
+    def _new_block(self) -> int:
+        b = self._next_block_id
+        self._next_block_id += 1
+        self.holders[b] = 1
+        self.running_holders[b] = 1
+        return b
+
+    def _drop(self, b: int, was_running: bool) -> None:
+        n = self.holders[b] - 1
+        if was_running:
+            r = self.running_holders[b] - 1
+            self.running_holders[b] = r
+            if r == 0 and n > 0:
+                self.num_evictable += 1
+        elif self.running_holders[b] == 0:
+            self.num_evictable -= 1 if n == 0 else 0
+        if n == 0:
+            del self.holders[b]
+            del self.running_holders[b]
+            h = self.block_hash.pop(b, None)
+            if h is not None and self.index.get(h) == b:
+                del self.index[h]
+        else:
+            self.holders[b] = n
+
+    def acquire_slot(self) -> tuple[int, int | None]:
+        """Take a free slot, else evict the least recently used cached one.
+
+        Returns (slot, evicted slot or None); the caller emits a KVRemove for an eviction.
+        """
+        if self.free_slots:
+            slot = self.free_slots.pop()
+            self.slot_state[slot] = RUNNING
+            return slot, None
+        slot = next(iter(self.cached_lru))
+        self._evict(slot)
+        self.free_slots.remove(slot)
+        self.slot_state[slot] = RUNNING
+        return slot, slot
+
+    def evict_one(self) -> int | None:
+        """Evict the least recently used cached slot; return it (None if none)."""
+        if not self.cached_lru:
+            return None
+        slot = next(iter(self.cached_lru))
+        self._evict(slot)
+        return slot
+
+    def _evict(self, slot: int) -> None:
+        del self.cached_lru[slot]
+        for b in self.slot_blocks[slot]:
+            self._drop(b, was_running=False)
+        self.slot_blocks[slot] = []
+        self.slot_hashes[slot] = []
+        self.slot_tokens[slot] = 0
+        self.slot_state[slot] = FREE
+        self.free_slots.append(slot)
+
+    def reuse_cached(self, slot: int, num_blocks: int) -> None:
+        """Take over a CACHED slot for a new request, keeping its first num_blocks blocks."""
+        del self.cached_lru[slot]
+        blocks = self.slot_blocks[slot]
+        for b in blocks[num_blocks:]:
+            self._drop(b, was_running=False)
+        kept = blocks[:num_blocks]
+        for b in kept:
+            r = self.running_holders[b]
+            if r == 0:
+                self.num_evictable -= 1
+            self.running_holders[b] = r + 1
+        self.slot_blocks[slot] = kept
+        self.slot_hashes[slot] = self.slot_hashes[slot][:num_blocks]
+        self.slot_tokens[slot] = num_blocks * self.block_size
+        self.slot_state[slot] = RUNNING
+
+    def copy_prefix(self, src: int, dst: int, num_blocks: int) -> None:
+        """Make RUNNING slot dst share the first num_blocks blocks of src."""
+        blocks = self.slot_blocks[src][:num_blocks]
+        for b in blocks:
+            self.holders[b] += 1
+            r = self.running_holders[b]
+            if r == 0:
+                self.num_evictable -= 1
+            self.running_holders[b] = r + 1
+        self.slot_blocks[dst] = list(blocks)
+        self.slot_hashes[dst] = self.slot_hashes[src][:num_blocks]
+        self.slot_tokens[dst] = num_blocks * self.block_size
+
+    def reserve(self, slot: int, num_tokens: int) -> int:
+        """Give a RUNNING slot blocks to hold num_tokens positions; return blocks added.
+
+        The caller checks can_reserve first and evicts cached slots until the
+        blocks are free, so a reservation that cannot be met never happens.
+        """
+        blocks = self.slot_blocks[slot]
+        need = -(-num_tokens // self.block_size) - len(blocks)
+        for _ in range(need):
+            blocks.append(self._new_block())
+        return max(need, 0)
+
+    def computed(self, slot: int, num_tokens: int, token_source) -> None:
+        """Record that the slot now holds num_tokens computed positions; index new full blocks.
+
+        token_source(start, stop) returns the token ids at those positions.
+        """
+        self.slot_tokens[slot] = num_tokens
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.slot_hashes[slot]
+        full = num_tokens // self.block_size
+        if len(hashes) >= full:
+            return
+        bs = self.block_size
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        blocks = self.slot_blocks[slot]
+        for j in range(len(hashes), full):
+            parent = hash((parent, tuple(token_source(j * bs, (j + 1) * bs))))
+            hashes.append(parent)
+            b = blocks[j]
+            self.block_hash[b] = parent
+            self.index.setdefault(parent, b)
+
+    def release(self, slot: int, keep_cached: bool) -> bool:
+        """A RUNNING slot's request left: keep its computed KV as cache, or free it.
+
+        Blocks reserved beyond the computed tokens are returned either way.
+        Returns True when the slot was freed (the caller emits a KVRemove).
+        """
+        blocks = self.slot_blocks[slot]
+        keep = self.blocks_for(self.slot_tokens[slot]) if keep_cached and self.enable_prefix_caching else 0
+        for b in blocks[keep:]:
+            self._drop(b, was_running=True)
+        kept = blocks[:keep]
+        for b in kept:
+            r = self.running_holders[b] - 1
+            self.running_holders[b] = r
+            if r == 0:
+                self.num_evictable += 1
+        if keep:
+            self.slot_blocks[slot] = kept
+            self.slot_state[slot] = CACHED
+            self.cached_lru[slot] = None
+            return False
+        self.slot_blocks[slot] = []
+        self.slot_hashes[slot] = []
+        self.slot_tokens[slot] = 0
+        self.slot_state[slot] = FREE
+        self.free_slots.append(slot)
+        return True
+
+    def check(self) -> None:
+        """Recount everything from the slots and raise AssertionError on any mismatch (tests)."""
+        holders: dict[int, int] = {}
+        running: dict[int, int] = {}
+        for slot in range(self.num_slots):
+            state = self.slot_state[slot]
+            blocks = self.slot_blocks[slot]
+            if state == FREE:
+                assert not blocks and self.slot_tokens[slot] == 0, f"free slot {slot} holds KV"
+                assert slot in self.free_slots and slot not in self.cached_lru
+            else:
+                assert slot not in self.free_slots, f"slot {slot} is both used and free"
+                assert (state == CACHED) == (slot in self.cached_lru), f"slot {slot} LRU mismatch"
+            assert len(set(blocks)) == len(blocks), f"slot {slot} holds a block twice"
+            assert len(self.slot_hashes[slot]) <= len(blocks)
+            for b in blocks:
+                holders[b] = holders.get(b, 0) + 1
+                running[b] = running.get(b, 0) + (state == RUNNING)
+        assert holders == self.holders, "block reference counts disagree with the slots"
+        assert running == self.running_holders, "running reference counts disagree with the slots"
+        assert all(n > 0 for n in holders.values()), "a block has a non-positive reference count"
+        assert self.num_evictable == sum(1 for b in holders if running[b] == 0), "evictable count is off"
+        assert len(holders) <= self.num_blocks, "more blocks in use than exist"
+        assert len(self.free_slots) == len(set(self.free_slots))
+        for h, b in self.index.items():
+            assert b in holders and self.block_hash.get(b) == h, "prefix index points at a dead block"
