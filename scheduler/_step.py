@@ -106,6 +106,7 @@ def _make_room(s: Scheduler, r: Request, need: int, b: _Builder) -> bool:
             continue
         victim = _victim(s)
         if victim.padding:  # a padded request is already done: end it instead of recomputing it
+            b.drop(victim.request_id)
             s._pending_outputs.append(s._finish(victim, victim.finish_reason, b_now(s)))
             continue
         _preempt(s, victim, b)

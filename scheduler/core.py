@@ -157,6 +157,8 @@ class Scheduler:
 
     def commit(self, plan: StepPlan, result: StepResult, now_s: float) -> list[RequestOutput]:
         """Apply a step's results: advance computed tokens, append samples, retire finished requests."""
+        if plan.is_empty and self._in_flight is None:
+            return []  # nothing ran; committing an empty plan is a no-op
         if plan is not self._in_flight:
             raise ValueError("commit() got a plan that is not the one in flight")
         self._in_flight = None

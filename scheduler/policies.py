@@ -259,7 +259,10 @@ def register_policy(name: str, policy: type[Policy] | Callable[..., Any]) -> Non
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split 'name:key=value,key=value' into the name and its parameters."""
     name, rest = spec, ""
-    if "=" in spec:
+    head, colon, tail = spec.partition(":")
+    if colon and "=" not in spec and (head in POLICIES or head in ALIASES):
+        name, rest = head, tail
+    elif "=" in spec:
         cut = spec.rfind(":", 0, spec.index("="))
         if cut < 0:
             raise ValueError(f"policy {spec!r}: write parameters as name:key=value,key=value")

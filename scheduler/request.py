@@ -82,6 +82,11 @@ class Request:
     def __post_init__(self) -> None:
         self.prompt_token_ids = tuple(self.prompt_token_ids)
 
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, prompt={len(self.prompt_token_ids)} tokens, "
+                f"max_tokens={self.sampling.max_tokens}, priority={self.priority}, arrival_s={self.arrival_s:g}, "
+                f"{self.status.value}, out={len(self.output_token_ids)}, computed={self.num_computed_tokens})")
+
     @property
     def num_prompt_tokens(self) -> int:
         """Prompt length in tokens."""

@@ -1,0 +1,294 @@
+"""Roofline step times for named GPU + model presets, with the scheduler capacity they imply.
+
+Assumptions, all visible in describe() and in the JSON params:
+- dtype bf16 (2 bytes) for weights and KV cache; peak is dense bf16 tensor-core FLOP/s
+  (H100 SXM 989 TFLOP/s, A100 SXM 312 TFLOP/s); HBM 80 GiB per GPU at 3.35 TB/s (H100 SXM)
+  or 2.0 TB/s (A100 SXM 80GB).
+- Llama-3-8B: 8.03e9 params, 32 layers, hidden 4096, 32 query heads, 8 KV heads, head_dim 128.
+  Llama-3-70B: 70.6e9 params, 80 layers, hidden 8192, 64 query heads, 8 KV heads, head_dim 128,
+  run tensor-parallel on 4 GPUs (the 70B presets are tp=4).
+- step = max(compute, memory) + fixed overhead (scheduling, sampling, launch gaps, and for
+  tp>1 the per-layer all-reduce latency; all-reduce bandwidth is not modelled).
+- compute = 2*params*tokens + 4*layers*heads*head_dim*(query-key pairs), over
+  num_gpus*peak*mfu; pairs = sum_sq_prefill_tokens + num_context_tokens, which counts each
+  prefill chunk's own context once more (an overcount of 1/len of its attention).
+  2*params also charges the embedding lookup as a matmul (about 7% of the 8B's params).
+- memory = weight bytes + KV bytes read (context) and written (new tokens) + 2x copied KV,
+  over num_gpus*bandwidth*mbu.
+- capacity: KV tokens = memory_fraction*HBM - weights (no activation or CUDA-graph reserve,
+  so an upper bound), in blocks of block_size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from backends.cost_base import (
+    CostModelError,
+    StepFeatures,
+    check_params,
+    features,
+    floor_time,
+)
+from scheduler.messages import StepPlan
+
+GIB = 1024**3
+ROOFLINE_TEXT_PARAMS = ("gpu", "model")
+ROOFLINE_NUMBER_PARAMS = (
+    "num_gpus",
+    "peak_tflops",
+    "hbm_tb_s",
+    "hbm_gib",
+    "num_params",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "dtype_bytes",
+    "mfu",
+    "mbu",
+    "overhead_s",
+    "memory_fraction",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+)
+_INT_PARAMS = (
+    "num_gpus",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "dtype_bytes",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RooflineCostModel:
+    """step = max(FLOPs / (peak * mfu), bytes / (bandwidth * mbu)) + overhead_s."""
+
+    gpu: str
+    model: str
+    num_gpus: int
+    peak_tflops: float  # per GPU, dense bf16
+    hbm_tb_s: float  # per GPU, 1e12 bytes/s
+    hbm_gib: float  # per GPU
+    num_params: float
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+    mfu: float = 0.5  # vLLM-class prefill reaches 40-60% of dense peak
+    mbu: float = 0.8  # decode kernels reach 70-85% of HBM bandwidth
+    overhead_s: float = 0.002
+    memory_fraction: float = 0.9  # vLLM's gpu_memory_utilization default
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192  # Llama-3's native context
+    name: str = "roofline"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        src = f"roofline cost model {self.name!r}"
+        nums = check_params(
+            "roofline",
+            {n: getattr(self, n) for n in ROOFLINE_NUMBER_PARAMS},
+            ROOFLINE_NUMBER_PARAMS,
+            src,
+        )
+        for n, value in nums.items():
+            if n in ("overhead_s",):
+                continue
+            if value <= 0 or (n in _INT_PARAMS and value != int(value)):
+                kind = "a positive integer" if n in _INT_PARAMS else "> 0"
+                raise CostModelError(
+                    f"{src}: {n} must be {kind}, got {getattr(self, n)!r}"
+                )
+        for n in ("mfu", "mbu", "memory_fraction"):
+            if nums[n] > 1:
+                raise CostModelError(
+                    f"{src}: {n} is a fraction of peak and must be <= 1, got {nums[n]!r}"
+                )
+        for n in ROOFLINE_TEXT_PARAMS:
+            if not isinstance(getattr(self, n), str) or not getattr(self, n):
+                raise CostModelError(
+                    f"{src}: {n} must be a non-empty string, got {getattr(self, n)!r}"
+                )
+        if self.kv_capacity_tokens < self.max_model_len:
+            raise CostModelError(
+                f"{src}: {self.model} weights leave room for {self.kv_capacity_tokens} KV tokens on "
+                f"{self.num_gpus}x {self.gpu}, fewer than max_model_len={self.max_model_len}; add GPUs"
+            )
+
+    @property
+    def weight_bytes(self) -> float:
+        """Bytes of all weights (summed over GPUs)."""
+        return self.num_params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V bytes of one token over all layers."""
+        return (
+            2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        )
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens that fit after weights, in whole blocks."""
+        free = (
+            self.memory_fraction * self.hbm_gib * GIB * self.num_gpus
+            - self.weight_bytes
+        )
+        blocks = int(max(free, 0) // (self.kv_bytes_per_token * self.block_size))
+        return blocks * self.block_size
+
+    def capacity(self) -> dict:
+        """SchedulerConfig keyword arguments for this preset: SchedulerConfig(**model.capacity())."""
+        return {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_model_len": self.max_model_len,
+            "num_kv_blocks": self.kv_capacity_tokens // self.block_size,
+            "block_size": self.block_size,
+        }
+
+    def compute_s(self, feats: StepFeatures) -> float:
+        """Time the step's FLOPs take at mfu of peak."""
+        tokens = feats.num_prefill_tokens + feats.num_decode_seqs
+        pairs = feats.sum_sq_prefill_tokens + feats.num_context_tokens
+        flops = (
+            2 * self.num_params * tokens
+            + 4 * self.num_layers * self.num_heads * self.head_dim * pairs
+        )
+        return flops / (self.num_gpus * self.peak_tflops * 1e12 * self.mfu)
+
+    def memory_s(self, feats: StepFeatures) -> float:
+        """Time the step's HBM traffic takes at mbu of bandwidth."""
+        tokens = feats.num_prefill_tokens + feats.num_decode_seqs
+        kv_cells = feats.num_context_tokens + tokens + 2 * feats.num_copied_tokens
+        nbytes = (
+            self.weight_bytes * feats.has_batch + self.kv_bytes_per_token * kv_cells
+        )
+        return nbytes / (self.num_gpus * self.hbm_tb_s * 1e12 * self.mbu)
+
+    def predict_s(self, feats: StepFeatures) -> float:
+        """Seconds for a step with these features."""
+        raw = (
+            max(self.compute_s(feats), self.memory_s(feats))
+            + self.overhead_s * feats.has_batch
+        )
+        return floor_time(feats, raw)
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        """Seconds the plan's step takes (0 for an empty plan)."""
+        return self.predict_s(features(plan))
+
+    def to_dict(self) -> dict:
+        """{"kind": "roofline", "params", "meta"}."""
+        params = {
+            n: getattr(self, n) for n in ROOFLINE_TEXT_PARAMS + ROOFLINE_NUMBER_PARAMS
+        }
+        return {"kind": "roofline", "params": params, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(
+        cls, params: object, meta: dict, name: str, source: str
+    ) -> RooflineCostModel:
+        """Build from a JSON params object; source names the file in errors."""
+        if not isinstance(params, dict):
+            raise CostModelError(
+                f"{source}: 'params' of a roofline cost model must be an object"
+            )
+        missing = [n for n in ROOFLINE_TEXT_PARAMS if n not in params]
+        if missing:
+            raise CostModelError(
+                f"{source}: roofline cost model is missing params {', '.join(missing)}"
+            )
+        text = {n: params[n] for n in ROOFLINE_TEXT_PARAMS}
+        for n, value in text.items():
+            if not isinstance(value, str) or not value:
+                raise CostModelError(
+                    f"{source}: roofline param {n!r} must be a non-empty string, got {value!r}"
+                )
+        nums = check_params(
+            "roofline",
+            {k: v for k, v in params.items() if k not in text},
+            ROOFLINE_NUMBER_PARAMS,
+            source,
+        )
+        for n in _INT_PARAMS:
+            if nums[n] != int(nums[n]):
+                raise CostModelError(
+                    f"{source}: roofline param {n!r} must be an integer, got {params[n]!r}"
+                )
+            nums[n] = int(nums[n])
+        try:
+            return cls(**text, **nums, name=name, meta=meta)
+        except ValueError as exc:
+            raise CostModelError(f"{source}: {exc}") from None
+
+    def describe(self) -> str:
+        """One line with every assumption behind the numbers."""
+        return (
+            f"roofline '{self.name}': {self.model} ({self.num_params:.3g} params, {self.num_layers} layers, "
+            f"hidden {self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} KV heads x {self.head_dim}, "
+            f"{8 * self.dtype_bytes}-bit) on {self.num_gpus}x {self.gpu} ({self.peak_tflops:g} TFLOP/s dense, "
+            f"{self.hbm_tb_s:g} TB/s, {self.hbm_gib:g} GiB each); t = max(FLOPs/(peak*{self.mfu:g}), "
+            f"bytes/(BW*{self.mbu:g})) + {self.overhead_s * 1e3:g} ms; KV {self.kv_capacity_tokens} tokens at "
+            f"{self.memory_fraction:g} of HBM, block {self.block_size}; TP all-reduce bandwidth not modelled"
+        )
+
+
+_H100 = {
+    "gpu": "H100-SXM-80GB",
+    "peak_tflops": 989.0,
+    "hbm_tb_s": 3.35,
+    "hbm_gib": 80.0,
+}
+_A100 = {"gpu": "A100-SXM-80GB", "peak_tflops": 312.0, "hbm_tb_s": 2.0, "hbm_gib": 80.0}
+_LLAMA3_8B = {
+    "model": "Llama-3-8B",
+    "num_params": 8.03e9,
+    "num_layers": 32,
+    "hidden_size": 4096,
+    "num_heads": 32,
+    "num_kv_heads": 8,
+    "head_dim": 128,
+    "num_gpus": 1,
+    "overhead_s": 0.002,
+}
+# tp=4: 141 GB of bf16 weights need more than one 80 GiB GPU; the extra overhead is
+# 160 all-reduces per step at roughly 10 us each.
+_LLAMA3_70B = {
+    "model": "Llama-3-70B",
+    "num_params": 70.6e9,
+    "num_layers": 80,
+    "hidden_size": 8192,
+    "num_heads": 64,
+    "num_kv_heads": 8,
+    "head_dim": 128,
+    "num_gpus": 4,
+    "overhead_s": 0.004,
+}
+
+ROOFLINE_PRESETS: dict[str, RooflineCostModel] = {
+    name: RooflineCostModel(
+        **gpu, **model, name=name, meta={"source": "preset, datasheet numbers"}
+    )
+    for name, gpu, model in (
+        ("h100-llama3-8b", _H100, _LLAMA3_8B),
+        ("a100-llama3-8b", _A100, _LLAMA3_8B),
+        ("h100-llama3-70b", _H100, _LLAMA3_70B),
+        ("a100-llama3-70b", _A100, _LLAMA3_70B),
+    )
+}

@@ -1,0 +1,310 @@
+"""Property-testing kit for scheduling policies (imports hypothesis; ``import scheduler`` does not).
+
+Point the ready state machine at your policy in two lines::
+
+    from scheduler.testing import policy_state_machine
+    TestMyPolicy = policy_state_machine(MyPolicy).TestCase   # collected by pytest
+
+Hypothesis then adds, steps, aborts and times requests at random, checks every
+invariant (``check_invariants``, ``check_plan``) after every step, drains the
+scheduler at teardown, and checks each request ended with exactly the tokens it
+was owed (max_tokens, or up to its scripted EOS) or with a stated reason.
+A failure comes back shrunk to a short sequence of steps.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from .config import VICTIM_RULES, SchedulerConfig
+from .core import Scheduler
+from .kv import RUNNING as SLOT_RUNNING
+from .messages import StepPlan, StepResult
+from .policies import Policy, make_policy
+from .request import FinishReason, Request, RequestStatus, SamplingParams
+
+EOS = 2
+_OWED_REASONS = ("stop", "length")
+
+
+class InvariantError(AssertionError):
+    """A scheduler invariant does not hold."""
+
+
+def _fail(message: str) -> None:
+    raise InvariantError(message)
+
+
+def expected_token(request_id: str, index: int) -> int:
+    """The executor's token for output index of a request (never EOS)."""
+    return 10 + zlib.crc32(f"{request_id}:{index}".encode()) % 990
+
+
+class DeterministicExecutor:
+    """Executes plans like a model would, with tokens fixed per (request, index) and scripted EOS."""
+
+    def __init__(self, scripted_eos: dict[str, int] | None = None) -> None:
+        self.scripted_eos = scripted_eos if scripted_eos is not None else {}
+        self.num_sampled: dict[str, int] = {}
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """One token per sampling chunk; one second per step."""
+        sampled = {}
+        for c in plan.chunks:
+            if c.sample:
+                i = self.num_sampled.get(c.request_id, 0)
+                self.num_sampled[c.request_id] = i + 1
+                eos = self.scripted_eos.get(c.request_id) == i
+                sampled[c.request_id] = EOS if eos else expected_token(c.request_id, i)
+        return StepResult(sampled, 1.0)
+
+
+def check_plan(sched: Scheduler, plan: StepPlan) -> None:
+    """Limits and wiring of one plan, checked right after schedule()."""
+    c = sched.config
+    if len(plan.chunks) > c.max_num_seqs:
+        _fail(f"plan has {len(plan.chunks)} chunks > max_num_seqs {c.max_num_seqs}")
+    if sched.policy.uses_token_budget and plan.num_scheduled_tokens > c.max_num_batched_tokens:
+        if not (len(plan.chunks) == 1 or not sched.policy.chunked_prefill):
+            _fail(f"plan runs {plan.num_scheduled_tokens} tokens > budget {c.max_num_batched_tokens}")
+    if sched.policy.chunked_prefill and plan.num_scheduled_tokens > c.max_num_batched_tokens:
+        _fail(f"chunked plan runs {plan.num_scheduled_tokens} tokens > budget {c.max_num_batched_tokens}")
+    slots = [ch.slot for ch in plan.chunks]
+    if len(set(slots)) != len(slots):
+        _fail(f"a slot appears twice in one batch: {slots}")
+    if len({ch.request_id for ch in plan.chunks}) != len(plan.chunks):
+        _fail("a request appears twice in one batch")
+    for ch in plan.chunks:
+        r = sched.requests[ch.request_id]
+        if r.status is not RequestStatus.RUNNING or r.slot != ch.slot:
+            _fail(f"chunk for {ch.request_id} is not in its running slot")
+        if r.padding:
+            continue
+        if ch.start_pos != r.num_computed_tokens:
+            _fail(f"{ch.request_id}: chunk starts at {ch.start_pos}, computed {r.num_computed_tokens}")
+        if tuple(ch.token_ids) != r.token_at(ch.start_pos, ch.start_pos + len(ch.token_ids)):
+            _fail(f"{ch.request_id}: chunk tokens differ from the request's tokens")
+        if not ch.token_ids:
+            _fail(f"{ch.request_id}: empty chunk for a live request")
+        if ch.sample != (ch.start_pos + len(ch.token_ids) == r.num_tokens):
+            _fail(f"{ch.request_id}: sample flag wrong")
+        if sched.pool.slot_tokens[ch.slot] > ch.start_pos:
+            _fail(f"{ch.request_id}: slot {ch.slot} holds {sched.pool.slot_tokens[ch.slot]} tokens, chunk starts at "
+                  f"{ch.start_pos}")
+    for cp in plan.copies:
+        if sched.pool.slot_state[cp.src_slot] != SLOT_RUNNING:
+            _fail(f"prefix copy from slot {cp.src_slot}, which no running request owns")
+    if sched.has_unfinished() and not plan.chunks:
+        if sched.running and not all(r.padding for r in sched.running):
+            _fail("deadlock: requests are running but the plan runs nothing")
+        if sched.waiting and not sched.running and plan.wake_at_s is None:
+            _fail(f"deadlock: {len(sched.waiting)} requests wait, nothing runs, and the policy set no wake-up time")
+
+
+def check_invariants(sched: Scheduler) -> None:
+    """Request states, slot ownership and KV block accounting, checked between steps."""
+    waiting_ids = [r.request_id for r in sched.waiting]
+    running_ids = [r.request_id for r in sched.running]
+    if len(set(waiting_ids) | set(running_ids)) != len(waiting_ids) + len(running_ids):
+        _fail("a request is in more than one queue")
+    for r in sched.requests.values():
+        where = (r.request_id in waiting_ids) + (r.request_id in running_ids) + (r.status is RequestStatus.FINISHED)
+        if where != 1:
+            _fail(f"request {r.request_id} is in {where} states (status {r.status.value})")
+        expected = {RequestStatus.WAITING: r.request_id in waiting_ids, RequestStatus.RUNNING: r.request_id in running_ids}
+        if r.status in expected and not expected[r.status]:
+            _fail(f"request {r.request_id} has status {r.status.value} but is not in that queue")
+        if r.num_output_tokens > r.max_tokens:
+            _fail(f"request {r.request_id} got {r.num_output_tokens} tokens > max_tokens {r.max_tokens}")
+        if r.status is RequestStatus.FINISHED and r.finish_reason is None:
+            _fail(f"request {r.request_id} finished without a reason")
+    slots = [r.slot for r in sched.running]
+    if len(set(slots)) != len(slots) or None in slots:
+        _fail(f"running requests do not own distinct slots: {slots}")
+    if len(sched.running) > sched.config.max_num_seqs:
+        _fail("more running requests than slots")
+    pool = sched.pool
+    for r in sched.running:
+        if pool.slot_state[r.slot] != SLOT_RUNNING:
+            _fail(f"slot {r.slot} of running {r.request_id} is not marked running")
+        if not r.padding and pool.slot_tokens[r.slot] != r.num_computed_tokens:
+            _fail(f"slot {r.slot} holds {pool.slot_tokens[r.slot]} tokens, {r.request_id} computed {r.num_computed_tokens}")
+    try:
+        pool.check()
+    except AssertionError as exc:
+        raise InvariantError(f"KV accounting: {exc}") from None
+
+
+def owed_tokens(request: Request, scripted_eos: dict[str, int]) -> list[int]:
+    """The tokens a request that ran to completion must have produced."""
+    k = scripted_eos.get(request.request_id)
+    n = request.max_tokens if k is None else min(request.max_tokens, k + 1)
+    out = [expected_token(request.request_id, i) for i in range(n)]
+    if k is not None and k < request.max_tokens:
+        out[k] = EOS
+    return out
+
+
+def check_finished(request: Request, scripted_eos: dict[str, int]) -> None:
+    """A finished request has exactly its owed tokens, or a stated reason for not having them."""
+    if request.status is not RequestStatus.FINISHED:
+        _fail(f"request {request.request_id} never finished ({request.status.value})")
+    reason = request.finish_reason.value
+    if reason in _OWED_REASONS:
+        if request.output_token_ids != owed_tokens(request, scripted_eos):
+            _fail(f"request {request.request_id} finished ({reason}) with {request.num_output_tokens} tokens "
+                  f"{request.output_token_ids[:8]}..., owed {len(owed_tokens(request, scripted_eos))}")
+    elif reason in ("rejected", "error") and not request.finish_detail:
+        _fail(f"request {request.request_id} was {reason} without a stated reason")
+
+
+# ---- hypothesis strategies ------------------------------------------------------------
+
+def scheduler_configs(max_slots: int = 6) -> st.SearchStrategy[SchedulerConfig]:
+    """Small scheduler configurations that make KV pressure, preemption and prefix hits likely."""
+    return st.builds(
+        SchedulerConfig,
+        max_num_seqs=st.integers(1, max_slots),
+        max_num_batched_tokens=st.integers(4, 96),
+        max_model_len=st.integers(16, 160),
+        num_kv_blocks=st.integers(4, 48),
+        block_size=st.sampled_from([1, 2, 4, 8]),
+        max_prefill_chunk_tokens=st.none() | st.integers(1, 64),
+        enable_prefix_caching=st.booleans(),
+        preemption_victim=st.sampled_from(VICTIM_RULES),
+        eos_token_ids=st.just((EOS,)),
+    )
+
+
+_PREFIXES = [tuple(100 + (i * 37 + j * 11) % 500 for j in range(24)) for i in range(3)]
+
+
+@st.composite
+def prompts(draw, max_len: int = 60) -> tuple[int, ...]:
+    """Prompts that often share one of a few prefixes."""
+    prefix = draw(st.sampled_from([(), *_PREFIXES]))[: draw(st.integers(0, 24))]
+    suffix = draw(st.lists(st.integers(10, 999), min_size=0 if prefix else 1, max_size=max_len))
+    return tuple(prefix) + tuple(suffix)
+
+
+@st.composite
+def requests(draw, request_id: str, arrival_s: float = 0.0) -> tuple[Request, int | None]:
+    """A request and its scripted EOS index (None: runs to max_tokens)."""
+    max_tokens = draw(st.integers(1, 24))
+    eos = draw(st.none() | st.integers(0, 30))
+    req = Request(request_id, draw(prompts()), SamplingParams(max_tokens=max_tokens, ignore_eos=False),
+                  priority=draw(st.integers(0, 3)), arrival_s=arrival_s)
+    return req, eos
+
+
+class SchedulerStateMachine(RuleBasedStateMachine):
+    """Adds, steps, aborts and drains requests under one policy; checks every invariant after every step."""
+
+    policy_factory: Callable[[], Policy | str] = staticmethod(lambda: "continuous")
+    max_drain_steps = 5000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sched: Scheduler | None = None
+        self.scripted_eos: dict[str, int] = {}
+        self.executor = DeterministicExecutor(self.scripted_eos)
+        self.now_s = 0.0
+        self.counter = 0
+
+    @initialize(config=scheduler_configs())
+    def setup(self, config: SchedulerConfig) -> None:
+        """A fresh scheduler with a drawn configuration."""
+        self.sched = Scheduler(config, make_policy(self.policy_factory()))
+
+    @rule(data=st.data())
+    def add(self, data: Any) -> None:
+        """A request arrives now."""
+        req, eos = data.draw(requests(f"q{self.counter:04d}", self.now_s))
+        self.counter += 1
+        if eos is not None:
+            self.scripted_eos[req.request_id] = eos
+        out = self.sched.add_request(req, self.now_s)
+        if out is not None and not out.detail:
+            _fail(f"{req.request_id} rejected without a reason")
+
+    @rule()
+    def step(self) -> None:
+        """One schedule/execute/commit round."""
+        self._step()
+
+    def _step(self) -> StepPlan:
+        plan = self.sched.schedule(self.now_s)
+        check_plan(self.sched, plan)
+        if plan.is_empty:
+            if plan.wake_at_s is not None:
+                self.now_s = max(self.now_s, plan.wake_at_s)
+            return plan
+        result = self.executor.step(plan)
+        self.now_s += result.elapsed_s
+        self.sched.commit(plan, result, self.now_s)
+        return plan
+
+    @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
+    @rule(data=st.data())
+    def abort(self, data: Any) -> None:
+        """The client gives up on a random unfinished request."""
+        live = [*self.sched.waiting, *self.sched.running]
+        victim = data.draw(st.sampled_from(live))
+        out = self.sched.abort(victim.request_id, self.now_s)
+        if out is None or out.finish_reason != FinishReason.ABORT.value:
+            _fail(f"abort of {victim.request_id} returned {out}")
+
+    @rule(dt=st.floats(0.0, 5.0))
+    def wait(self, dt: float) -> None:
+        """Time passes without a step."""
+        self.now_s += dt
+
+    @invariant()
+    def invariants_hold(self) -> None:
+        """Every invariant, after every rule."""
+        if self.sched is not None:
+            check_invariants(self.sched)
+
+    def teardown(self) -> None:
+        """Drain: every request must end with its owed tokens or a stated reason, and nothing may leak."""
+        if self.sched is None:
+            return
+        for _ in range(self.max_drain_steps):
+            if not self.sched.has_unfinished():
+                break
+            plan = self._step()
+            check_invariants(self.sched)
+            if plan.is_empty and plan.wake_at_s is None and self.sched.has_unfinished():
+                _fail(f"deadlock: {self.sched.num_unfinished} requests can never run")
+        else:
+            _fail(f"requests still unfinished after {self.max_drain_steps} steps")
+        for r in self.sched.requests.values():
+            check_finished(r, self.scripted_eos)
+        self.sched.release_cache()
+        plan = self.sched.schedule(self.now_s)
+        if not plan.is_empty:
+            self.sched.commit(plan, StepResult({}, 0.0), self.now_s)
+        if self.sched.pool.num_used_blocks or any(self.sched.pool.slot_state):
+            _fail("KV blocks or slots leaked after every request finished and the cache was released")
+
+
+def policy_state_machine(policy: Policy | str | Callable[..., Any] | type, *, max_examples: int = 100,
+                         stateful_step_count: int = 40) -> type[SchedulerStateMachine]:
+    """A SchedulerStateMachine subclass for a policy (a name, class, instance factory or function)."""
+
+    def factory() -> Policy:
+        if isinstance(policy, type) and issubclass(policy, Policy):
+            return policy()
+        return make_policy(policy)
+
+    name = getattr(policy, "__name__", str(policy)).replace(":", "_").replace(".", "_")
+    machine = type(f"{name}StateMachine", (SchedulerStateMachine,), {"policy_factory": staticmethod(factory)})
+    machine.TestCase.settings = settings(max_examples=max_examples, stateful_step_count=stateful_step_count,
+                                         deadline=None, report_multiple_bugs=False)
+    return machine

@@ -1,0 +1,212 @@
+"""Run metrics: per-request latencies, their percentiles, throughput, goodput and step statistics.
+
+Definitions (names follow vLLM's benchmark and Vidur; all times in seconds on the run's clock):
+
+- TTFT = first_token_s - arrival_s. ``RunResult.ttft_timing`` says whether first_token_s is when the
+  token was computed (end of the step that sampled it) or when the client received it; every summary
+  carries that flag as ``ttft_timing``.
+- TPOT = (finish_s - first_token_s) / (num_output_tokens - 1), for requests with >= 2 output tokens.
+- ITL = gaps between consecutive token_times_s; the gaps of all finished requests are pooled.
+- E2E = finish_s - arrival_s.
+- Queueing delay = first_scheduled_s - arrival_s (until first admission into a batch).
+- Only requests with finish_reason "stop" or "length" count as finished and enter latency statistics;
+  rejected, aborted and errored requests are counted separately (num_rejected, num_aborted, num_errors),
+  and requests that never finished are counted in num_unfinished.
+- duration_s = run.duration_s (first arrival to last finish); throughput_rps = num_finished / duration_s;
+  output_tokens_per_s = output tokens of finished requests / duration_s; total_tokens_per_s adds their
+  prompt tokens. Rates are None when duration_s <= 0.
+- Goodput (only when SLOs are given): goodput_rps = finished requests meeting every given SLO
+  (ttft, tpot, e2e; each an upper bound in seconds) / duration_s. A request with one output token has no
+  TPOT and meets a TPOT SLO. slo_attainment = those requests / num_requests (all requests, so rejected
+  and aborted requests count as misses).
+- prefix_hit_rate = sum(num_cached_tokens) / sum(num_prompt_tokens) over finished requests.
+- Step statistics, plain means over step samples (all instances pooled): mean_batch_size (num_seqs),
+  mean_kv_usage and max_kv_usage (kv_used_blocks / kv_total_blocks), mean_queue_depth (num_waiting),
+  num_steps.
+- Percentiles use numpy's default linear interpolation; every statistic is None when there is no data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from sim.records import RequestRecord, RunResult
+
+FINISHED_REASONS = ("stop", "length")
+_ABORTED_REASONS = ("abort", "aborted")
+SLO_KEYS = ("ttft", "tpot", "e2e")
+_SLO_METRIC = {"ttft": "ttft_s", "tpot": "tpot_s", "e2e": "e2e_s"}
+
+
+def reason(record: RequestRecord) -> str | None:
+    """The finish reason as a plain string (accepts str enums such as scheduler.request.FinishReason)."""
+    value = record.finish_reason
+    if value is None:
+        return None
+    return str(getattr(value, "value", value))
+
+
+def is_finished(record: RequestRecord) -> bool:
+    """Whether the request finished normally (stop or length) and so enters latency statistics."""
+    return reason(record) in FINISHED_REASONS
+
+
+def _diff(end: float | None, start: float | None) -> float | None:
+    if end is None or start is None:
+        return None
+    return end - start
+
+
+def request_latencies(record: RequestRecord) -> dict[str, float | None]:
+    """ttft_s, tpot_s, e2e_s and queue_s of one request (None where undefined)."""
+    tpot = None
+    if record.num_output_tokens >= 2 and record.first_token_s is not None and record.finish_s is not None:
+        tpot = (record.finish_s - record.first_token_s) / (record.num_output_tokens - 1)
+    return {
+        "ttft_s": _diff(record.first_token_s, record.arrival_s),
+        "tpot_s": tpot,
+        "e2e_s": _diff(record.finish_s, record.arrival_s),
+        "queue_s": _diff(record.first_scheduled_s, record.arrival_s),
+    }
+
+
+def inter_token_latencies(records: Iterable[RequestRecord]) -> list[float]:
+    """All gaps between consecutive token times of the given records, pooled."""
+    gaps: list[float] = []
+    for r in records:
+        gaps.extend(b - a for a, b in zip(r.token_times_s, r.token_times_s[1:], strict=False))
+    return gaps
+
+
+def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
+    """mean, p50, p90 and p99 of the values (None entries ignored; all None when there are none)."""
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if arr.size == 0:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {"mean": float(arr.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99)}
+
+
+def _parse_seconds(item: str, raw: str) -> float:
+    text = raw.strip().lower()
+    scale = 1.0
+    if text.endswith("ms"):
+        text, scale = text[:-2], 1e-3
+    elif text.endswith("s"):
+        text = text[:-1]
+    try:
+        value = float(text) * scale
+    except ValueError:
+        raise ValueError(f"SLO item {item!r}: {raw!r} is not a number of seconds (e.g. 0.5, 0.5s, 500ms)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"SLO item {item!r}: the bound must be a positive number of seconds")
+    return value
+
+
+def parse_slo(spec: str) -> dict[str, float]:
+    """Parse "ttft=0.5,tpot=0.05,e2e=10" (seconds; "500ms" also accepted) into {"ttft": 0.5, ...}."""
+    slo: dict[str, float] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip().lower().removesuffix("_s")
+        if not sep:
+            raise ValueError(f"SLO item {item!r}: expected name=seconds, e.g. ttft=0.5")
+        if key not in SLO_KEYS:
+            raise ValueError(f"SLO item {item!r}: unknown metric {key!r}; use one of {', '.join(SLO_KEYS)}")
+        if key in slo:
+            raise ValueError(f"SLO item {item!r}: {key} is given twice")
+        slo[key] = _parse_seconds(item, raw)
+    if not slo:
+        raise ValueError(f"SLO spec {spec!r} names no metric; use e.g. ttft=0.5,tpot=0.05,e2e=10")
+    return slo
+
+
+def _normalize_slo(slo: dict) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in slo.items():
+        name = str(key).lower().removesuffix("_s")
+        if name not in SLO_KEYS:
+            raise ValueError(f"SLO metric {key!r} is unknown; use one of {', '.join(SLO_KEYS)}")
+        out[name] = float(value)
+    return out
+
+
+def meets_slo(latencies: dict[str, float | None], slo: dict[str, float]) -> bool:
+    """Whether one finished request's latencies meet every bound in slo (an undefined TPOT meets it)."""
+    for key, bound in slo.items():
+        value = latencies[_SLO_METRIC[key]]
+        if value is None:
+            if key == "tpot":
+                continue
+            return False
+        if value > bound:
+            return False
+    return True
+
+
+def _rate(count: float, duration_s: float) -> float | None:
+    return count / duration_s if duration_s > 0 else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def step_stats(run: RunResult) -> dict:
+    """Batch size, KV usage and queue depth statistics from the run's step samples."""
+    steps = run.steps
+    kv = [s.kv_used_blocks / s.kv_total_blocks for s in steps if s.kv_total_blocks > 0]
+    return {
+        "mean_batch_size": _mean([s.num_seqs for s in steps]),
+        "mean_kv_usage": _mean(kv),
+        "max_kv_usage": float(max(kv)) if kv else None,
+        "mean_queue_depth": _mean([s.num_waiting for s in steps]),
+        "num_steps": len(steps),
+    }
+
+
+def summarize(run: RunResult, slo: dict | None = None) -> dict:
+    """The summary dict of one run (see the module docstring for definitions)."""
+    reasons = [reason(r) for r in run.records]
+    finished = [r for r in run.records if is_finished(r)]
+    lat = [request_latencies(r) for r in finished]
+    out_tokens = sum(r.num_output_tokens for r in finished)
+    prompt_tokens = sum(r.num_prompt_tokens for r in finished)
+    cached_tokens = sum(r.num_cached_tokens for r in finished)
+    duration = float(run.duration_s)
+    summary = {
+        "policy": run.policy,
+        "num_requests": len(run.records),
+        "num_finished": len(finished),
+        "num_rejected": reasons.count("rejected"),
+        "num_aborted": sum(reasons.count(a) for a in _ABORTED_REASONS),
+        "num_errors": reasons.count("error"),
+        "num_unfinished": reasons.count(None),
+        "duration_s": duration,
+        "throughput_rps": _rate(len(finished), duration),
+        "output_tokens_per_s": _rate(out_tokens, duration),
+        "total_tokens_per_s": _rate(out_tokens + prompt_tokens, duration),
+        "ttft_s": percentiles(x["ttft_s"] for x in lat),
+        "tpot_s": percentiles(x["tpot_s"] for x in lat),
+        "itl_s": percentiles(inter_token_latencies(finished)),
+        "e2e_s": percentiles(x["e2e_s"] for x in lat),
+        "queue_s": percentiles(x["queue_s"] for x in lat),
+        "preemptions": run.num_preemptions,
+        "recomputed_tokens": run.num_recomputed_tokens,
+        "prefix_hit_rate": cached_tokens / prompt_tokens if prompt_tokens > 0 else None,
+        **step_stats(run),
+        "ttft_timing": run.ttft_timing,
+    }
+    if slo is not None:
+        bounds = _normalize_slo(slo)
+        good = sum(meets_slo(x, bounds) for x in lat)
+        summary["slo"] = bounds
+        summary["goodput_rps"] = _rate(good, duration)
+        summary["slo_attainment"] = good / len(run.records) if run.records else None
+    return summary

@@ -1,0 +1,226 @@
+"""Plots of runs: latency CDFs, latency and throughput against arrival rate, and request timelines.
+
+matplotlib is imported inside the functions with the Agg backend, so no display is ever needed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from sim.metrics import is_finished, reason, request_latencies
+from sim.records import RunResult
+
+_QUEUE_COLOR = "#c8c8c8"
+_PREFILL_COLOR = "#f28e2b"
+_DECODE_COLOR = "#4e79a7"
+_DPI = 120
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    plt = _pyplot()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=_DPI, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _nan(value) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _timing(runs: list[RunResult]) -> str:
+    timings = sorted({run.ttft_timing for run in runs})
+    return "/".join(timings) if timings else "computed"
+
+
+def plot_latency_cdfs(runs: list[RunResult], path) -> Path:
+    """CDFs of TTFT, TPOT and E2E of finished requests, one line per run, in three panels."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    metrics = (("ttft_s", f"TTFT (s, {_timing(runs)})"), ("tpot_s", "TPOT (s)"), ("e2e_s", "E2E latency (s)"))
+    for ax, (key, label) in zip(axes, metrics, strict=True):
+        for i, run in enumerate(runs):
+            values = sorted(v for r in run.records if is_finished(r) and (v := request_latencies(r)[key]) is not None)
+            if not values:
+                continue
+            fractions = [0.0] + [(k + 1) / len(values) for k in range(len(values))]
+            ax.step([values[0], *values], fractions, where="post", color=f"C{i % 10}", label=run.policy)
+        ax.set_xlabel(label)
+        ax.ticklabel_format(useOffset=False)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction of finished requests")
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
+    fig.suptitle("Latency CDFs")
+    return _save(fig, path)
+
+
+def plot_rate_curves(points: list[dict], path) -> Path:
+    """TTFT p50/p99, TPOT p50 and throughput against arrival rate; points are {"policy", "rate", "summary"}."""
+    plt = _pyplot()
+    by_policy: dict[str, list[dict]] = {}
+    for point in points:
+        by_policy.setdefault(str(point["policy"]), []).append(point)
+    fig, (ax_ttft, ax_tpot, ax_tput) = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
+    for i, (policy, pts) in enumerate(by_policy.items()):
+        pts = sorted(pts, key=lambda p: p["rate"])
+        rates = [p["rate"] for p in pts]
+        color = f"C{i % 10}"
+        ttft = [p["summary"].get("ttft_s") or {} for p in pts]
+        ax_ttft.plot(rates, [_nan(t.get("p50")) for t in ttft], "o-", color=color, label=f"{policy} p50")
+        ax_ttft.plot(rates, [_nan(t.get("p99")) for t in ttft], "s--", color=color, label=f"{policy} p99")
+        tpot = [_nan((p["summary"].get("tpot_s") or {}).get("p50")) for p in pts]
+        ax_tpot.plot(rates, tpot, "o-", color=color, label=policy)
+        tput = [_nan(p["summary"].get("throughput_rps")) for p in pts]
+        ax_tput.plot(rates, tput, "o-", color=color, label=policy)
+    all_rates = [p["rate"] for p in points]
+    if all_rates:
+        lo, hi = min(all_rates), max(all_rates)
+        ax_tput.plot([lo, hi], [lo, hi], ":", color="black", label="offered load")
+    ax_ttft.set_ylabel("TTFT (s)")
+    ax_tpot.set_ylabel("TPOT p50 (s)")
+    ax_tput.set_ylabel("throughput (req/s)")
+    for ax in (ax_ttft, ax_tpot, ax_tput):
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(useOffset=False)
+        if points:
+            ax.legend(fontsize=7)
+    fig.suptitle("Latency and throughput against arrival rate")
+    return _save(fig, path)
+
+
+def _draw_requests(ax, run: RunResult, max_requests: int) -> None:
+    """One row per request: queued, prefill and decode bars, an arrival marker, a cross if not finished."""
+    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[:max_requests]
+    bars = {"queued": ([], [], []), "prefill": ([], [], []), "decode": ([], [], [])}
+
+    def add(kind: str, y: int, start, end) -> None:
+        if start is not None and end is not None and end >= start:
+            bars[kind][0].append(y)
+            bars[kind][1].append(start)
+            bars[kind][2].append(end - start)
+
+    failed_x, failed_y = [], []
+    for y, r in enumerate(records):
+        end = r.finish_s if r.finish_s is not None else (r.token_times_s[-1] if r.token_times_s else None)
+        add("queued", y, r.arrival_s, r.first_scheduled_s if r.first_scheduled_s is not None else end)
+        add("prefill", y, r.first_scheduled_s, r.first_token_s if r.first_token_s is not None else end)
+        add("decode", y, r.first_token_s, end)
+        if reason(r) is not None and not is_finished(r):
+            failed_x.append(end if end is not None else r.arrival_s)
+            failed_y.append(y)
+    colors = {"queued": _QUEUE_COLOR, "prefill": _PREFILL_COLOR, "decode": _DECODE_COLOR}
+    for kind, (ys, lefts, widths) in bars.items():
+        ax.barh(ys, widths, left=lefts, height=0.7, color=colors[kind], label=kind, edgecolor="none")
+    ax.plot([r.arrival_s for r in records], range(len(records)), "|", color="black", ms=9, label="arrival")
+    if failed_x:
+        ax.plot(failed_x, failed_y, "x", color="red", ms=7, label="rejected/aborted/error")
+    if not records:
+        ax.text(0.5, 0.5, "no requests", transform=ax.transAxes, ha="center", va="center")
+    ax.set_ylim(max(len(records), 1) - 0.5, -0.5)
+    if len(records) <= 40:
+        ax.set_yticks(range(len(records)), [str(r.request_id) for r in records], fontsize=6)
+    ax.set_ylabel("request (by arrival)")
+    # Rows are sorted by arrival, so the lower left corner is the emptiest.
+    ax.legend(loc="lower left", fontsize=7, ncol=3)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _draw_batch(ax, run: RunResult) -> None:
+    """Batch size per step (zero while idle) and queue depth after each step, per instance."""
+    instances = sorted({s.instance for s in run.steps})
+    for k, instance in enumerate(instances):
+        steps = sorted((s for s in run.steps if s.instance == instance), key=lambda s: s.start_s)
+        xs: list[float] = []
+        ys: list[float] = []
+        prev_end = None
+        for s in steps:
+            # Drop to zero across idle gaps so the line never ramps between batches.
+            if prev_end is None or s.start_s > prev_end:
+                if prev_end is not None:
+                    xs.append(prev_end)
+                    ys.append(0)
+                xs.append(s.start_s)
+                ys.append(0)
+            xs += [s.start_s, s.end_s]
+            ys += [s.num_seqs, s.num_seqs]
+            prev_end = s.end_s
+        if prev_end is not None:
+            xs.append(prev_end)
+            ys.append(0)
+        suffix = f" (instance {instance})" if len(instances) > 1 else ""
+        ax.plot(xs, ys, color=f"C{k % 10}", lw=1.2, label=f"batch size{suffix}")
+        ax.plot(
+            [s.end_s for s in steps],
+            [s.num_waiting for s in steps],
+            color=f"C{k % 10}",
+            ls="--",
+            lw=1,
+            drawstyle="steps-post",
+            label=f"queue depth{suffix}",
+        )
+    if instances:
+        ax.legend(loc="best", fontsize=7, ncol=2)
+    ax.set_ylabel("requests")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+def _draw_run(ax_req, ax_batch, run: RunResult, max_requests: int) -> None:
+    _draw_requests(ax_req, run, max_requests)
+    _draw_batch(ax_batch, run)
+    shown = min(len(run.records), max_requests)
+    ax_req.set_title(f"{run.policy}: first {shown} of {len(run.records)} requests", fontsize=10)
+
+
+def plot_timeline(run: RunResult, path, max_requests: int = 40) -> Path:
+    """Per-request queued/prefill/decode bars over batch size and queue depth against time."""
+    plt = _pyplot()
+    shown = min(len(run.records), max_requests)
+    fig, (ax_req, ax_batch) = plt.subplots(
+        2,
+        1,
+        figsize=(12, 3 + 0.18 * shown + 2),
+        sharex=True,
+        layout="constrained",
+        gridspec_kw={"height_ratios": [3, 1]},
+    )
+    _draw_run(ax_req, ax_batch, run, max_requests)
+    ax_batch.set_xlabel("time (s)")
+    fig.suptitle(f"Timeline: {run.policy}")
+    return _save(fig, path)
+
+
+def plot_compare_timelines(runs: list[RunResult], path, max_requests: int = 30) -> Path:
+    """Timelines of several runs stacked on one shared time axis (e.g. static over continuous)."""
+    if not runs:
+        raise ValueError("plot_compare_timelines needs at least one run")
+    plt = _pyplot()
+    shown = max(min(len(r.records), max_requests) for r in runs)
+    fig, axes = plt.subplots(
+        2 * len(runs),
+        1,
+        figsize=(12, len(runs) * (2.5 + 0.15 * shown + 1.2)),
+        sharex=True,
+        layout="constrained",
+        gridspec_kw={"height_ratios": [3, 1] * len(runs)},
+        squeeze=False,
+    )
+    for i, run in enumerate(runs):
+        _draw_run(axes[2 * i, 0], axes[2 * i + 1, 0], run, max_requests)
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.suptitle(" vs ".join(run.policy for run in runs))
+    return _save(fig, path)

@@ -1,0 +1,442 @@
+"""Trace readers (azure, vidur, mooncake, burstgpt, tokenstep jsonl) that return Workloads.
+
+Per-format rules (also in FORMATS):
+- azure, vidur, jsonl: a token count of 0 or less raises TraceError (the Azure
+  2023 traces have none; vidur and our own format require >= 1).
+- burstgpt: rows with 0 response tokens (failed requests in BurstGPT) or 0
+  request tokens are skipped and counted in the description.
+- mooncake: rows with output_length 0 are skipped and counted; input_length 0
+  raises TraceError.
+- Every format: rows out of time order are sorted stably by arrival time and
+  the count appears in the description. Times are rebased to the earliest row,
+  except jsonl, whose arrival_s are kept as written (so a workload round-trips).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import itertools
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sim.data import data_path
+from sim.workload import (
+    Workload,
+    WorkloadRequest,
+    check_scale,
+    check_vocab_size,
+    ids_to_tuple,
+    random_prompts,
+    request_id,
+    scale_count,
+    scale_ids,
+)
+
+MOONCAKE_BLOCK_TOKENS = 512
+FORMATS = {
+    "azure": "CSV TIMESTAMP,ContextTokens,GeneratedTokens (Azure LLM inference 2023); zero counts raise",
+    "vidur": "CSV arrived_at,num_prefill_tokens,num_decode_tokens (seconds); zero counts raise",
+    "mooncake": "JSONL timestamp (ms), input_length, output_length, hash_ids; output 0 skipped+counted",
+    "burstgpt": "CSV Timestamp, Request tokens, Response tokens[, Model, Log Type]; 0 tokens skipped+counted",
+    "jsonl": "tokenstep JSONL: arrival_s, max_tokens, prompt|messages|prompt_token_ids|num_prompt_tokens",
+}
+_CSV_COLUMNS = {
+    "azure": ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
+    "vidur": ("arrived_at", "num_prefill_tokens", "num_decode_tokens"),
+    "burstgpt": ("Timestamp", "Request tokens", "Response tokens"),
+}
+_JSONL_KEYS = {"request_id", "arrival_s", "max_tokens", "priority", "prompt", "messages",
+               "prompt_token_ids", "num_prompt_tokens"}  # fmt: skip
+_AZURE_TS = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?")
+_EPOCH = dt.datetime(1970, 1, 1)
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be read; the message names the file, line and field."""
+
+    def __init__(self, path, line: int, message: str, field: str | None = None):
+        where = f"{path} line {line}" + (f", field {field!r}" if field else "")
+        super().__init__(f"{where}: {message}")
+        self.path, self.line, self.field = str(path), line, field
+
+
+@dataclass(slots=True)
+class _Row:
+    line: int
+    arrival_s: float
+    num_prompt_tokens: int | None
+    max_tokens: int
+    token_ids: tuple | None = None
+    hash_ids: list | None = None
+    prompt: str | None = None
+    messages: tuple | None = None
+    request_id: str | None = None
+    priority: int = 0
+
+
+def _count(path, line, field, raw, zero_ok: bool = False) -> int:
+    """Parse a token count, raising TraceError naming the line and field."""
+    try:
+        x = float(raw) if isinstance(raw, str) else raw
+        ok = isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer()
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TraceError(path, line, f"{raw!r} is not an integer; expected a non-negative token count", field)
+    if x < 0 or (x == 0 and not zero_ok):
+        need = "a non-negative" if zero_ok else "a positive (>= 1)"
+        raise TraceError(path, line, f"{raw!r} is not allowed; expected {need} token count", field)
+    return int(x)
+
+
+def _seconds(path, line, field, raw, scale: float = 1.0) -> float:
+    """Parse a finite number of seconds (raw * scale), raising TraceError naming the line and field."""
+    try:
+        x = float(raw) * scale if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise TraceError(path, line, f"{raw!r} is not a number; expected a time in seconds", field)
+    return x
+
+
+def _azure_time(path, line, raw: str) -> tuple[int, float]:
+    """Whole and fractional seconds since 1970 of '2023-11-16 18:15:46.6805900' (fromisoformat takes 6 digits)."""
+    m = _AZURE_TS.fullmatch(raw.strip())
+    try:
+        whole = dt.datetime(*map(int, m.groups()[:6])) if m else None
+    except ValueError:
+        whole = None
+    if whole is None:
+        raise TraceError(path, line, f"{raw!r} is not a timestamp like '2023-11-16 18:15:46.6805900'", "TIMESTAMP")
+    frac = m.group(7) or "0"
+    # kept apart: a float of 1.7e9 s plus 7 decimals would lose the last ones
+    return (whole - _EPOCH) // dt.timedelta(seconds=1), int(frac) / 10 ** len(frac)
+
+
+def _csv_rows(path: Path, fmt: str):
+    """Yield (line, row dict) under the header, raising TraceError for a missing column or ragged row."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise TraceError(path, 1, f"file is empty; expected a {fmt} header: {FORMATS[fmt]}")
+        header = [h.strip() for h in header]
+        for col in _CSV_COLUMNS[fmt]:
+            if col not in header:
+                raise TraceError(path, 1, f"missing column; the header has {header}", col)
+        for fields in reader:
+            if not fields or not any(s.strip() for s in fields):
+                continue
+            if len(fields) != len(header):
+                raise TraceError(path, reader.line_num, f"{len(fields)} fields, expected {len(header)}")
+            yield reader.line_num, dict(zip(header, fields, strict=True))
+
+
+def _read_csv(path: Path, fmt: str, skipped: Counter, models: Counter) -> list[_Row]:
+    """Rows of an azure, vidur or burstgpt CSV."""
+    time_col, prompt_col, output_col = _CSV_COLUMNS[fmt]
+    rows, base = [], None
+    zero_ok = fmt == "burstgpt"
+    for line, rec in _csv_rows(path, fmt):
+        if fmt == "azure":
+            whole, frac = _azure_time(path, line, rec[time_col])
+            base = whole if base is None else base
+            t = (whole - base) + frac
+        else:
+            t = _seconds(path, line, time_col, rec[time_col])
+        prompt = _count(path, line, prompt_col, rec[prompt_col], zero_ok)
+        output = _count(path, line, output_col, rec[output_col], zero_ok)
+        if output == 0:
+            skipped["0 response tokens (failed request in BurstGPT)"] += 1
+        elif prompt == 0:
+            skipped["0 request tokens"] += 1
+        else:
+            rows.append(_Row(line, t, prompt, output))
+            if fmt == "burstgpt" and "Model" in rec:
+                models[rec["Model"].strip()] += 1
+    return rows
+
+
+def _json_lines(path: Path):
+    """Yield (line, object) per non-blank line, raising TraceError for bad JSON or an empty file."""
+    found = False
+    with path.open(encoding="utf-8-sig") as f:
+        for line, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise TraceError(path, line, f"bad JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise TraceError(path, line, f"expected a JSON object, got {type(obj).__name__}")
+            found = True
+            yield line, obj
+    if not found:
+        raise TraceError(path, 1, "file is empty; expected one JSON object per line")
+
+
+def _need(path, line, obj: dict, key: str):
+    """obj[key], or TraceError naming the missing field."""
+    if key not in obj:
+        raise TraceError(path, line, "missing field", key)
+    return obj[key]
+
+
+def _read_mooncake(path: Path, skipped: Counter, models: Counter) -> list[_Row]:
+    """Rows of a Mooncake JSONL trace, with their prefix hash ids."""
+    rows = []
+    for line, obj in _json_lines(path):
+        t = _seconds(path, line, "timestamp", _need(path, line, obj, "timestamp"), 1e-3)
+        n_in = _count(path, line, "input_length", _need(path, line, obj, "input_length"))
+        n_out = _count(path, line, "output_length", _need(path, line, obj, "output_length"), zero_ok=True)
+        hashes = _need(path, line, obj, "hash_ids")
+        want = -(-n_in // MOONCAKE_BLOCK_TOKENS)
+        if not isinstance(hashes, list) or len(hashes) != want:
+            raise TraceError(path, line, f"expected a list of ceil(input_length/512) = {want} ids", "hash_ids")
+        for h in hashes:
+            _count(path, line, "hash_ids", h, zero_ok=True)
+        if n_out == 0:
+            skipped["output_length 0"] += 1
+        else:
+            rows.append(_Row(line, t, n_in, n_out, hash_ids=hashes))
+    return rows
+
+
+def _read_jsonl(path: Path, skipped: Counter, models: Counter) -> list[_Row]:
+    """Rows of tokenstep's own JSONL format (see FORMATS['jsonl'])."""
+    rows = []
+    for line, obj in _json_lines(path):
+        unknown = sorted(set(obj) - _JSONL_KEYS)
+        if unknown:
+            raise TraceError(path, line, f"unknown field; allowed: {sorted(_JSONL_KEYS)}", unknown[0])
+        t = _seconds(path, line, "arrival_s", _need(path, line, obj, "arrival_s"))
+        if t < 0:
+            raise TraceError(path, line, f"{t} is negative; expected seconds >= 0", "arrival_s")
+        row = _Row(line, t, None, _count(path, line, "max_tokens", _need(path, line, obj, "max_tokens")))
+        if "prompt_token_ids" in obj:
+            ids = obj["prompt_token_ids"]
+            if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
+                raise TraceError(path, line, "expected a non-empty list of token ids >= 0", "prompt_token_ids")
+            row.token_ids = tuple(ids)
+        if "num_prompt_tokens" in obj:
+            if row.token_ids is not None:
+                raise TraceError(path, line, "give prompt_token_ids or num_prompt_tokens, not both", "prompt_token_ids")
+            row.num_prompt_tokens = _count(path, line, "num_prompt_tokens", obj["num_prompt_tokens"])
+        if "prompt" in obj and "messages" in obj:
+            raise TraceError(path, line, "give prompt or messages, not both", "messages")
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str):
+                raise TraceError(path, line, "expected a string", "prompt")
+            row.prompt = obj["prompt"]
+        if "messages" in obj:
+            msgs = obj["messages"]
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+                raise TraceError(path, line, "expected a list of objects with 'role' and 'content'", "messages")
+            row.messages = tuple(msgs)
+        if row.token_ids is None and row.num_prompt_tokens is None and row.prompt is None and row.messages is None:
+            raise TraceError(path, line, "missing field; give one of prompt, messages, prompt_token_ids, "
+                             "num_prompt_tokens", "prompt")  # fmt: skip
+        if "request_id" in obj:
+            if not isinstance(obj["request_id"], str) or not obj["request_id"]:
+                raise TraceError(path, line, "expected a non-empty string", "request_id")
+            row.request_id = obj["request_id"]
+        if "priority" in obj:
+            if type(obj["priority"]) is not int:
+                raise TraceError(path, line, f"{obj['priority']!r} is not an integer", "priority")
+            row.priority = obj["priority"]
+        rows.append(row)
+    return rows
+
+
+def detect_format(path: str | Path) -> str:
+    """Name of the trace format of path, from its header line or first JSON object's keys."""
+    path = Path(path)
+    first = ""
+    with path.open(encoding="utf-8-sig") as f:
+        for first in f:
+            if first.strip():
+                break
+    first = first.strip()
+    listing = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    if not first:
+        raise TraceError(path, 1, f"file is empty; known formats: {listing}")
+    if first.startswith("{"):
+        try:
+            keys = set(json.loads(first))
+        except (json.JSONDecodeError, TypeError):
+            raise TraceError(path, 1, "bad JSON in the first object") from None
+        if {"hash_ids", "input_length"} & keys:
+            return "mooncake"
+        if "arrival_s" in keys:
+            return "jsonl"
+    else:
+        header = {h.strip() for h in next(csv.reader([first]))}
+        for fmt, cols in _CSV_COLUMNS.items():
+            if set(cols) <= header:
+                return fmt
+    raise TraceError(path, 1, f"unknown trace format (first line {first[:80]!r}); known formats: {listing}")
+
+
+def _mooncake_ids(hashes: list, n: int, length_scale: float, vocab_size: int) -> tuple[int, ...]:
+    """n tokens whose blocks are a pure function of their hash ids, so equal ids give equal tokens.
+
+    Blocks hold scale_count(512, length_scale) tokens; the last block used takes
+    the remainder, so it is cut (or, after rounding up, extended) to n tokens.
+    """
+    block = scale_count(MOONCAKE_BLOCK_TOKENS, length_scale)
+    k = min(len(hashes), -(-n // block))
+    sizes = np.full(k, block, dtype=np.int64)
+    sizes[-1] = n - block * (k - 1)
+    ids = np.repeat(np.asarray(hashes[:k], dtype=np.uint64), sizes)
+    pos = (np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)).astype(np.uint64)
+    x = ids * np.uint64(0x9E3779B97F4A7C15) + pos  # splitmix64 of (id, position); uint64 arrays wrap
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return ids_to_tuple((x % np.uint64(vocab_size - 10) + np.uint64(10)).astype(np.int64), vocab_size)
+
+
+def _build(path, rows: list[_Row], rng, length_scale: float, vocab_size: int) -> list[WorkloadRequest]:
+    """Requests from selected rows: ids assigned in arrival order, lengths scaled, token ids made."""
+    plain = [r for r in rows if r.token_ids is None and r.hash_ids is None and r.num_prompt_tokens]
+    lengths = np.array([scale_count(r.num_prompt_tokens, length_scale) for r in plain], dtype=np.int64)
+    made = dict(zip(map(id, plain), random_prompts(rng, lengths, vocab_size), strict=True))
+    out: list[WorkloadRequest] = []
+    seen: set[str] = set()
+    for r in rows:
+        if (r.prompt is not None or r.messages is not None) and length_scale != 1.0:
+            raise TraceError(path, r.line, f"a text prompt cannot be scaled by length_scale={length_scale}")
+        if r.hash_ids is not None:
+            ids = _mooncake_ids(r.hash_ids, scale_count(r.num_prompt_tokens, length_scale), length_scale, vocab_size)
+        elif r.token_ids is not None:
+            ids = scale_ids(r.token_ids, length_scale) if length_scale != 1.0 else r.token_ids
+        else:
+            ids = made.get(id(r), ())
+        rid = r.request_id or request_id(len(out))
+        if rid in seen:
+            raise TraceError(path, r.line, f"{rid!r} is already the id of another request", "request_id")
+        seen.add(rid)
+        out.append(WorkloadRequest(rid, r.arrival_s, ids, scale_count(r.max_tokens, length_scale),
+                                   r.priority, r.prompt, r.messages))  # fmt: skip
+    return out
+
+
+_READERS = {
+    "azure": lambda p, s, m: _read_csv(p, "azure", s, m),
+    "vidur": lambda p, s, m: _read_csv(p, "vidur", s, m),
+    "burstgpt": lambda p, s, m: _read_csv(p, "burstgpt", s, m),
+    "mooncake": _read_mooncake,
+    "jsonl": _read_jsonl,
+}
+
+
+def _select(rows: list[_Row], fmt, window_s, sample, limit, rng) -> tuple[list[_Row], int, list[str]]:
+    """Sort stably, rebase, then apply window, sample and limit in that order; also return notes."""
+    late = sum(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(rows))
+    rows = sorted(rows, key=lambda r: r.arrival_s)  # stable: equal times keep file order
+    if fmt != "jsonl" and rows:
+        t0 = rows[0].arrival_s
+        for r in rows:
+            r.arrival_s -= t0
+    notes = []
+    if window_s is not None:
+        start, end = (float(x) for x in window_s)
+        if not (math.isfinite(start) and start >= 0 and end > start):
+            raise ValueError(f"window_s={window_s!r} must be (start, end) seconds with 0 <= start < end")
+        rows = [r for r in rows if start <= r.arrival_s < end]
+        for r in rows:
+            r.arrival_s -= start
+        notes.append(f"window [{start:g}, {end:g}) s of trace time, rebased to its start")
+    if sample is not None:
+        if isinstance(sample, bool) or not isinstance(sample, (int, float)) or not 0 < sample <= 1:
+            raise ValueError(f"sample={sample!r} must be a fraction in (0, 1]")
+        keep = rng.random(len(rows)) < sample
+        rows = [r for r, k in zip(rows, keep.tolist(), strict=True) if k]
+        notes.append(f"each row kept with probability {sample:g}")
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit={limit!r} must be an int >= 1 (None reads every row)")
+        notes.append(f"first {limit} rows kept" if len(rows) > limit else f"limit {limit} not reached")
+        rows = rows[:limit]
+    return rows, late, notes
+
+
+def load_trace(
+    path: str | Path,
+    fmt: str | None = None,
+    time_scale: float = 1.0,
+    length_scale: float = 1.0,
+    window_s: tuple[float, float] | None = None,
+    limit: int | None = None,
+    sample: float | None = None,
+    seed: int = 0,
+    vocab_size: int = 32000,
+) -> Workload:
+    """Read a trace into a Workload (see the module docstring for zero counts, ordering and rebasing).
+
+    window_s selects [start, end) seconds of trace time (before time_scale) and
+    rebases to start; sample keeps each row with that probability (seeded);
+    limit keeps the first rows after both. time_scale multiplies arrival times
+    (2.0 = twice as slow); length_scale multiplies prompt and output lengths
+    (rounded half up, at least 1 token). Token ids for length-only rows are
+    seeded random; mooncake blocks derive from their hash ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"trace file {path} does not exist or is not a file")
+    fmt = fmt or detect_format(path)
+    if fmt not in _READERS:
+        raise ValueError(f"unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
+    time_scale = check_scale("time_scale", time_scale)
+    length_scale = check_scale("length_scale", length_scale)
+    check_vocab_size(vocab_size)
+    skipped: Counter = Counter()
+    models: Counter = Counter()
+    rows = _READERS[fmt](path, skipped, models)
+    num_read = len(rows) + sum(skipped.values())
+    if num_read == 0:
+        raise TraceError(path, 2, "no data rows; the file holds only a header or blank lines")
+    rng = np.random.default_rng(seed)
+    rows, late, notes = _select(rows, fmt, window_s, sample, limit, rng)
+    for r in rows:
+        r.arrival_s *= time_scale
+    requests = tuple(_build(path, rows, rng, length_scale, vocab_size))
+    skip_text = ", ".join(f"{n} with {why}" for why, n in sorted(skipped.items()))
+    skip_text = f"{sum(skipped.values())} skipped ({skip_text})" if skipped else "none skipped"
+    parts = [f"{fmt} trace {path}: {num_read} rows read, {skip_text}"]
+    if late:
+        parts.append(f"{late} rows out of time order, sorted stably by arrival")
+    if models:
+        parts.append("models " + ", ".join(f"{k} x{v}" for k, v in models.most_common()))
+    parts += notes
+    span = requests[-1].arrival_s if requests else 0.0
+    parts.append(f"{len(requests)} requests over {span:.1f} s")
+    parts.append(f"time_scale={time_scale:g}, length_scale={length_scale:g}, seed {seed}")
+    source = {"kind": "trace", "path": str(path), "fmt": fmt, "time_scale": time_scale,
+              "length_scale": length_scale, "window_s": list(window_s) if window_s else None,
+              "limit": limit, "sample": sample, "seed": seed, "vocab_size": vocab_size}  # fmt: skip
+    return Workload(requests, "; ".join(parts), source)
+
+
+DEFAULT_TRACE = "azure_conv_slice.csv"
+DEFAULT_CREDIT = (
+    "first 200 rows of the Azure LLM inference trace 2023 (conversation), CC-BY-4.0, "
+    'Patel et al., "Splitwise", ISCA 2024'
+)
+
+
+def default_workload(time_scale: float = 1.0, length_scale: float = 1.0, limit: int | None = None) -> Workload:
+    """The bundled default workload: sim/data/azure_conv_slice.csv, scaled and limited as asked."""
+    w = load_trace(data_path(DEFAULT_TRACE), "azure", time_scale, length_scale, limit=limit)
+    desc = w.description.replace(str(data_path(DEFAULT_TRACE)), f"sim/data/{DEFAULT_TRACE}")
+    source = {"kind": "default", "time_scale": time_scale, "length_scale": length_scale, "limit": limit}
+    return Workload(w.requests, f"default workload ({DEFAULT_CREDIT}); {desc}", source)

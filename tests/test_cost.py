@@ -1,0 +1,358 @@
+"""Cost models: pricing plans, NNLS fitting, roofline presets, JSON round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from backends.cost import (
+    COST_MODELS,
+    ROOFLINE_PRESETS,
+    FittedCostModel,
+    LinearCostModel,
+    RooflineCostModel,
+    StepFeatures,
+    evaluate,
+    features,
+    fit,
+    known_cost_models,
+    load_cost_model,
+    nnls,
+    save_cost_model,
+)
+from scheduler.config import SchedulerConfig
+from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
+
+
+def make_plan(prefill=(), decode=(), copies=(), removes=(), pad=0) -> StepPlan:
+    """A plan with prefill chunks (start_pos, len), decodes at given contexts, and KV ops."""
+    chunks, slot = [], 0
+    for start, length in prefill:
+        chunks.append(
+            ScheduledChunk(f"p{slot}", slot, start, (1,) * length, sample=True)
+        )
+        slot += 1
+    for ctx in decode:
+        chunks.append(
+            ScheduledChunk(f"d{slot}", slot, ctx - 1, (1,), sample=True, is_decode=True)
+        )
+        slot += 1
+    return StepPlan(
+        step_id=0,
+        now_s=0.0,
+        chunks=tuple(chunks),
+        removes=tuple(KVRemove(s) for s in removes),
+        copies=tuple(KVCopy(s, d, n) for s, d, n in copies),
+        num_prefill_tokens=sum(n for _, n in prefill),
+        num_decode_seqs=len(decode),
+        num_context_tokens=sum(s + n for s, n in prefill) + sum(decode),
+        sum_sq_prefill_tokens=sum(n * (s + n) for s, n in prefill),
+        num_pad_tokens=pad,
+        num_copied_tokens=sum(n for _, _, n in copies),
+    )
+
+
+EMPTY = StepPlan(step_id=0, now_s=0.0, chunks=())
+ALL_MODELS = [load_cost_model(n) for n in known_cost_models()] + [
+    FittedCostModel(step_s=0.01, per_decode_seq_s=0.005, per_prefill_token_s=0.001)
+]
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
+def test_empty_plan_costs_zero_and_any_work_costs_more(model):
+    assert model.step_time_s(EMPTY) == 0.0
+    assert model.step_time_s(make_plan(removes=[3])) > 0
+    assert model.step_time_s(make_plan(decode=[10])) > 0
+    assert isinstance(model.describe(), str) and "\n" not in model.describe()
+
+
+@pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
+def test_cost_grows_with_decode_batch_and_prefill_tokens(model):
+    decode = [model.step_time_s(make_plan(decode=[64] * b)) for b in (1, 4, 16, 64)]
+    prefill = [model.step_time_s(make_plan(prefill=[(0, n)])) for n in (16, 256, 4096)]
+    assert decode == sorted(decode) and decode[0] < decode[-1]
+    assert prefill == sorted(prefill) and prefill[0] < prefill[-1]
+
+
+def test_features_fold_padding_into_prefill():
+    f = features(
+        make_plan(
+            prefill=[(0, 8)], decode=[5, 7], copies=[(0, 1, 4)], removes=[2], pad=3
+        )
+    )
+    assert (f.num_prefill_tokens, f.num_pad_tokens, f.num_decode_seqs) == (11, 3, 2)
+    assert (f.num_context_tokens, f.sum_sq_prefill_tokens) == (8 + 5 + 7, 64)
+    assert (f.num_seqs, f.num_removes, f.num_copies, f.num_copied_tokens) == (
+        3,
+        1,
+        1,
+        4,
+    )
+    with pytest.raises(ValueError, match="num_decode_seqs"):
+        StepFeatures(num_decode_seqs=-1)
+
+
+def test_linear_prices_the_stated_formula():
+    m = LinearCostModel(0.01, 0.001, 0.005, 1e-6, 2e-6)
+    t = m.step_time_s(
+        make_plan(prefill=[(0, 100)], decode=[50, 50], copies=[(0, 1, 10)])
+    )
+    assert t == pytest.approx(0.01 + 0.1 + 0.01 + 200e-6 + 20e-6)
+
+
+def test_placeholder_profile_matches_batched_bench_roughly():
+    m = load_cost_model("cpu-gemma3-270m-placeholder")
+    assert "not calibrated" in m.meta["note"]
+    for b, tok_s in ((1, 53.9), (4, 91.3), (16, 138.6)):
+        measured = b / tok_s
+        assert m.step_time_s(make_plan(decode=[48] * b)) == pytest.approx(
+            measured, rel=0.12
+        )
+
+
+def synthetic_samples(truth: FittedCostModel, n: int, noise: float, seed: int):
+    """Random mixed steps priced by truth with multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        prefill = [
+            (int(rng.integers(0, 512)), int(rng.integers(1, 512)))
+            for _ in range(rng.integers(0, 3))
+        ]
+        decode = [
+            int(c)
+            for c in rng.integers(1, 2048, size=rng.integers(0 if prefill else 1, 32))
+        ]
+        copies = [(0, 1, int(rng.integers(1, 256)))] if rng.random() < 0.2 else []
+        f = features(
+            make_plan(
+                prefill, decode, copies, removes=[5] if rng.random() < 0.2 else []
+            )
+        )
+        samples.append((f, truth.predict_s(f) * (1 + noise * rng.standard_normal())))
+    return samples
+
+
+TRUTH = FittedCostModel(
+    step_s=0.012,
+    per_prefill_token_s=0.0011,
+    per_prefill_attention_s=4e-8,
+    per_decode_seq_s=0.0062,
+    per_context_token_s=1.5e-6,
+    per_seq_s=0.0004,
+    per_copied_token_s=2e-6,
+    per_kv_op_s=5e-5,
+)
+
+
+def test_fit_recovers_every_coefficient_from_exact_samples():
+    model = fit(synthetic_samples(TRUTH, 300, noise=0.0, seed=3))
+    np.testing.assert_allclose(model.coefficients, TRUTH.coefficients, rtol=1e-6)
+
+
+def test_fit_recovers_known_coefficients_from_noisy_samples_and_beats_a_wrong_model():
+    train = synthetic_samples(TRUTH, 400, noise=0.01, seed=1)
+    test = synthetic_samples(TRUTH, 200, noise=0.01, seed=2)
+    model = fit(train, name="synthetic", meta={"machine": "test"})
+    # The terms that carry most of a step's time; the small ones (per_kv_op_s is
+    # 0.05 ms against 1% noise on ~100 ms steps) are not identifiable at this noise.
+    for name in (
+        "step_s",
+        "per_prefill_token_s",
+        "per_decode_seq_s",
+        "per_context_token_s",
+    ):
+        assert getattr(model, name) == pytest.approx(getattr(TRUTH, name), rel=0.05), (
+            name
+        )
+    assert model.meta["machine"] == "test" and model.meta["fit"]["n"] == 400
+    exact = [(f, TRUTH.predict_s(f)) for f, _ in test]
+    assert evaluate(model, exact)["mape"] < 0.5
+    good = evaluate(model, test)
+    wrong = evaluate(LinearCostModel(), test)
+    assert good["n"] == 200 and good["mape"] < 2.0 and good["max_abs_pct_error"] < 6.0
+    assert wrong["mape"] > 5 * good["mape"]
+    assert "MAPE" in model.describe()
+
+
+def test_fit_never_returns_negative_coefficients():
+    rng = np.random.default_rng(7)
+    # Truth with a negative slope: least squares would go negative, NNLS must clip.
+    samples = []
+    for _ in range(100):
+        f = StepFeatures(
+            num_prefill_tokens=int(rng.integers(1, 100)),
+            num_decode_seqs=int(rng.integers(0, 50)),
+            num_seqs=1,
+        )
+        samples.append(
+            (
+                f,
+                max(
+                    0.05 - 0.0004 * f.num_decode_seqs + 0.001 * f.num_prefill_tokens,
+                    1e-3,
+                ),
+            )
+        )
+    model = fit(samples)
+    assert (model.coefficients >= 0).all()
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        a, b = r.standard_normal((30, 6)), r.standard_normal(30)
+        x = nnls(a, b)
+        assert (x >= 0).all()
+        # KKT: the gradient is <= 0 on zero coefficients and ~0 on positive ones.
+        grad = a.T @ (b - a @ x)
+        assert (grad[x == 0] <= 1e-9).all() and np.allclose(grad[x > 0], 0, atol=1e-9)
+
+
+def test_fit_rejects_bad_samples():
+    with pytest.raises(ValueError, match="no samples"):
+        fit([])
+    with pytest.raises(ValueError, match="> 0"):
+        fit([(StepFeatures(num_decode_seqs=1, num_seqs=1), 0.0)])
+    with pytest.raises(ValueError, match="empty step"):
+        fit([(StepFeatures(), 0.1)])
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        LinearCostModel(name="x", meta={"threads": 2}),
+        TRUTH,
+        ROOFLINE_PRESETS["a100-llama3-70b"],
+    ],
+    ids=lambda m: m.to_dict()["kind"],
+)
+def test_json_round_trip_gives_identical_predictions(model, tmp_path):
+    path = save_cost_model(model, tmp_path / "profile.json")
+    loaded = load_cost_model(str(path))
+    assert type(loaded) is type(model) and loaded.name == "profile"
+    assert loaded.meta == model.meta and loaded.to_dict() == model.to_dict()
+    for p in (
+        make_plan(decode=[100] * 7),
+        make_plan(prefill=[(32, 900)], decode=[5], copies=[(0, 1, 64)]),
+    ):
+        assert loaded.step_time_s(p) == model.step_time_s(p)
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(
+        ValueError,
+        match="unknown cost model 'h200-llama'.*h100-llama3-8b.*linear-default",
+    ):
+        load_cost_model("h200-llama")
+    with pytest.raises(ValueError, match="no cost model file"):
+        load_cost_model("/nonexistent/profile.json")
+    assert set(COST_MODELS) == {"linear", "fitted", "roofline"}
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "top level must be an object"),
+        ('{"params": {}}', "missing field 'kind'"),
+        (
+            '{"kind": "cubic", "params": {}}',
+            "unknown kind 'cubic'.*linear, fitted, roofline",
+        ),
+        (
+            '{"kind": "linear", "params": {"base_s": 0.01}}',
+            "missing params per_prefill_token_s",
+        ),
+        ('{"kind": "linear", "prams": {}}', "unknown top-level fields prams"),
+        ('{"kind": "fitted", "params": {"step_s": -1}}', "missing params"),
+        (
+            '{"kind": "linear", "params": [], "meta": {}}',
+            "'params' of a linear cost model must be an object",
+        ),
+        ('{"kind": "linear", "params": {}, "meta": 3}', "'meta' must be an object"),
+    ],
+)
+def test_broken_files_raise_value_error_naming_file_and_field(
+    tmp_path, content, problem
+):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"broken.json.*{problem}"):
+        load_cost_model(str(path))
+
+
+def test_bad_param_values_are_named(tmp_path):
+    data = LinearCostModel().to_dict()
+    data["params"]["per_decode_seq_s"] = -0.1
+    path = tmp_path / "neg.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="neg.json.*per_decode_seq_s.*>= 0"):
+        load_cost_model(path)
+    data = ROOFLINE_PRESETS["h100-llama3-8b"].to_dict()
+    data["params"]["num_layers"] = 31.5
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="neg.json.*num_layers.*integer"):
+        load_cost_model(path)
+    data["params"]["num_layers"], data["params"]["hbm_gib"] = 32, 16.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="neg.json.*add GPUs"):
+        load_cost_model(path)
+
+
+def test_roofline_small_decode_is_memory_bound():
+    for name, m in ROOFLINE_PRESETS.items():
+        f = features(make_plan(decode=[128] * 4))
+        assert m.memory_s(f) > 10 * m.compute_s(f), name
+        weights_s = m.weight_bytes / (m.num_gpus * m.hbm_tb_s * 1e12 * m.mbu)
+        assert m.predict_s(f) - m.overhead_s == pytest.approx(weights_s, rel=0.02), name
+    h100 = ROOFLINE_PRESETS["h100-llama3-8b"]
+    # 16.06 GB of weights at 3.35 TB/s: 4.8 ms at full bandwidth, 6.0 ms at 80%.
+    assert 0.0048 < h100.step_time_s(make_plan(decode=[1])) - h100.overhead_s < 0.0062
+
+
+def test_roofline_large_prefill_is_compute_bound():
+    for name, m in ROOFLINE_PRESETS.items():
+        f = features(make_plan(prefill=[(0, 8192)]))
+        assert m.compute_s(f) > 3 * m.memory_s(f), name
+        assert m.predict_s(f) == pytest.approx(m.compute_s(f) + m.overhead_s)
+
+
+def test_roofline_70b_slower_than_8b_and_a100_slower_than_h100():
+    for p in (
+        make_plan(decode=[512] * 32),
+        make_plan(prefill=[(0, 4096)]),
+        make_plan(prefill=[(0, 64)], decode=[900] * 200),
+    ):
+        t = {name: m.step_time_s(p) for name, m in ROOFLINE_PRESETS.items()}
+        assert (
+            t["h100-llama3-70b"] > t["h100-llama3-8b"]
+            and t["a100-llama3-70b"] > t["a100-llama3-8b"]
+        )
+        assert (
+            t["a100-llama3-8b"] > t["h100-llama3-8b"]
+            and t["a100-llama3-70b"] > t["h100-llama3-70b"]
+        )
+
+
+def test_roofline_capacity_sizes_a_scheduler():
+    m = ROOFLINE_PRESETS["h100-llama3-8b"]
+    config = SchedulerConfig(**m.capacity())
+    # (0.9 * 80 GiB - 16.06 GB) / 128 KiB per token of bf16 KV.
+    assert config.kv_capacity_tokens == m.kv_capacity_tokens
+    assert 450_000 < config.kv_capacity_tokens < 470_000
+    assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens) == (
+        16,
+        256,
+        8192,
+    )
+    big = ROOFLINE_PRESETS["h100-llama3-70b"]
+    assert isinstance(big, RooflineCostModel) and big.num_gpus == 4
+    for fact in (
+        "4x H100",
+        "989 TFLOP/s",
+        "3.35 TB/s",
+        "80 layers",
+        "8 KV heads",
+        "16-bit",
+    ):
+        assert fact in big.describe(), fact
