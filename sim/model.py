@@ -1,0 +1,169 @@
+"""The SimPy model: an arrival process and one engine process per instance, behind a router.
+
+The same model runs in virtual time (``simpy.Environment``: the clock advances by
+each step's ``elapsed_s``, from a cost model or from the measured time of a real
+step) and in real time (``simpy.rt.RealtimeEnvironment(strict=False)`` with the
+real backend: the step has already spent the wall time, so the timeout only
+catches the clock up and arrivals land at their trace times). It holds no policy:
+every decision is the scheduler's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import simpy
+import simpy.rt
+
+from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
+from sim.records import RequestRecord, RunResult, StepSample
+from sim.workload import Workload, WorkloadRequest
+
+
+def to_request(w: WorkloadRequest, ignore_eos: bool = True, sampling: SamplingParams | None = None) -> Request:
+    """A scheduler Request for a workload entry (trace lengths are honoured: EOS ignored by default)."""
+    sp = sampling or SamplingParams(max_tokens=w.max_tokens, ignore_eos=ignore_eos)
+    return Request(w.request_id, w.prompt_token_ids, sp, priority=w.priority, arrival_s=w.arrival_s)
+
+
+class Engine:
+    """One instance: a scheduler and a backend stepping in a SimPy process."""
+
+    def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, backend: Any,
+                 recorder: Recorder) -> None:
+        self.env = env
+        self.index = index
+        self.scheduler = scheduler
+        self.backend = backend
+        self.recorder = recorder
+        self.wake = env.event()
+        self.idle = False
+        self.closed = False
+
+    def submit(self, request: Request) -> None:
+        """Hand a request to this instance's scheduler; wake the engine if it sleeps."""
+        now = self.env.now
+        self.recorder.arrived(request, self.index)
+        out = self.scheduler.add_request(request, now)
+        if out is not None:
+            self.recorder.output(out, request, now)
+        self.poke()
+
+    def poke(self) -> None:
+        """Wake an idle engine."""
+        if self.idle and not self.wake.triggered:
+            self.wake.succeed()
+
+    def run(self):
+        """The engine loop: schedule, execute, wait the step's time, commit."""
+        env, sched, rec = self.env, self.scheduler, self.recorder
+        while True:
+            plan = sched.schedule(env.now)
+            if plan.is_empty:
+                if self.closed and not sched.has_unfinished():
+                    return
+                self.idle = True
+                self.wake = env.event()
+                if plan.wake_at_s is not None and plan.wake_at_s > env.now:
+                    yield self.wake | env.timeout(plan.wake_at_s - env.now)
+                else:
+                    yield self.wake
+                self.idle = False
+                continue
+            start = env.now
+            result = self.backend.step(plan)
+            if result.elapsed_s > 0:
+                yield env.timeout(result.elapsed_s)
+            now = env.now
+            for out in sched.commit(plan, result, now):
+                rec.output(out, sched.requests[out.request_id], now)
+            pool = sched.pool
+            rec.steps.append(StepSample(self.index, start, now, len(plan.chunks), plan.num_prefill_tokens,
+                                        plan.num_decode_seqs, len(sched.waiting), len(sched.running),
+                                        pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens,
+                                        plan.num_copied_tokens))
+
+
+class Recorder:
+    """Collects request records and step samples as the run goes."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None = None) -> None:
+        self.records: dict[str, RequestRecord] = {}
+        self.steps: list[StepSample] = []
+        self.total = total
+        self.done = 0
+        self.progress = progress
+
+    def arrived(self, r: Request, instance: int) -> None:
+        """A request reached an instance."""
+        self.records[r.request_id] = RequestRecord(r.request_id, r.arrival_s, r.num_prompt_tokens, r.max_tokens,
+                                                   instance=instance, priority=r.priority)
+
+    def output(self, out, r: Request, now: float) -> None:
+        """Apply one RequestOutput."""
+        rec = self.records[out.request_id]
+        if out.new_token_ids:
+            if rec.first_token_s is None:
+                rec.first_token_s = now
+            rec.token_times_s.extend([now] * len(out.new_token_ids))
+            rec.num_output_tokens += len(out.new_token_ids)
+        if out.finished:
+            rec.finish_s = now
+            rec.finish_reason = out.finish_reason
+            rec.detail = out.detail
+            rec.first_scheduled_s = r.first_scheduled_s
+            rec.num_cached_tokens = r.num_cached_tokens
+            rec.num_preemptions = r.num_preemptions
+            rec.num_recomputed_tokens = r.num_recomputed_tokens
+            self.done += 1
+            if self.progress is not None:
+                self.progress(self.done, self.total)
+
+
+def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backends: Sequence[Any],
+                 router: str = "least_outstanding", realtime: bool = False, ignore_eos: bool = True,
+                 progress: Callable[[int, int], None] | None = None,
+                 request_factory: Callable[[WorkloadRequest], Request] | None = None,
+                 configs: Sequence[SchedulerConfig] | None = None) -> RunResult:
+    """Replay a workload through len(backends) instances; return every record and step sample."""
+    if not backends:
+        raise ValueError("run_workload needs at least one backend")
+    env = simpy.rt.RealtimeEnvironment(factor=1.0, strict=False) if realtime else simpy.Environment()
+    recorder = Recorder(len(workload.requests), progress)
+    configs = list(configs) if configs is not None else [config] * len(backends)
+    schedulers = [Scheduler(c, policy) for c in configs]
+    engines = [Engine(env, i, s, b, recorder) for i, (s, b) in enumerate(zip(schedulers, backends))]
+    routing = Router(router)
+    make = request_factory or (lambda w: to_request(w, ignore_eos))
+    wall_start = time.perf_counter()
+
+    def arrivals():
+        for w in sorted(workload.requests, key=lambda w: w.arrival_s):
+            if w.arrival_s > env.now:
+                yield env.timeout(w.arrival_s - env.now)
+            request = make(w)
+            engines[routing.route(request, schedulers)].submit(request)
+        for e in engines:
+            e.closed = True
+            e.poke()
+
+    env.process(arrivals())
+    procs = [env.process(e.run()) for e in engines]
+    env.run(until=simpy.AllOf(env, procs))
+    records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
+    first = min((r.arrival_s for r in records), default=0.0)
+    last = max((r.finish_s for r in records if r.finish_s is not None), default=first)
+    cfg = {"policy": schedulers[0].policy.describe(), "scheduler": _config_dict(config),
+           "num_instances": len(backends), "router": router, "realtime": realtime,
+           "workload": workload.description, "wall_s": time.perf_counter() - wall_start}
+    return RunResult(policy=schedulers[0].policy.describe(), records=records, steps=recorder.steps,
+                     duration_s=last - first, config=cfg,
+                     num_preemptions=sum(s.stats.num_preemptions for s in schedulers),
+                     num_recomputed_tokens=sum(s.stats.num_recomputed_tokens for s in schedulers),
+                     ttft_timing="computed")
+
+
+def _config_dict(config: SchedulerConfig) -> dict:
+    return {name: getattr(config, name) for name in config.__dataclass_fields__}
