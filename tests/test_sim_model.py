@@ -102,7 +102,8 @@ def test_mooncake_trace_exercises_real_prefix_reuse():
             reused += h in seen
             seen.add(h)
     w = load_trace(path, "mooncake", length_scale=0.05)
-    res = summarize(run(w, "continuous"))
+    big = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=2048, num_kv_blocks=4096, max_model_len=8192)
+    res = summarize(run(w, "continuous", big))
     assert res["num_finished"] == len(w.requests)
     # the trace's own block reuse (4% in this slice) shows up as prefix hits
     assert 0.8 * reused / total <= res["prefix_hit_rate"] <= reused / total + 0.01
