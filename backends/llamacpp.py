@@ -159,7 +159,7 @@ class LlamaCppBackend:
 
     def scheduler_config(self, **overrides: object) -> SchedulerConfig:
         """A SchedulerConfig whose capacity fields come from this context; overrides win."""
-        block_size = int(overrides.get("block_size", SchedulerConfig.block_size))
+        block_size = int(overrides.get("block_size", SchedulerConfig.__dataclass_fields__["block_size"].default))
         fields: dict[str, object] = {
             "max_num_seqs": self.num_slots,
             "max_num_batched_tokens": self.n_batch,

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from .kv import CACHED
-from .messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
+from .messages import KVCopy, KVRemove, ScheduledChunk, StepPlan, new_chunk
 from .request import Request, RequestStatus
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -19,12 +19,11 @@ WAITING, RUNNING = RequestStatus.WAITING, RequestStatus.RUNNING
 class _Builder:
     """Accumulates one plan's chunks, KV operations and cost counters."""
 
-    __slots__ = ("chunks", "index", "removes", "copies", "prefill", "decode", "context", "sum_sq", "pad",
-                 "copied", "budget", "preempted")
+    __slots__ = ("chunks", "removes", "copies", "prefill", "decode", "context", "sum_sq", "pad", "copied", "budget",
+                 "preempted")
 
     def __init__(self, removes: list[KVRemove], budget: int) -> None:
         self.chunks: list[ScheduledChunk] = []
-        self.index: dict[str, int] = {}
         self.removes = removes
         self.copies: list[KVCopy] = []
         self.prefill = self.decode = self.context = self.sum_sq = self.pad = self.copied = 0
@@ -33,11 +32,10 @@ class _Builder:
 
     def add(self, r: Request, start: int, n: int, pad: int = 0) -> None:
         end = start + n
-        remaining = r.num_tokens - start
-        is_decode = n == 1 and remaining == 1 and start >= r.num_prompt_tokens
-        chunk = ScheduledChunk(r.request_id, r.slot, start, r.token_at(start, end) if n else (),
-                               n > 0 and end == r.num_tokens, pad, is_decode, r.sampling)
-        self.index[r.request_id] = len(self.chunks)
+        num_tokens = r.num_tokens
+        is_decode = n == 1 and end == num_tokens and start >= len(r.prompt_token_ids)
+        chunk = new_chunk(r.request_id, r.slot, start, r.token_at(start, end) if n else (), n > 0 and end == num_tokens,
+                          pad, is_decode, r.sampling)
         self.chunks.append(chunk)
         self.budget -= n
         self.pad += pad
@@ -51,13 +49,13 @@ class _Builder:
 
     def drop(self, request_id: str) -> None:
         """Take a chunk back out (its request was preempted later in the same step)."""
-        i = self.index.pop(request_id, None)
-        if i is None:
+        chunks = self.chunks
+        for i in range(len(chunks) - 1, -1, -1):  # rare (preemption): a scan beats indexing every chunk
+            if chunks[i].request_id == request_id:
+                break
+        else:
             return
-        c = self.chunks.pop(i)
-        for rid, j in self.index.items():
-            if j > i:
-                self.index[rid] = j - 1
+        c = chunks.pop(i)
         n = len(c.token_ids)
         self.budget += n
         self.pad -= c.num_pad_tokens
@@ -125,24 +123,37 @@ def _schedule_running(s: Scheduler, b: _Builder) -> None:
     policy = s.policy
     cap = s.config.max_prefill_chunk_tokens or s.config.max_num_batched_tokens
     use_budget = policy.uses_token_budget
-    for r in list(s.running):
+    slot_blocks = pool.slot_blocks
+    bs = pool.block_size
+    append = b.chunks.append
+    for r in list(s.running):  # a copy: preemption removes requests from s.running mid-loop
         if r.status is not RUNNING:
             continue
         if r.padding:
             b.add(r, r.num_computed_tokens, 0, pad=1)
             continue
         start = r.num_computed_tokens
-        n = r.num_tokens - start
+        out = r.output_token_ids
+        num_prompt = len(r.prompt_token_ids)
+        n = num_prompt + len(out) - start
+        slot = r.slot
+        if n == 1 and start >= num_prompt and start < len(slot_blocks[slot]) * bs and (b.budget > 0 or not use_budget):
+            # the common case, a decode whose next position is already reserved: b.add, inlined
+            append(new_chunk(r.request_id, slot, start, (out[-1],), True, 0, True, r.sampling))
+            b.budget -= 1
+            b.decode += 1
+            b.context += start + 1
+            continue
         if n > 1 and policy.chunked_prefill:
             n = min(n, cap)
         if use_budget and n > b.budget:
             if not policy.chunked_prefill or b.budget <= 0:
                 continue
             n = b.budget
-        need = pool.blocks_for(start + n) - len(pool.slot_blocks[r.slot])
+        need = pool.blocks_for(start + n) - len(slot_blocks[slot])
         if need > 0 and not _make_room(s, r, need, b):
             continue
-        pool.reserve(r.slot, start + n)
+        pool.reserve(slot, start + n)
         b.add(r, start, n)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import SchedulerConfig
 from .kv import KVPool
-from .messages import KVCopy, KVRemove, RequestOutput, ScheduledChunk, StepPlan, StepResult
+from .messages import KVCopy, KVRemove, RequestOutput, ScheduledChunk, StepPlan, StepResult, new_output
 from .policies import Policy, make_policy
 from .request import FinishReason, Request, RequestStatus
 
@@ -168,40 +168,56 @@ class Scheduler:
         failed = result.failed
         requests = self.requests
         pool = self.pool
+        slot_tokens = pool.slot_tokens
+        slot_hashes = pool.slot_hashes
+        caching = pool.enable_prefix_caching
+        bs = pool.block_size
+        eos = self._eos
+        append = outputs.append
         padded_finish = False
         for chunk in plan.chunks:
-            r = requests[chunk.request_id]
-            if r.status is not RUNNING or r.slot != chunk.slot:
+            request_id = chunk.request_id
+            r = requests[request_id]
+            slot = r.slot
+            if r.status is not RUNNING or slot != chunk.slot:
                 continue
-            if failed and chunk.request_id in failed:
-                outputs.append(self._finish(r, FinishReason.ERROR, now_s, detail=failed[chunk.request_id]))
+            if failed and request_id in failed:
+                append(self._finish(r, FinishReason.ERROR, now_s, detail=failed[request_id]))
                 continue
             if r.padding or not chunk.token_ids:
                 continue
             end = chunk.start_pos + len(chunk.token_ids)
             r.num_computed_tokens = end
-            pool.computed(r.slot, end, r.token_at)
+            if caching and end >= (len(slot_hashes[slot]) + 1) * bs:
+                pool.computed(slot, end, r.token_at)  # a block just filled up: index its hash
+            else:
+                slot_tokens[slot] = end  # pool.computed's whole effect otherwise
             if not chunk.sample:
                 continue
-            token = sampled.get(r.request_id)
+            token = sampled.get(request_id)
             if token is None:
-                outputs.append(self._finish(r, FinishReason.ERROR, now_s,
-                                            detail="backend returned no token for a sampling chunk"))
+                append(self._finish(r, FinishReason.ERROR, now_s, detail="backend returned no token for a sampling chunk"))
                 continue
-            r.output_token_ids.append(token)
+            out = r.output_token_ids
+            out.append(token)
             if r.first_token_s is None:
                 r.first_token_s = now_s
-            reason = self._stop_reason(r, token)
-            if reason is None:
-                outputs.append(RequestOutput(r.request_id, (token,)))
-            elif self.policy.padding and any(not o.padding and o is not r for o in self.running):
+            sp = r.sampling  # the stop rules, inlined: this runs once per request per step
+            if (token in eos and not sp.ignore_eos) or token in sp.stop_token_ids:
+                reason = FinishReason.STOP
+            elif len(out) >= sp.max_tokens:
+                reason = FinishReason.LENGTH
+            else:
+                append(new_output(request_id, (token,)))
+                continue
+            if self.policy.padding and any(not o.padding and o is not r for o in self.running):
                 r.padding = True  # keeps its slot until the batch's longest request ends
                 r.finish_reason = reason
-                outputs.append(RequestOutput(r.request_id, (token,)))
+                append(new_output(request_id, (token,)))
             else:
                 padded_finish = True
-                out = self._finish(r, reason, now_s)
-                outputs.append(RequestOutput(r.request_id, (token,), True, out.finish_reason))
+                fin = self._finish(r, reason, now_s)
+                append(new_output(request_id, (token,), True, fin.finish_reason))
         if padded_finish or (self.policy.padding and self.running and all(o.padding for o in self.running)):
             for o in [o for o in self.running if o.padding]:
                 outputs.append(self._finish(o, o.finish_reason or FinishReason.LENGTH, now_s))
@@ -211,11 +227,3 @@ class Scheduler:
                 outputs.append(out)
         self._pending_aborts.clear()
         return outputs
-
-    def _stop_reason(self, r: Request, token: int) -> FinishReason | None:
-        sp = r.sampling
-        if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
-            return FinishReason.STOP
-        if len(r.output_token_ids) >= sp.max_tokens:
-            return FinishReason.LENGTH
-        return None

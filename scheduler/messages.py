@@ -100,3 +100,43 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     detail: str | None = None
+
+
+# ---- fast construction for the per-request messages of every step ------------------------
+# A frozen dataclass's generated __init__ sets each field through object.__setattr__,
+# which made building one ScheduledChunk and one RequestOutput per running request the
+# largest cost of a step. Writing the slots through their descriptors skips that lookup
+# and yields the same frozen, equal-comparing objects (neither class has __post_init__).
+_new = object.__new__
+(_c_request_id, _c_slot, _c_start_pos, _c_token_ids, _c_sample, _c_num_pad_tokens, _c_is_decode,
+ _c_sampling) = (ScheduledChunk.__dict__[name].__set__ for name in ScheduledChunk.__slots__)
+_o_request_id, _o_new_token_ids, _o_finished, _o_finish_reason, _o_detail = (
+    RequestOutput.__dict__[name].__set__ for name in RequestOutput.__slots__)
+
+
+def new_chunk(request_id: str, slot: int, start_pos: int, token_ids: tuple[int, ...], sample: bool,
+              num_pad_tokens: int, is_decode: bool, sampling: SamplingParams | None) -> ScheduledChunk:
+    """ScheduledChunk(...) with every field given, about twice as fast as the constructor."""
+    c = _new(ScheduledChunk)
+    _c_request_id(c, request_id)
+    _c_slot(c, slot)
+    _c_start_pos(c, start_pos)
+    _c_token_ids(c, token_ids)
+    _c_sample(c, sample)
+    _c_num_pad_tokens(c, num_pad_tokens)
+    _c_is_decode(c, is_decode)
+    _c_sampling(c, sampling)
+    return c
+
+
+def new_output(request_id: str, new_token_ids: tuple[int, ...], finished: bool = False,
+               finish_reason: str | None = None, detail: str | None = None) -> RequestOutput:
+    """RequestOutput(...), about twice as fast as the constructor."""
+    o = _new(RequestOutput)
+    _o_request_id(o, request_id)
+    _o_new_token_ids(o, new_token_ids)
+    _o_finished(o, finished)
+    _o_finish_reason(o, finish_reason)
+    _o_detail(o, detail)
+    return o
+

@@ -149,9 +149,17 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
             e.closed = True
             e.poke()
 
+    for b in backends:  # a backend reused across runs starts each run with an empty KV cache
+        if hasattr(b, "clear_kv"):
+            b.clear_kv()
     env.process(arrivals())
     procs = [env.process(e.run()) for e in engines]
     env.run(until=simpy.AllOf(env, procs))
+    for s, b in zip(schedulers, backends):  # hand the prefix cache back: nothing outlives the run
+        s.release_cache()
+        plan = s.schedule(env.now)
+        if not plan.is_empty:
+            s.commit(plan, b.step(plan), env.now)
     records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.finish_s for r in records if r.finish_s is not None), default=first)

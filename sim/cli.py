@@ -1,0 +1,144 @@
+"""The `tokenstep` command line: subcommands from a registry, one error policy, TOML configs.
+
+Exit status: 0 on success; 2 on bad usage or bad input (bad flags, ValueError,
+TraceError, missing files: one message on stderr, no traceback); 1 on an
+internal failure (a short message and the traceback on stderr). Set
+TOKENSTEP_DEBUG=1 to get a traceback for usage errors too.
+
+Plugging in a subcommand: add an entry to SUBCOMMANDS naming a module with
+``add_arguments(parser)`` and ``run(args) -> int`` (the module docstring's
+first line is its help). Entries whose module does not exist are skipped, so
+generate, calibrate and validate appear once their modules land. Reuse the flag
+builders and workload/config builders in sim.cli_common.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import traceback
+from types import ModuleType
+
+# name -> (module, add_arguments function, run function)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "simulate": ("sim.cli_simulate", "add_arguments", "run"),
+    "compare": ("sim.cli_compare", "add_arguments", "run"),
+    "sweep": ("sim.cli_sweep", "add_arguments", "run"),
+    "capacity": ("sim.cli_capacity", "add_arguments", "run"),
+    "generate": ("sim.cli_generate", "add_arguments", "run"),
+    "calibrate": ("sim.cli_calibrate", "add_arguments", "run"),
+    "validate": ("sim.cli_validate", "add_arguments", "run"),
+}
+PROG = "tokenstep"
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def available_commands(selected: str | None = None) -> dict[str, ModuleType]:
+    """Importable subcommand modules by name; a broken module is skipped with a warning unless selected."""
+    out: dict[str, ModuleType] = {}
+    for name, (module_name, _, _) in SUBCOMMANDS.items():
+        if not _module_exists(module_name):
+            continue
+        try:
+            out[name] = importlib.import_module(module_name)
+        except Exception:
+            if name == selected:
+                raise
+            print(f"{PROG}: warning: subcommand {name!r} is unavailable ({module_name} failed to import)",
+                  file=sys.stderr)
+    return out
+
+
+def _summary(module: ModuleType) -> str:
+    return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+
+
+def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one subparser per available subcommand."""
+    from sim.cli_common import reference_text
+
+    epilog = reference_text()
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=formatter, epilog=epilog,
+        description="One continuous-batching LLM scheduler for real llama.cpp serving and SimPy simulation.\n"
+                    "Run `tokenstep compare` with no flags for a quick static-vs-continuous comparison.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="_command", metavar="COMMAND")
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    for name, module in available_commands(selected).items():
+        _, add_name, run_name = SUBCOMMANDS[name]
+        p = sub.add_parser(name, help=_summary(module), description=module.__doc__, epilog=epilog,
+                           formatter_class=formatter)
+        getattr(module, add_name)(p)
+        p.set_defaults(_run=getattr(module, run_name))
+        subparsers[name] = p
+    return parser, subparsers
+
+
+def _version() -> str:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("tokenstep")
+    except Exception:
+        return "(not installed)"
+
+
+def _selected(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace | int:
+    parser, subparsers = build_parser(_selected(argv))
+    args = parser.parse_args(argv)
+    command = getattr(args, "_command", None)
+    if command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    config = getattr(args, "config", None)
+    if config:
+        from sim.config_file import apply_config
+
+        fixup = apply_config(subparsers[command], command, config, SUBCOMMANDS)
+        args = parser.parse_args(argv)
+        fixup(args)
+    args._argv = list(argv)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tokenstep` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parse(argv)
+        if isinstance(args, int):
+            return args
+        return int(args._run(args) or 0)
+    except SystemExit as exc:  # argparse: --help (0) and bad flags (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:  # TraceError, CostModelError, ModelError are ValueErrors
+        if os.environ.get("TOKENSTEP_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

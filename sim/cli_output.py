@@ -1,0 +1,128 @@
+"""Where the CLI's output goes: result folders, the resolved configuration, tables, plots, --json.
+
+stdout carries the report (header, table, file list) or, with --json, exactly one
+JSON object; everything else (logs, progress, and the report itself under
+--json) goes to stderr, and --quiet silences stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sim.cli_runs import Context
+from sim.records import RunResult
+from sim.report import _plain as plain  # the strict-JSON conversion write_results uses
+from sim.report import write_results
+from sim.workload import Workload
+
+
+def log(args: argparse.Namespace, text: str) -> None:
+    """A log line on stderr (silent under --quiet)."""
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr, flush=True)
+
+
+def emit(args: argparse.Namespace, text: str) -> None:
+    """Report text: stdout normally; stderr under --json (so stdout stays one JSON object)."""
+    if getattr(args, "json", False):
+        log(args, text)
+    else:
+        print(text, flush=True)
+
+
+def out_dir(args: argparse.Namespace, command: str) -> Path:
+    """--out, else results/<command>-<YYYYmmdd-HHMMSS> (with -2, -3, ... if taken)."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("results") / f"{command}-{stamp}"
+    path, n = base, 2
+    while path.exists():
+        path, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return path
+
+
+def flags(args: argparse.Namespace) -> dict:
+    """Every parsed flag value (internal entries, which start with '_', left out)."""
+    return {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and not callable(v)}
+
+
+def resolved_config(ctx: Context, workload: Workload | None, extra: dict | None = None) -> dict:
+    """The full configuration of a command: flags, seed, backend, cost model, scheduler, workload, SLO."""
+    cost = ctx.cost
+    to_dict = getattr(cost, "to_dict", None)
+    config = {
+        "command": ctx.command,
+        "argv": list(getattr(ctx.args, "_argv", [])),
+        "flags": flags(ctx.args),
+        "seed": ctx.args.seed,
+        "backend": ctx.backend,
+        "model": ctx.llama.model if ctx.llama else None,
+        "cost_model": {"name": ctx.cost_name, "note": ctx.cost_note, "meta": dict(getattr(cost, "meta", {}) or {}),
+                       "describe": cost.describe() if callable(getattr(cost, "describe", None)) else str(cost),
+                       "definition": to_dict() if callable(to_dict) else None},
+        "scheduler": dataclasses.asdict(ctx.config),
+        "num_instances": ctx.args.instances,
+        "router": ctx.args.router,
+        "slo": ctx.slo,
+    }
+    if workload is not None:
+        config["workload"] = {"description": workload.description, "source": workload.source,
+                              "num_requests": len(workload.requests)}
+    config.update(extra or {})
+    return config
+
+
+def baseline_index(summaries: Sequence[dict]) -> int | None:
+    """Index of the first measured static run (the table's ratio baseline), if any."""
+    for i, s in enumerate(summaries):
+        if str(s.get("policy_spec", s.get("policy", ""))).split(":")[0] == "static" and "(sim)" not in s["policy"]:
+            return i
+    return None
+
+
+def write_plots(args: argparse.Namespace, out: Path, jobs: Sequence[tuple[str, Callable[[Path], Path]]]) -> list[Path]:
+    """Run plot jobs (file name, fn(path)) into out unless --no-plots."""
+    if getattr(args, "no_plots", False) or not jobs:
+        return []
+    log(args, f"writing {len(jobs)} plot(s) ...")
+    return [fn(out / name) for name, fn in jobs]
+
+
+def finish(ctx: Context, out: Path, runs: list[RunResult], summaries: list[dict], config: dict,
+           report: str, plot_jobs: Sequence[tuple[str, Callable[[Path], Path]]] = (),
+           extra_json: dict | None = None, extra_files: dict | None = None) -> int:
+    """Write results and plots, print the report and where files went, or the --json object."""
+    args = ctx.args
+    paths = write_results(out, runs, summaries, config)
+    for name, data in (extra_files or {}).items():
+        path = out / name
+        path.write_text(json.dumps(plain(data), indent=2, allow_nan=False) + "\n")
+        paths[name] = path
+    pngs = write_plots(args, out, plot_jobs)
+    emit(args, report)
+    names = sorted(paths) + [p.name for p in pngs]
+    emit(args, f"results in {out}/: {', '.join(_compact(names))}")
+    if getattr(args, "json", False):
+        doc = {"runs": summaries, "command": ctx.command, "workload": config.get("workload", {}).get("description"),
+               "cost_model": ctx.cost_name, "backend": ctx.backend, "out_dir": str(out), **(extra_json or {})}
+        sys.stdout.write(json.dumps(plain(doc), allow_nan=False) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _compact(names: list[str]) -> list[str]:
+    """Collapse requests_*.csv and steps_*.csv into one entry each."""
+    out: list[str] = []
+    for prefix in ("requests_", "steps_"):
+        group = [n for n in names if n.startswith(prefix) and n.endswith(".csv")]
+        if len(group) > 2:
+            names = [n for n in names if n not in group]
+            out.append(f"{prefix}*.csv ({len(group)})")
+    return names + out

@@ -1,0 +1,93 @@
+"""Sweep arrival rates x policies (x parameter values) and plot throughput-latency curves.
+
+Every point of --rates R1,R2,... x --policies A,B,... x each --param key=v1,v2
+is one run. A --param key is a SchedulerConfig field (max_num_seqs,
+max_num_batched_tokens, num_kv_blocks, ...) or a policy parameter (batch_size,
+wait_s, ...); several --param flags form a grid. Without --trace the workload is
+synthetic, regenerated at each rate with the same seed; with --trace the trace
+is time-scaled to each rate. Writes rate_curves.png (plot_rate_curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, float_list
+from sim.cli_output import finish, log, out_dir, resolved_config
+from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
+from sim.cli_runs import close, execute, make_progress, parse_run_spec, prepare, split_specs
+from sim.report import format_time
+
+DEFAULT_RATES = "0.5,1,1.5,2,2.5,3"
+DEFAULT_POLICIES = "static,continuous,chunked"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """sweep's flags."""
+    parser.add_argument("--rates", type=float_list, default=float_list(DEFAULT_RATES), metavar="R1,R2,...",
+                        help=f"arrival rates in req/s (default {DEFAULT_RATES})")
+    parser.add_argument("--policies", "--policy", default=DEFAULT_POLICIES, metavar="A,B,...",
+                        help=f"strategies (default {DEFAULT_POLICIES})")
+    parser.add_argument("--param", action="append", metavar="KEY=V1,V2",
+                        help="also sweep a policy or scheduler parameter (repeatable: a grid)")
+    add_workload_args(parser)
+    add_scheduler_args(parser)
+    add_backend_args(parser)
+    add_output_args(parser)
+
+
+def parse_params(items: list[str] | None) -> list[dict[str, str]]:
+    """--param key=v1,v2 flags -> every combination as {key: value} (one empty dict without flags)."""
+    axes: dict[str, list[str]] = {}
+    for item in items or []:
+        key, eq, values = str(item).partition("=")
+        key = key.strip().replace("-", "_")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not eq or not key or not vals:
+            raise ValueError(f"--param {item!r} must look like key=v1,v2 (e.g. max_num_seqs=4,8,16)")
+        if key in axes:
+            raise ValueError(f"--param {key} is given twice; list all its values in one flag")
+        axes[key] = vals
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the grid, print one line per point, write results and the rate curves."""
+    combos = parse_params(args.param)
+    specs = [parse_run_spec(s, combo) for combo in combos for s in split_specs(args.policies)]
+    if args.rate is not None:
+        log(args, f"sweep: --rate {args.rate:g} ignored; the rates come from --rates")
+    workloads = RateWorkloads(args, "sweep")
+    ctx = prepare(args, "sweep")
+    try:
+        out = out_dir(args, "sweep")
+        rates = sorted(args.rates)
+        total = len(rates) * len(specs)
+        log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {total} runs, backend {ctx.backend}")
+        runs, summaries, points, lines = [], [], [], []
+        slo = ctx.slo is not None
+        with make_progress(args, "sweep") as bar:
+            for rate in rates:
+                workload = workloads.at(rate)
+                for spec in specs:
+                    run_, summary = execute(ctx, spec, workload, extra={"rate": rate})
+                    run_.policy = f"{spec.label} @ {rate:g}"
+                    runs.append(run_)
+                    summaries.append(summary)
+                    points.append({"policy": spec.label, "rate": rate, "summary": summary})
+                    lines.append(rate_row(spec.label, rate, summary, slo, format_time))
+                    bar(len(runs), total)
+        rank = {spec.label: i for i, spec in enumerate(specs)}
+        order = sorted(range(len(points)), key=lambda i: (rank[points[i]["policy"]], points[i]["rate"]))
+        table = "\n".join([rate_row_header(slo), *(lines[i] for i in order)])
+        header = ctx.header() + "\nworkload: " + workloads.describe(rates[0])
+        report = f"{header}\n\n{table}\nrate = offered arrival rate, served = finished requests / run duration (req/s)"
+        config = resolved_config(ctx, None, {"workload": workloads.config(rates[0]), "rates": rates,
+                                             "runs": [s.label for s in specs], "params": combos})
+        from sim.plots import plot_rate_curves
+
+        jobs = [("rate_curves.png", lambda p: plot_rate_curves(points, p))]
+        return finish(ctx, out, runs, summaries, config, report, jobs)
+    finally:
+        close(ctx)

@@ -1,0 +1,38 @@
+"""Real-backend instances for the SimPy model (``--backend llama``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler import SchedulerConfig
+
+DEFAULT_LLAMA_OPTIONS = {"n_ctx": 4096, "n_seq_max": 16, "n_threads": 2}
+
+
+def make_llama_instances(model: str | None, num_instances: int = 1,
+                         options: dict[str, Any] | None = None) -> tuple[list[Any], SchedulerConfig]:
+    """num_instances llama.cpp contexts over one loaded model, and the scheduler config they support.
+
+    options: n_ctx, n_seq_max, n_threads, n_batch, n_ubatch, kv_unified, swa_full, n_gpu_layers.
+    With several instances the threads are shared: each context gets n_threads (llama.cpp
+    contexts step one at a time in the SimPy model, so they do not compete for cores).
+    """
+    from backends.llamacpp import LlamaCppBackend
+    from backends.models import DEFAULT_MODEL, LlamaModel
+
+    if num_instances < 1:
+        raise ValueError(f"--instances must be >= 1, got {num_instances}")
+    opts = {**DEFAULT_LLAMA_OPTIONS, **(options or {})}
+    n_gpu_layers = int(opts.pop("n_gpu_layers", 0))
+    shared = LlamaModel(model or DEFAULT_MODEL, n_gpu_layers=n_gpu_layers)
+    backends = [LlamaCppBackend(shared, n_gpu_layers=n_gpu_layers, **opts) for _ in range(num_instances)]
+    return backends, backends[0].scheduler_config()
+
+
+def close_instances(backends: list[Any]) -> None:
+    """Free every context, then the shared model."""
+    model = backends[0].model if backends else None
+    for b in backends:
+        b.close()
+    if model is not None and not model.closed:
+        model.close()
