@@ -90,17 +90,17 @@ class KVPool:
         if depth == 0:
             return 0, None
         j = depth - 1
-        running_holder = None
+        slot_blocks, slot_hashes = self.slot_blocks, self.slot_hashes
+        # CACHED slots first (usually few), then the lowest RUNNING holder: no scan of every slot per admission
+        cached = [slot for slot in self.cached_lru
+                  if len(slot_blocks[slot]) > j and slot_blocks[slot][j] == block and len(slot_hashes[slot]) > j]
+        if cached:
+            return depth, min(cached)
         for slot in range(self.num_slots):
-            blocks = self.slot_blocks[slot]
-            if len(blocks) > j and blocks[j] == block and len(self.slot_hashes[slot]) > j:
-                if self.slot_state[slot] == CACHED:
-                    return depth, slot
-                if running_holder is None:
-                    running_holder = slot
-        if running_holder is None:  # index and slots disagree: never share what no slot holds
-            return 0, None
-        return depth, running_holder
+            blocks = slot_blocks[slot]
+            if len(blocks) > j and blocks[j] == block and len(slot_hashes[slot]) > j:
+                return depth, slot
+        return 0, None  # index and slots disagree: never share what no slot holds
 
     # ---- mutations (the scheduler emits the matching KV operations) -------------
     def _new_block(self) -> int:
@@ -110,23 +110,27 @@ class KVPool:
         self.running_holders[b] = 1
         return b
 
-    def _drop(self, b: int, was_running: bool) -> None:
-        n = self.holders[b] - 1
-        if was_running:
-            r = self.running_holders[b] - 1
-            self.running_holders[b] = r
-            if r == 0 and n > 0:
-                self.num_evictable += 1
-        elif self.running_holders[b] == 0:
-            self.num_evictable -= 1 if n == 0 else 0
-        if n == 0:
-            del self.holders[b]
-            del self.running_holders[b]
-            h = self.block_hash.pop(b, None)
-            if h is not None and self.index.get(h) == b:
-                del self.index[h]
-        else:
-            self.holders[b] = n
+    def _drop(self, blocks: list[int], was_running: bool) -> None:
+        """One slot lets go of blocks; a block nobody holds any more dies (lookups hoisted: often many blocks)."""
+        holders, running_holders, block_hash, index = self.holders, self.running_holders, self.block_hash, self.index
+        for b in blocks:
+            n = holders[b] - 1
+            r = running_holders[b]
+            if was_running:
+                r -= 1
+                running_holders[b] = r
+                if r == 0 and n > 0:
+                    self.num_evictable += 1
+            elif r == 0 and n == 0:
+                self.num_evictable -= 1
+            if n:
+                holders[b] = n
+                continue
+            del holders[b]
+            del running_holders[b]
+            h = block_hash.pop(b, None)
+            if h is not None and index.get(h) == b:
+                del index[h]
 
     def acquire_slot(self) -> tuple[int, int | None]:
         """Take a free slot, else evict the least recently used cached one.
@@ -153,8 +157,7 @@ class KVPool:
 
     def _evict(self, slot: int) -> None:
         del self.cached_lru[slot]
-        for b in self.slot_blocks[slot]:
-            self._drop(b, was_running=False)
+        self._drop(self.slot_blocks[slot], was_running=False)
         self.slot_blocks[slot] = []
         self.slot_hashes[slot] = []
         self.slot_tokens[slot] = 0
@@ -165,8 +168,7 @@ class KVPool:
         """Take over a CACHED slot for a new request, keeping its first num_blocks blocks."""
         del self.cached_lru[slot]
         blocks = self.slot_blocks[slot]
-        for b in blocks[num_blocks:]:
-            self._drop(b, was_running=False)
+        self._drop(blocks[num_blocks:], was_running=False)
         kept = blocks[:num_blocks]
         for b in kept:
             r = self.running_holders[b]
@@ -233,8 +235,7 @@ class KVPool:
         """
         blocks = self.slot_blocks[slot]
         keep = self.blocks_for(self.slot_tokens[slot]) if keep_cached and self.enable_prefix_caching else 0
-        for b in blocks[keep:]:
-            self._drop(b, was_running=True)
+        self._drop(blocks[keep:], was_running=True)
         kept = blocks[:keep]
         for b in kept:
             r = self.running_holders[b] - 1

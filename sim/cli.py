@@ -2,8 +2,9 @@
 
 Exit status: 0 on success; 2 on bad usage or bad input (bad flags, ValueError,
 TraceError, missing files: one message on stderr, no traceback); 1 on an
-internal failure (a short message and the traceback on stderr). Set
-TOKENSTEP_DEBUG=1 to get a traceback for usage errors too.
+internal failure (a short message and the traceback on stderr); 141 when
+stdout is closed early (as on SIGPIPE); 130 on Ctrl-C. Set TOKENSTEP_DEBUG=1
+to get a traceback for usage errors too.
 
 Plugging in a subcommand: add an entry to SUBCOMMANDS naming a module with
 ``add_arguments(parser)`` and ``run(args) -> int`` (the module docstring's
@@ -62,10 +63,30 @@ def _summary(module: ModuleType) -> str:
     return (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
 
 
+def reference_text() -> str:
+    """Policies, arrival processes, trace formats, routers and cost models, for --help."""
+    from backends.cost import known_cost_models
+    from scheduler.policies import describe_policies
+    from scheduler.router import ROUTERS
+    from sim.arrivals import ARRIVAL_DESCRIPTIONS
+    from sim.cli_common import DEFAULT_COST_MODELS
+    from sim.lengths import SPEC_HELP
+    from sim.traces import FORMATS
+
+    lines = ["policies (NAME or NAME:key=value,...; append +noprefix to turn prefix sharing off for that run):",
+             describe_policies(), "", "arrival processes (--arrival):"]
+    lines += [f"  {name:<12} {desc}" for name, desc in ARRIVAL_DESCRIPTIONS.items()]
+    lines += ["", "trace formats (--trace-format; detected when omitted):"]
+    lines += [f"  {name:<12} {desc}" for name, desc in FORMATS.items()]
+    lines += ["", "routers (--router):"] + [f"  {name:<18} {desc}" for name, desc in ROUTERS.items()]
+    lines += ["", "cost models (--cost NAME or a JSON file; default: the first of "
+              f"{', '.join(DEFAULT_COST_MODELS)} that exists):", "  " + ", ".join(known_cost_models())]
+    lines += ["", SPEC_HELP]
+    return "\n".join(lines)
+
+
 def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser and one subparser per available subcommand."""
-    from sim.cli_common import reference_text
-
     epilog = reference_text()
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -126,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except SystemExit as exc:  # argparse: --help (0) and bad flags (2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly, as on SIGPIPE
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

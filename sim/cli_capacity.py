@@ -50,7 +50,7 @@ def _passes(summary: dict, attainment: float) -> bool:
     return value is not None and value >= attainment
 
 
-def search(ctx: Context, spec: RunSpec, workloads: RateWorkloads, start: float) -> dict:
+def search(ctx: Context, spec: RunSpec, workloads: RateWorkloads, start: float, width: int) -> dict:
     """Bracket and bisect one policy's capacity; every probe is kept in order."""
     args = ctx.args
     probes: list[dict] = []
@@ -60,7 +60,7 @@ def search(ctx: Context, spec: RunSpec, workloads: RateWorkloads, start: float) 
         ok = _passes(summary, args.attainment)
         summary["slo_pass"] = ok
         probes.append({"rate": rate, "pass": ok, "run": run_, "summary": summary})
-        emit(args, f"  step {len(probes):>2}: {rate_row(spec.label, rate, summary, True, format_time)}  "
+        emit(args, f"  step {len(probes):>2}: {rate_row(spec.label, rate, summary, True, format_time, width)}  "
                    f"{'pass' if ok else 'FAIL'}")
         return ok
 
@@ -106,6 +106,17 @@ def _answer(result: dict) -> str:
     return f"{result['policy']}: {lo:.3g} req/s (fails at {hi:.3g} req/s)"
 
 
+def _capacity_entry(result: dict) -> dict:
+    """The answer for one policy with every probe's rate, verdict and p90 latencies (capacity.json)."""
+    steps = []
+    for p in result["probes"]:
+        s = p["summary"]
+        steps.append({"rate": p["rate"], "pass": p["pass"], "slo_attainment": s.get("slo_attainment"),
+                      **{f"{m}_p90_s": s[f"{m}_s"]["p90"] for m in ("ttft", "tpot", "e2e")}})
+    keys = ("policy", "capacity_rps", "lowest_failing_rps", "bracketed")
+    return {**{k: result[k] for k in keys}, "steps": steps}
+
+
 def run(args: argparse.Namespace) -> int:
     """Search every policy; print the steps and the answers; write results."""
     if not args.slo:
@@ -122,9 +133,10 @@ def run(args: argparse.Namespace) -> int:
         emit(args, ctx.header() + "\nworkload: " + workloads.describe(start))
         emit(args, f"SLO: {slo_text}; a rate passes when >= {100 * args.attainment:g} % of requests meet it\n")
         results = []
+        width = max(len("policy"), *(len(spec.label) for spec in specs))
         for spec in specs:
-            emit(args, f"{spec.label}:\n{' ' * 11}{rate_row_header(True)}")
-            results.append(search(ctx, spec, workloads, start))
+            emit(args, f"{spec.label}:\n{' ' * 11}{rate_row_header(True, width)}")
+            results.append(search(ctx, spec, workloads, start, width))
         answers = "\n".join("  " + _answer(r) for r in results)
         best_runs = [r["best"] for r in results if r["best"] is not None]
         runs = [p["run"] for p in best_runs]
@@ -133,12 +145,7 @@ def run(args: argparse.Namespace) -> int:
             run_.policy = f"{p['summary']['policy']} @ {p['rate']:.3g}"
         table = format_table(summaries, columns=[r.policy for r in runs]) if summaries else "(no passing run)"
         report = f"capacity (highest passing rate):\n{answers}\n\nat capacity:\n{table}"
-        capacity = [{k: r[k] for k in ("policy", "capacity_rps", "lowest_failing_rps", "bracketed")}
-                    | {"steps": [{"rate": p["rate"], "pass": p["pass"],
-                                  "slo_attainment": p["summary"].get("slo_attainment"),
-                                  "ttft_p90_s": p["summary"]["ttft_s"]["p90"], "tpot_p90_s": p["summary"]["tpot_s"]["p90"],
-                                  "e2e_p90_s": p["summary"]["e2e_s"]["p90"]} for p in r["probes"]]}
-                    for r in results]
+        capacity = [_capacity_entry(r) for r in results]
         config = resolved_config(ctx, None, {"workload": workloads.config(start), "attainment": args.attainment,
                                              "tolerance": args.tolerance, "start_rate": start})
         points = [{"policy": r["policy"], "rate": p["rate"], "summary": p["summary"]} for r in results

@@ -20,8 +20,7 @@ import numpy as np
 
 from scheduler import ROUTERS, SchedulerConfig
 from scheduler.config import VICTIM_RULES
-from sim.arrivals import ARRIVAL_DESCRIPTIONS, ARRIVALS
-from sim.lengths import SPEC_HELP
+from sim.arrivals import ARRIVALS
 from sim.traces import FORMATS, default_workload, load_trace
 from sim.workload import MIN_TOKEN_ID, Workload, scale_workload, synthetic_workload
 
@@ -96,35 +95,25 @@ def window(text: str) -> tuple[float, float]:
     return start, end
 
 
-def reference_text() -> str:
-    """Policies, arrival processes, trace formats, routers and cost models, for --help."""
-    from backends.cost import known_cost_models
-    from scheduler.policies import describe_policies
-
-    lines = ["policies (NAME or NAME:key=value,...; append +noprefix to turn prefix sharing off for that run):",
-             describe_policies(), "", "arrival processes (--arrival):"]
-    lines += [f"  {name:<12} {desc}" for name, desc in ARRIVAL_DESCRIPTIONS.items()]
-    lines += ["", "trace formats (--trace-format; detected when omitted):"]
-    lines += [f"  {name:<12} {desc}" for name, desc in FORMATS.items()]
-    lines += ["", "routers (--router):"] + [f"  {name:<18} {desc}" for name, desc in ROUTERS.items()]
-    lines += ["", "cost models (--cost NAME or a JSON file; default: the first of "
-              f"{', '.join(DEFAULT_COST_MODELS)} that exists):", "  " + ", ".join(known_cost_models())]
-    lines += ["", SPEC_HELP]
-    return "\n".join(lines)
-
-
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
     """Flags that choose and shape the workload."""
-    g = parser.add_argument_group("workload (trace, synthetic, or the bundled default when neither is given)")
+    d = DEFAULT_WORKLOAD
+    g = parser.add_argument_group(
+        "workload (trace, synthetic, or the bundled default when neither is given)",
+        f"--trace replays a trace; any of --arrival/--rate/--cv/--num-requests/--prompt-len/--output-len makes a "
+        f"seeded synthetic workload; otherwise the bundled default workload (200 requests of the Azure "
+        f"conversation trace 2023) runs at time_scale {d['time_scale']:g}, length_scale {d['length_scale']:g}, "
+        f"with a {d['shared_prefix']}-token shared prefix from {d['prefix_groups']} groups (each overridable).")
     g.add_argument("--trace", metavar="PATH", help="replay this trace file")
     g.add_argument("--trace-format", choices=list(FORMATS), help="trace format (detected when omitted)")
     g.add_argument("--arrival", choices=list(ARRIVALS),
                    help=f"synthetic arrival process (default {SYNTHETIC_DEFAULTS['arrival']})")
-    g.add_argument("--rate", type=positive_float, help=f"arrival rate, req/s (default {SYNTHETIC_DEFAULTS['rate']})")
-    g.add_argument("--cv", type=positive_float, help="gap coefficient of variation (gamma arrivals)")
+    g.add_argument("--rate", type=positive_float, metavar="R",
+                   help=f"arrival rate, req/s (default {SYNTHETIC_DEFAULTS['rate']})")
+    g.add_argument("--cv", type=positive_float, metavar="X", help="gap coefficient of variation (gamma arrivals)")
     g.add_argument("--arrival-param", action="append", metavar="KEY=VALUE",
                    help="extra arrival parameter, e.g. rate_end=4 for ramp (repeatable)")
-    g.add_argument("--num-requests", type=positive_int,
+    g.add_argument("--num-requests", type=positive_int, metavar="N",
                    help=f"synthetic requests (default {SYNTHETIC_DEFAULTS['num_requests']})")
     g.add_argument("--prompt-len", metavar="SPEC", help=f"prompt lengths (default {SYNTHETIC_DEFAULTS['prompt_len']})")
     g.add_argument("--output-len", metavar="SPEC", help=f"output lengths (default {SYNTHETIC_DEFAULTS['output_len']})")
@@ -137,22 +126,24 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=window, metavar="START,END", help="trace: keep [START, END) seconds")
     g.add_argument("--limit", type=positive_int, metavar="N", help="trace or default workload: first N requests")
     g.add_argument("--sample", type=float, metavar="F", help="trace: keep each row with probability F")
-    g.add_argument("--seed", type=int, default=0, help="seed for synthetic workloads and token ids (default 0)")
+    g.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed for synthetic workloads and token ids (default 0)")
 
 
 def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     """Scheduler limits and multi-instance flags (unset limits come from the backend or the cost model)."""
     g = parser.add_argument_group("scheduler limits (unset: SchedulerConfig defaults or the backend's)")
-    g.add_argument("--max-num-seqs", type=positive_int, help="slots: requests running at once")
-    g.add_argument("--max-num-batched-tokens", type=positive_int, help="token budget of one step")
-    g.add_argument("--max-model-len", type=positive_int, help="longest prompt + output of one request")
-    g.add_argument("--kv-blocks", type=positive_int, help="KV capacity in blocks")
-    g.add_argument("--kv-tokens", type=positive_int, help="KV capacity in tokens (rounded up to whole blocks)")
-    g.add_argument("--block-size", type=positive_int, help="tokens per KV block")
-    g.add_argument("--max-prefill-chunk-tokens", type=positive_int, help="per-request prefill chunk cap")
+    g.add_argument("--max-num-seqs", type=positive_int, metavar="N", help="slots: requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, metavar="N", help="token budget of one step")
+    g.add_argument("--max-model-len", type=positive_int, metavar="N", help="longest prompt + output of one request")
+    g.add_argument("--kv-blocks", type=positive_int, metavar="N", help="KV capacity in blocks")
+    g.add_argument("--kv-tokens", type=positive_int, metavar="N",
+                   help="KV capacity in tokens (rounded up to whole blocks)")
+    g.add_argument("--block-size", type=positive_int, metavar="N", help="tokens per KV block")
+    g.add_argument("--max-prefill-chunk-tokens", type=positive_int, metavar="N", help="per-request prefill chunk cap")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn shared-prefix KV reuse off for every run")
     g.add_argument("--preemption-victim", choices=list(VICTIM_RULES), help="which request to preempt")
-    g.add_argument("--instances", type=positive_int, default=1, help="independent engines (default 1)")
+    g.add_argument("--instances", type=positive_int, default=1, metavar="N", help="independent engines (default 1)")
     g.add_argument("--router", choices=list(ROUTERS), default="least_outstanding",
                    help="how requests are spread over instances (default least_outstanding)")
 
@@ -164,7 +155,8 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                    help="sim: SimPy + cost model (default); llama: real llama.cpp in real time")
     g.add_argument("--model", metavar="NAME|PATH", help="GGUF model for --backend llama (default gemma3-270m)")
     g.add_argument("--cost", metavar="NAME|FILE", help="cost model (default: see below)")
-    g.add_argument("--threads", type=positive_int, help="--backend llama: CPU threads per context (default 2)")
+    g.add_argument("--threads", type=positive_int, metavar="N",
+                   help="--backend llama: CPU threads per context (default 2)")
     g.add_argument("--llama-option", action="append", metavar="KEY=VALUE",
                    help="--backend llama: context option such as n_ubatch=256, kv_unified=true (repeatable)")
 
@@ -239,6 +231,8 @@ def build_workload(args: argparse.Namespace, with_time_scale: bool = True) -> Wo
         w = synthetic(args, args.rate if args.rate is not None else SYNTHETIC_DEFAULTS["rate"])
         return scale_workload(w, time_scale, 1.0) if time_scale != 1.0 else w
     if kind == "trace":
+        if with_time_scale and args.rate is not None:
+            raise UsageError("--rate makes a synthetic workload; change a trace's rate with --time-scale")
         w = load_trace(args.trace, args.trace_format, time_scale, args.length_scale or 1.0, window_s=args.window,
                        limit=args.limit, sample=args.sample, seed=args.seed, vocab_size=VOCAB_SIZE)
         prefix, groups = args.shared_prefix or 0, args.prefix_groups or 1
@@ -265,8 +259,8 @@ def overlay_prefix(w: Workload, num_tokens: int, num_groups: int, seed: int) -> 
         ids = r.prompt_token_ids
         head = tuple(table[g][: len(ids)])
         requests.append(replace(r, prompt_token_ids=head + ids[len(head):]))
-    desc = (f"{w.description}; first {num_tokens} prompt tokens replaced by one of {num_groups} shared "
-            f"prefix(es), seed {seed}")
+    which = "a shared prefix" if num_groups == 1 else f"one of {num_groups} shared prefixes"
+    desc = f"{w.description}; first {num_tokens} prompt tokens replaced by {which} (seed {seed})"
     source = {"kind": "prefix_overlay", "base": w.source, "shared_prefix_tokens": num_tokens,
               "num_prefix_groups": num_groups, "seed": seed}
     return Workload(tuple(requests), desc, source)

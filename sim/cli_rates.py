@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from sim.cli_common import UsageError, check_kind_flags, build_workload, synthetic
+from sim.cli_common import UsageError, build_workload, check_kind_flags, synthetic
 from sim.cli_output import log
 from sim.workload import Workload, scale_workload
 
@@ -62,18 +62,20 @@ class RateWorkloads:
         return {"description": self.describe(rate), "source": source, "base_rate": self.base_rate}
 
 
-def rate_row_header(slo: bool) -> str:
+def rate_row_header(slo: bool, width: int = 28) -> str:
     """Header of the compact per-point table."""
-    cols = f"{'policy':<28} {'rate':>8} {'served':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'E2E p99':>9}"
+    cols = f"{'policy':<{width}} {'rate':>8} {'served':>8} "
+    cols += f"{'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'E2E p99':>9}"
     return cols + (f" {'goodput':>8} {'SLO att.':>8}" if slo else "")
 
 
-def rate_row(label: str, rate: float, s: dict, slo: bool, fmt_time: Callable[[float | None], str]) -> str:
+def rate_row(label: str, rate: float, s: dict, slo: bool, fmt_time: Callable[[float | None], str],
+             width: int = 28) -> str:
     """One point: policy, offered rate, served rate, latencies (and goodput with SLOs)."""
     def num(x):
         return "-" if x is None else f"{x:.3g}"
 
-    line = (f"{label[:28]:<28} {rate:>8.3g} {num(s.get('throughput_rps')):>8} {fmt_time(s['ttft_s']['p50']):>9} "
+    line = (f"{label:<{width}} {rate:>8.3g} {num(s.get('throughput_rps')):>8} {fmt_time(s['ttft_s']['p50']):>9} "
             f"{fmt_time(s['ttft_s']['p99']):>9} {fmt_time(s['tpot_s']['p50']):>9} {fmt_time(s['e2e_s']['p99']):>9}")
     if slo:
         att = s.get("slo_attainment")

@@ -209,9 +209,9 @@ def prepare(args: argparse.Namespace, command: str) -> Context:
     return Context(args, command, cost, cost_name, cost_note, config, slo, llama)
 
 
-def make_progress(args: argparse.Namespace, label: str) -> Progress:
+def make_progress(args: argparse.Namespace, label: str, enabled: bool = True) -> Progress:
     """A progress bar for one task (silent unless enabled and the task runs past its delay)."""
-    return Progress(label, enabled=progress_enabled(getattr(args, "quiet", False)))
+    return Progress(label, enabled=enabled and progress_enabled(getattr(args, "quiet", False)))
 
 
 def _coerce(name: str, value: Any, config: SchedulerConfig) -> Any:
@@ -238,8 +238,11 @@ def run_config(ctx: Context, spec: RunSpec) -> SchedulerConfig:
 
 
 def execute(ctx: Context, spec: RunSpec, workload: Workload, simulate: bool = False,
-            label: str | None = None, extra: dict | None = None) -> tuple[RunResult, dict]:
-    """Run one spec on the workload (the real backend unless simulate or --backend sim); return run + summary."""
+            label: str | None = None, extra: dict | None = None, progress: bool = True) -> tuple[RunResult, dict]:
+    """Run one spec on the workload (the real backend unless simulate or --backend sim); return run + summary.
+
+    progress=False keeps this run's bar off (when the caller draws one over many runs).
+    """
     from backends.synthetic import SyntheticBackend
 
     args = ctx.args
@@ -247,7 +250,7 @@ def execute(ctx: Context, spec: RunSpec, workload: Workload, simulate: bool = Fa
     label = label or spec.label
     config = run_config(ctx, spec)
     backends = ctx.llama.fresh_backends() if real else [SyntheticBackend(ctx.cost) for _ in range(args.instances)]
-    with make_progress(args, f"{ctx.command} {label}") as bar:
+    with make_progress(args, f"{ctx.command} {label}", progress) as bar:
         run = run_workload(workload, spec.policy, config, backends, router=args.router, realtime=real, progress=bar)
     run.policy = label
     summary = summarize(run, ctx.slo)

@@ -16,7 +16,7 @@ import itertools
 from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, float_list
 from sim.cli_output import finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
-from sim.cli_runs import close, execute, make_progress, parse_run_spec, prepare, split_specs
+from sim.cli_runs import close, execute, make_progress, parse_run_spec, prepare, run_config, split_specs
 from sim.report import format_time
 
 DEFAULT_RATES = "0.5,1,1.5,2,2.5,3"
@@ -61,26 +61,30 @@ def run(args: argparse.Namespace) -> int:
     workloads = RateWorkloads(args, "sweep")
     ctx = prepare(args, "sweep")
     try:
+        for spec in specs:
+            run_config(ctx, spec)  # a bad swept value fails now, not halfway through the grid
         out = out_dir(args, "sweep")
         rates = sorted(args.rates)
         total = len(rates) * len(specs)
         log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {total} runs, backend {ctx.backend}")
         runs, summaries, points, lines = [], [], [], []
         slo = ctx.slo is not None
-        with make_progress(args, "sweep") as bar:
+        width = max(len("policy"), *(len(spec.label) for spec in specs))
+        real = ctx.llama is not None  # real runs are long: a bar per run instead of one over the grid
+        with make_progress(args, "sweep", enabled=not real) as bar:
             for rate in rates:
                 workload = workloads.at(rate)
                 for spec in specs:
-                    run_, summary = execute(ctx, spec, workload, extra={"rate": rate})
+                    run_, summary = execute(ctx, spec, workload, extra={"rate": rate}, progress=real)
                     run_.policy = f"{spec.label} @ {rate:g}"
                     runs.append(run_)
                     summaries.append(summary)
                     points.append({"policy": spec.label, "rate": rate, "summary": summary})
-                    lines.append(rate_row(spec.label, rate, summary, slo, format_time))
+                    lines.append(rate_row(spec.label, rate, summary, slo, format_time, width))
                     bar(len(runs), total)
         rank = {spec.label: i for i, spec in enumerate(specs)}
         order = sorted(range(len(points)), key=lambda i: (rank[points[i]["policy"]], points[i]["rate"]))
-        table = "\n".join([rate_row_header(slo), *(lines[i] for i in order)])
+        table = "\n".join([rate_row_header(slo, width), *(lines[i] for i in order)])
         header = ctx.header() + "\nworkload: " + workloads.describe(rates[0])
         report = f"{header}\n\n{table}\nrate = offered arrival rate, served = finished requests / run duration (req/s)"
         config = resolved_config(ctx, None, {"workload": workloads.config(rates[0]), "rates": rates,

@@ -13,7 +13,6 @@ the command takes is an error naming the key and the file.
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,13 @@ def load_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist or is not a file")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ValueError("TOML config files need Python 3.11+ (or `pip install tomli` on 3.10)") from None
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
