@@ -32,6 +32,11 @@ class StepFeatures:
     num_copies: int = 0
 
     def __post_init__(self) -> None:
+        values = (self.num_prefill_tokens, self.num_decode_seqs, self.num_context_tokens,
+                  self.sum_sq_prefill_tokens, self.num_pad_tokens, self.num_copied_tokens, self.num_seqs,
+                  self.num_removes, self.num_copies)
+        if min(values) >= 0 and all(type(v) is int for v in values):
+            return  # the common case, checked without walking fields()
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

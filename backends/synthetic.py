@@ -28,20 +28,45 @@ class SyntheticBackend:
         self.eos_token_id = eos_token_id
         self.scripted_eos = dict(scripted_eos or {})
         self._num_sampled: dict[str, int] = {}
+        self._seeds: dict[str, int] = {}
         self.num_steps = 0
         self.num_computed_tokens = 0
+
+    def _seed(self, request_id: str) -> int:
+        seed = self._seeds.get(request_id)
+        if seed is None:
+            seed = self._seeds[request_id] = zlib.crc32(request_id.encode())
+        return seed
 
     def token_for(self, request_id: str, index: int) -> int:
         """The deterministic output token at index for a request (never EOS unless scripted)."""
         if self.scripted_eos.get(request_id) == index:
             return self.eos_token_id
-        token = 10 + zlib.crc32(f"{request_id}:{index}".encode()) % (self.vocab_size - 10)
-        return token
+        return 10 + (self._seed(request_id) + index * 40503) % (self.vocab_size - 10)
+
+    def tokens_for(self, request_id: str, start: int, count: int) -> list[int]:
+        """token_for(request_id, i) for i in [start, start + count), in one call."""
+        if request_id in self.scripted_eos:
+            return [self.token_for(request_id, i) for i in range(start, start + count)]
+        seed, mod = self._seed(request_id), self.vocab_size - 10
+        return [10 + (seed + i * 40503) % mod for i in range(start, start + count)]
+
+    def take_tokens(self, request_id: str, count: int) -> list[int]:
+        """The next count sampled tokens of a request, as count decode steps would give them."""
+        start = self._num_sampled.get(request_id, 0)
+        self._num_sampled[request_id] = start + count
+        return self.tokens_for(request_id, start, count)
+
+    @property
+    def never_eos(self) -> bool:
+        """True when no request can stop early, so decode-only stretches can be skipped ahead."""
+        return not self.scripted_eos
 
     def step(self, plan: StepPlan) -> StepResult:
         """Sample one token per sampling chunk; elapsed_s from the cost model."""
         for request_id in plan.finished_request_ids:
             self._num_sampled.pop(request_id, None)
+            self._seeds.pop(request_id, None)
         sampled = {}
         counts = self._num_sampled
         for chunk in plan.chunks:

@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import argparse
 
-from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, build_workload
+from sim.cli_common import (
+    add_backend_args,
+    add_output_args,
+    add_scheduler_args,
+    add_workload_args,
+    build_workload,
+    workload_kind,
+)
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
 from sim.cli_runs import close, execute, parse_run_specs, prepare
 from sim.report import format_table, safe_name
 
 DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
+# the main job on real compute: what 2 CPU cores serve in a few minutes
+LLAMA_DEFAULT_POLICIES = "static,continuous,continuous+noprefix"
+LLAMA_DEFAULT_LIMIT = 60
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """compare's flags."""
     parser.add_argument("--policies", "--policy", default=DEFAULT_POLICIES, metavar="A,B,...",
-                        help=f"strategies to compare (default {DEFAULT_POLICIES})")
+                        help=f"strategies to compare (default {DEFAULT_POLICIES}; with --backend llama: {LLAMA_DEFAULT_POLICIES} on the first {LLAMA_DEFAULT_LIMIT} requests)")
     add_workload_args(parser)
     add_scheduler_args(parser)
     add_backend_args(parser)
@@ -34,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run every strategy on one workload; print and write the comparison."""
+    if args.backend == "llama":
+        if args.policies == DEFAULT_POLICIES:
+            args.policies = LLAMA_DEFAULT_POLICIES
+        if workload_kind(args) == "default" and args.limit is None:
+            args.limit = LLAMA_DEFAULT_LIMIT
     specs = parse_run_specs(args.policies)
     workload = build_workload(args)
     ctx = prepare(args, "compare")

@@ -10,6 +10,7 @@ every decision is the scheduler's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,6 +19,7 @@ import simpy
 import simpy.rt
 
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
+from scheduler._fastforward import apply_decode_steps, block_additions, decode_horizon
 from sim.records import RequestRecord, RunResult, StepSample
 from sim.workload import Workload, WorkloadRequest
 
@@ -32,8 +34,10 @@ class Engine:
     """One instance: a scheduler and a backend stepping in a SimPy process."""
 
     def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, backend: Any,
-                 recorder: Recorder) -> None:
+                 recorder: Recorder, fast_forward: bool = False, clock: Any = None) -> None:
         self.env = env
+        self.fast_forward = fast_forward
+        self.clock = clock  # holds next_arrival_s, kept by the arrival process
         self.index = index
         self.scheduler = scheduler
         self.backend = backend
@@ -84,6 +88,63 @@ class Engine:
                                         plan.num_decode_seqs, len(sched.waiting), len(sched.running),
                                         pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens,
                                         plan.num_copied_tokens))
+            if self.fast_forward:
+                k = decode_horizon(sched)
+                if k > 0:
+                    yield from self._jump(k)
+
+    def _jump(self, k: int):
+        """Run up to k pure-decode steps at once: same times, tokens and samples as k plain steps."""
+        from backends.cost import StepFeatures
+
+        env, sched, rec = self.env, self.scheduler, self.recorder
+        running = sched.running
+        n = len(running)
+        context = sum(r.num_computed_tokens + 1 for r in running)
+        predict = self.backend.cost_model.predict_s
+        limit = self.clock.next_arrival_s
+        ends: list[float] = []
+        t = env.now
+        # A step that starts before an arrival is planned without it, so it may be skipped even when the
+        # arrival lands while it runs -- unless the router reads the KV index, which the jump fills early.
+        straddle = not self.clock.router_reads_kv
+        for j in range(k):
+            t_next = t + predict(StepFeatures(0, n, context + j * n, 0, 0, 0, n, 0, 0))
+            if (t if straddle else t_next) >= limit:
+                break  # the arrival must be seen by the next plan: leave it to a plain step
+            ends.append(t_next)
+            t = t_next
+        m = len(ends)
+        if m == 0:
+            return
+        pool = sched.pool
+        used = pool.num_used_blocks
+        adds = block_additions(sched, m)
+        apply_decode_steps(sched, m, self.backend.take_tokens)
+        for r in running:
+            record = rec.records[r.request_id]
+            record.token_times_s.extend(ends)
+            record.num_output_tokens += m
+        start = env.now
+        waiting = len(sched.waiting)
+        yield env.timeout(_exact_delay(env.now, ends[-1]))
+        for j in range(m):
+            used += adds[j]
+            if j == m - 1:
+                waiting = len(sched.waiting)  # arrivals during the last (straddling) step count, as in a plain step
+            rec.steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, n, used, pool.num_blocks))
+            start = ends[j]
+
+
+def _exact_delay(now: float, target: float) -> float:
+    """A delay d with now + d == target exactly, as SimPy computes it."""
+    d = target - now
+    for _ in range(8):
+        got = now + d
+        if got == target:
+            return d
+        d = math.nextafter(d, math.inf if got < target else -math.inf)
+    raise ArithmeticError(f"no float delay takes {now!r} to {target!r}")
 
 
 class Recorder:
@@ -126,15 +187,27 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
                  router: str = "least_outstanding", realtime: bool = False, ignore_eos: bool = True,
                  progress: Callable[[int, int], None] | None = None,
                  request_factory: Callable[[WorkloadRequest], Request] | None = None,
-                 configs: Sequence[SchedulerConfig] | None = None) -> RunResult:
-    """Replay a workload through len(backends) instances; return every record and step sample."""
+                 configs: Sequence[SchedulerConfig] | None = None, fast_forward: bool | None = None) -> RunResult:
+    """Replay a workload through len(backends) instances; return every record and step sample.
+
+    fast_forward (default: whenever it is exact, i.e. virtual time and backends that know their
+    tokens in advance and never stop early) skips pure-decode stretches in computed jumps.
+    """
     if not backends:
         raise ValueError("run_workload needs at least one backend")
     env = simpy.rt.RealtimeEnvironment(factor=1.0, strict=False) if realtime else simpy.Environment()
     recorder = Recorder(len(workload.requests), progress)
     configs = list(configs) if configs is not None else [config] * len(backends)
     schedulers = [Scheduler(c, policy) for c in configs]
-    engines = [Engine(env, i, s, b, recorder) for i, (s, b) in enumerate(zip(schedulers, backends))]
+    can_skip = not realtime and all(getattr(b, "never_eos", False) and hasattr(b, "take_tokens")
+                                    and hasattr(b, "cost_model") for b in backends)
+    if fast_forward and not can_skip:
+        raise ValueError("fast_forward needs virtual time and backends that know their tokens (SyntheticBackend "
+                         "without scripted EOS)")
+    skip = can_skip if fast_forward is None else fast_forward
+    clock = _Clock()
+    clock.router_reads_kv = router == "prefix_affinity" and len(backends) > 1
+    engines = [Engine(env, i, s, b, recorder, skip, clock) for i, (s, b) in enumerate(zip(schedulers, backends))]
     routing = Router(router)
     make = request_factory or (lambda w: to_request(w, ignore_eos))
     wall_start = time.perf_counter()
@@ -142,9 +215,11 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     def arrivals():
         for w in sorted(workload.requests, key=lambda w: w.arrival_s):
             if w.arrival_s > env.now:
+                clock.next_arrival_s = w.arrival_s
                 yield env.timeout(w.arrival_s - env.now)
             request = make(w)
             engines[routing.route(request, schedulers)].submit(request)
+        clock.next_arrival_s = math.inf
         for e in engines:
             e.closed = True
             e.poke()
@@ -165,12 +240,20 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     last = max((r.finish_s for r in records if r.finish_s is not None), default=first)
     cfg = {"policy": schedulers[0].policy.describe(), "scheduler": _config_dict(config),
            "num_instances": len(backends), "router": router, "realtime": realtime,
-           "workload": workload.description, "wall_s": time.perf_counter() - wall_start}
+           "workload": workload.description, "wall_s": time.perf_counter() - wall_start,
+           "fast_forward": skip}
     return RunResult(policy=schedulers[0].policy.describe(), records=records, steps=recorder.steps,
                      duration_s=last - first, config=cfg,
                      num_preemptions=sum(s.stats.num_preemptions for s in schedulers),
                      num_recomputed_tokens=sum(s.stats.num_recomputed_tokens for s in schedulers),
                      ttft_timing="computed")
+
+
+class _Clock:
+    """Shared between the arrival process and the engines: when the next arrival lands."""
+
+    next_arrival_s = 0.0
+    router_reads_kv = False
 
 
 def _config_dict(config: SchedulerConfig) -> dict:

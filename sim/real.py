@@ -6,7 +6,7 @@ from typing import Any
 
 from scheduler import SchedulerConfig
 
-DEFAULT_LLAMA_OPTIONS = {"n_ctx": 4096, "n_seq_max": 16, "n_threads": 2}
+DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": 2}
 
 
 def make_llama_instances(model: str | None, num_instances: int = 1,

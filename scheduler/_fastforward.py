@@ -1,0 +1,93 @@
+"""Skipping ahead over steps in which nothing but decoding can happen.
+
+Between two events (an arrival, a finish, an abort, a KV shortfall, an admission)
+a continuous-batching engine repeats the same pure-decode step with every context
+one token longer. A driver that knows the tokens in advance (a simulated backend
+that never stops early) can apply K such steps at once: ``decode_horizon`` says
+how many steps are certain to be pure decode, ``apply_decode_steps`` applies them.
+The result is the state K plain schedule/commit rounds would leave (tests prove it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import Scheduler
+
+
+def decode_horizon(s: Scheduler) -> int:
+    """Upcoming steps certain to be identical pure-decode steps, absent arrivals and aborts (0: none)."""
+    running = s.running
+    if not running or s._in_flight is not None or s._pending_removes or s._pending_finished \
+            or s._pending_aborts or s._pending_outputs:
+        return 0
+    policy = s.policy
+    if policy.padding:
+        return 0
+    n = len(running)
+    if s.waiting and n < policy.max_num_seqs(s):
+        return 0  # the policy might admit a waiting request
+    if policy.uses_token_budget and n > s.config.max_num_batched_tokens:
+        return 0
+    k = 1 << 62
+    eos = s._eos
+    for r in running:
+        sp = r.sampling
+        if sp.stop_token_ids or (eos and not sp.ignore_eos):
+            return 0  # a sampled token could end it early
+        out = len(r.output_token_ids)
+        if out == 0 or r.num_computed_tokens != len(r.prompt_token_ids) + out - 1:
+            return 0  # a prefill (chunk or recompute) is still pending
+        k = min(k, r.sampling.max_tokens - out - 1)  # the step that samples the last token is not skipped
+    if k <= 0:
+        return 0
+    # KV: the jump may not need more blocks than are free (eviction or preemption would change the plan)
+    free = s.pool.num_free_blocks
+    if _new_blocks(s, k) <= free:
+        return k
+    lo, hi = 0, k  # _new_blocks is monotone in the number of steps
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _new_blocks(s, mid) <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _new_blocks(s: Scheduler, steps: int) -> int:
+    """Blocks the running requests need to run `steps` more decode steps."""
+    pool = s.pool
+    total = 0
+    for r in s.running:
+        total += max(0, pool.blocks_for(r.num_computed_tokens + steps) - len(pool.slot_blocks[r.slot]))
+    return total
+
+
+def block_additions(s: Scheduler, steps: int) -> list[int]:
+    """adds[j]: blocks newly reserved by decode step j (0-based) of a jump of `steps` steps."""
+    adds = [0] * steps
+    pool = s.pool
+    bs = pool.block_size
+    for r in s.running:
+        capacity = len(pool.slot_blocks[r.slot]) * bs
+        # step j computes position num_computed + j, so it needs num_computed + j + 1 positions
+        first = capacity - r.num_computed_tokens  # the first step index that needs a new block
+        for j in range(max(first, 0), steps, bs):
+            adds[j] += 1
+    return adds
+
+
+def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]) -> None:
+    """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens."""
+    pool = s.pool
+    for r in s.running:
+        r.output_token_ids.extend(take_tokens(r.request_id, steps))
+        end = r.num_computed_tokens + steps
+        r.num_computed_tokens = end
+        pool.reserve(r.slot, end)
+        pool.computed(r.slot, end, r.token_at)
+    s.stats.num_steps += steps
+    s._step_id += steps
