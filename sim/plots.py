@@ -102,9 +102,19 @@ def plot_rate_curves(points: list[dict], path) -> Path:
     return _save(fig, path)
 
 
-def _draw_requests(ax, run: RunResult, max_requests: int) -> None:
+def busiest_window(runs: list[RunResult], max_requests: int) -> int:
+    """Index (by arrival) of the first request to draw: requests arriving up to the deepest queue seen."""
+    peak = max((s for run in runs for s in run.steps), key=lambda s: s.num_waiting, default=None)
+    if peak is None or peak.num_waiting == 0:
+        return 0
+    arrivals = sorted(r.arrival_s for r in runs[0].records)
+    upto = sum(1 for a in arrivals if a <= peak.start_s)
+    return max(0, min(upto - (2 * max_requests) // 3, len(arrivals) - max_requests))
+
+
+def _draw_requests(ax, run: RunResult, max_requests: int, first: int = 0) -> None:
     """One row per request: queued, prefill and decode bars, an arrival marker, a cross if not finished."""
-    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[:max_requests]
+    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[first : first + max_requests]
     bars = {"queued": ([], [], []), "prefill": ([], [], []), "decode": ([], [], [])}
 
     def add(kind: str, y: int, start, end) -> None:
@@ -179,11 +189,26 @@ def _draw_batch(ax, run: RunResult) -> None:
     ax.grid(alpha=0.3)
 
 
-def _draw_run(ax_req, ax_batch, run: RunResult, max_requests: int) -> None:
-    _draw_requests(ax_req, run, max_requests)
+def _draw_run(ax_req, ax_batch, run: RunResult, max_requests: int, first: int = 0) -> None:
+    _draw_requests(ax_req, run, max_requests, first)
     _draw_batch(ax_batch, run)
-    shown = min(len(run.records), max_requests)
-    ax_req.set_title(f"{run.policy}: first {shown} of {len(run.records)} requests", fontsize=10)
+    shown = min(len(run.records) - first, max_requests)
+    if first == 0:
+        title = f"{run.policy}: first {shown} of {len(run.records)} requests"
+    else:
+        title = f"{run.policy}: requests {first + 1}-{first + shown} of {len(run.records)} (around the deepest queue)"
+    ax_req.set_title(title, fontsize=10)
+    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[first : first + max_requests]
+    ends = [r.finish_s for r in records if r.finish_s is not None]
+    return (records[0].arrival_s, max(ends)) if records and ends else None
+
+
+def _focus(ax, spans) -> None:
+    spans = [s for s in spans if s is not None]
+    if spans:
+        lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+        pad = 0.03 * (hi - lo or 1.0)
+        ax.set_xlim(lo - pad, hi + pad)
 
 
 def plot_timeline(run: RunResult, path, max_requests: int = 40) -> Path:
@@ -198,7 +223,7 @@ def plot_timeline(run: RunResult, path, max_requests: int = 40) -> Path:
         layout="constrained",
         gridspec_kw={"height_ratios": [3, 1]},
     )
-    _draw_run(ax_req, ax_batch, run, max_requests)
+    _focus(ax_batch, [_draw_run(ax_req, ax_batch, run, max_requests, busiest_window([run], max_requests))])
     ax_batch.set_xlabel("time (s)")
     fig.suptitle(f"Timeline: {run.policy}")
     return _save(fig, path)
@@ -219,8 +244,9 @@ def plot_compare_timelines(runs: list[RunResult], path, max_requests: int = 30) 
         gridspec_kw={"height_ratios": [3, 1] * len(runs)},
         squeeze=False,
     )
-    for i, run in enumerate(runs):
-        _draw_run(axes[2 * i, 0], axes[2 * i + 1, 0], run, max_requests)
+    first = busiest_window(runs, max_requests)
+    _focus(axes[-1, 0], [_draw_run(axes[2 * i, 0], axes[2 * i + 1, 0], run, max_requests, first)
+                         for i, run in enumerate(runs)])
     axes[-1, 0].set_xlabel("time (s)")
     fig.suptitle(" vs ".join(run.policy for run in runs))
     return _save(fig, path)
