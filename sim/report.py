@@ -110,7 +110,9 @@ def format_table(
     if any("goodput_rps" in s for s in summaries):
         rows += GOODPUT_ROWS
     header = ["metric", *names]
-    others = [i for i in range(len(summaries)) if i != baseline] if baseline is not None else []
+    # ratios compare runs against the baseline; simulator predictions ("... (sim)") get none of their own
+    others = ([i for i in range(len(summaries)) if i != baseline and not names[i].endswith("(sim)")]
+              if baseline is not None else [])
     header += [f"{names[i]} x vs {names[baseline]}" for i in others]
     body = []
     for label, path, kind in rows:
