@@ -159,6 +159,9 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                    help="--backend llama: CPU threads per context (default 2)")
     g.add_argument("--llama-option", action="append", metavar="KEY=VALUE",
                    help="--backend llama: context option such as n_ubatch=256, kv_unified=true (repeatable)")
+    g.add_argument("--virtual-time", action="store_true",
+                   help="--backend llama: advance a virtual clock by each measured step instead of replaying in "
+                        "real time (arrivals need not wait; latencies as if the steps ran back to back)")
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
