@@ -51,6 +51,12 @@ class SyntheticBackend:
         seed, mod = self._seed(request_id), self.vocab_size - 10
         return [10 + (seed + i * 40503) % mod for i in range(start, start + count)]
 
+    def forget(self, request_ids) -> None:
+        """Drop per-request state, as a plan's finished_request_ids would."""
+        for request_id in request_ids:
+            self._num_sampled.pop(request_id, None)
+            self._seeds.pop(request_id, None)
+
     def take_tokens(self, request_id: str, count: int) -> list[int]:
         """The next count sampled tokens of a request, as count decode steps would give them."""
         start = self._num_sampled.get(request_id, 0)

@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def decode_horizon(s: Scheduler) -> int:
     """Upcoming steps certain to be identical pure-decode steps, absent arrivals and aborts (0: none)."""
     running = s.running
-    if not running or s._in_flight is not None or s._pending_removes or s._pending_finished \
-            or s._pending_aborts or s._pending_outputs:
+    # finished ids still to announce are fine (they change no chunk and no cost); KV removals are not
+    if not running or s._in_flight is not None or s._pending_removes or s._pending_aborts or s._pending_outputs:
         return 0
     policy = s.policy
     if policy.padding:
@@ -40,9 +40,7 @@ def decode_horizon(s: Scheduler) -> int:
         out = len(r.output_token_ids)
         if out == 0 or r.num_computed_tokens != len(r.prompt_token_ids) + out - 1:
             return 0  # a prefill (chunk or recompute) is still pending
-        k = min(k, r.sampling.max_tokens - out - 1)  # the step that samples the last token is not skipped
-    if k <= 0:
-        return 0
+        k = min(k, r.sampling.max_tokens - out)  # up to and including the step where the first one finishes
     # KV: the jump may not need more blocks than are free (eviction or preemption would change the plan)
     free = s.pool.num_free_blocks
     if _new_blocks(s, k) <= free:
@@ -80,8 +78,13 @@ def block_additions(s: Scheduler, steps: int) -> list[int]:
     return adds
 
 
-def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]) -> None:
-    """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens."""
+def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]) -> list[str]:
+    """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens.
+
+    Returns the finished ids the skipped plans would have announced to the backend. Requests that
+    reach max_tokens in the last step are not finished here: call finish_decode_steps at its end time.
+    """
+    announced, s._pending_finished = s._pending_finished, []
     pool = s.pool
     for r in s.running:
         r.output_token_ids.extend(take_tokens(r.request_id, steps))
@@ -91,3 +94,12 @@ def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int
         pool.computed(r.slot, end, r.token_at)
     s.stats.num_steps += steps
     s._step_id += steps
+    return announced
+
+
+def finish_decode_steps(s: Scheduler, now_s: float) -> list:
+    """Finish (length) the running requests that got their last token in the skipped steps, in batch order."""
+    from .request import FinishReason
+
+    done = [r for r in s.running if len(r.output_token_ids) >= r.sampling.max_tokens]
+    return [(r, s._finish(r, FinishReason.LENGTH, now_s)) for r in done]

@@ -19,7 +19,7 @@ import simpy
 import simpy.rt
 
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
-from scheduler._fastforward import apply_decode_steps, block_additions, decode_horizon
+from scheduler._fastforward import apply_decode_steps, block_additions, decode_horizon, finish_decode_steps
 from sim.records import RequestRecord, RunResult, StepSample
 from sim.workload import Workload, WorkloadRequest
 
@@ -120,7 +120,9 @@ class Engine:
         pool = sched.pool
         used = pool.num_used_blocks
         adds = block_additions(sched, m)
-        apply_decode_steps(sched, m, self.backend.take_tokens)
+        announced = apply_decode_steps(sched, m, self.backend.take_tokens)
+        if announced:
+            self.backend.forget(announced)
         for r in running:
             record = rec.records[r.request_id]
             record.token_times_s.extend(ends)
@@ -128,11 +130,18 @@ class Engine:
         start = env.now
         waiting = len(sched.waiting)
         yield env.timeout(_exact_delay(env.now, ends[-1]))
+        now = env.now
+        for r, out in finish_decode_steps(sched, now):  # at the end of the last step, as its commit would
+            rec.output(out, r, now)
         for j in range(m):
             used += adds[j]
             if j == m - 1:
                 waiting = len(sched.waiting)  # arrivals during the last (straddling) step count, as in a plain step
-            rec.steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, n, used, pool.num_blocks))
+            running_after = n
+            if j == m - 1:  # after the last step's finishes, as a plain commit would leave it
+                running_after, used = len(sched.running), pool.num_used_blocks
+            rec.steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, running_after, used,
+                                        pool.num_blocks))
             start = ends[j]
 
 

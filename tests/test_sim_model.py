@@ -124,15 +124,16 @@ def test_rejected_requests_are_recorded_with_reason():
     assert all(r.finish_reason == "rejected" and "max_model_len" in r.detail for r in res.records)
 
 
-@pytest.mark.parametrize("policy,instances", [("continuous", 1), ("chunked", 1), ("static", 1), ("adaptive", 1),
-                                              ("chunked", 3)])
-def test_fast_forward_gives_exactly_the_step_by_step_results(policy, instances):
+@pytest.mark.parametrize("policy,instances,caching", [("continuous", 1, True), ("chunked", 1, True),
+                                                      ("static", 1, True), ("adaptive", 1, True),
+                                                      ("chunked", 3, True), ("continuous", 2, False)])
+def test_fast_forward_gives_exactly_the_step_by_step_results(policy, instances, caching):
     from backends.cost import load_cost_model
 
     cost = load_cost_model("h100-llama3-8b")
     # a small KV pool so that preemption and eviction interleave with skipped stretches
     cfg = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=256, num_kv_blocks=160, block_size=16,
-                          max_model_len=2048)
+                          max_model_len=2048, enable_prefix_caching=caching)
     w = synthetic_workload("gamma", 20.0, 150, "lognormal:120,0.8", "lognormal:90,0.7", 3, cv=2.0,
                            shared_prefix_tokens=48, num_prefix_groups=3)
     runs = [run_workload(w, policy, cfg, [SyntheticBackend(cost) for _ in range(instances)],
