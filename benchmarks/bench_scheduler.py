@@ -105,6 +105,16 @@ def run_once(policy: str, num_running: int, args: argparse.Namespace) -> dict:
     }
 
 
+def clock_overhead_ns() -> float:
+    """Median cost of one time.perf_counter_ns() call: each timed interval includes about one."""
+    clock = time.perf_counter_ns
+    gaps = []
+    for _ in range(20001):
+        t0 = clock()
+        gaps.append(clock() - t0)
+    return statistics.median(gaps)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run every (policy, size) a few times interleaved, print the medians."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -120,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = p.parse_args(argv)
+    if args.prompt_tokens <= len(SYSTEM_PROMPT):
+        p.error(f"--prompt-tokens must exceed the {len(SYSTEM_PROMPT)}-token shared system prompt")
+    if not 1 <= args.max_tokens_low <= args.max_tokens_high:
+        p.error("need 1 <= --max-tokens-low <= --max-tokens-high")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("need --steps >= 1, --warmup >= 0 and --repeats >= 1")
 
     configs = [(policy, n) for policy in args.policies for n in args.sizes]
     runs: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
@@ -136,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"python": sys.version.split()[0], "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
             "prompt_tokens": args.prompt_tokens, "shared_prefix_tokens": len(SYSTEM_PROMPT),
             "max_tokens": [args.max_tokens_low, args.max_tokens_high],
-            "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": BLOCK_SIZE}
+            "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": BLOCK_SIZE,
+            "clock_overhead_ns": clock_overhead_ns()}
     if args.json:
         print(json.dumps({"meta": meta, "results": rows}, indent=2))
         return 0
     print(f"schedule()+commit() per step, median of {args.repeats} runs x {args.steps} steps "
-          f"(after {args.warmup} warm-up); executor excluded")
+          f"(after {args.warmup} warm-up); executor excluded; perf_counter_ns overhead "
+          f"{meta['clock_overhead_ns']:.0f} ns per interval")
     print(f"{'policy':<11} {'running':>7} {'median us':>10} {'p90 us':>8} {'us/seq':>7} {'seqs/step':>9} "
           f"{'prefill tok/step':>16} {'prefix hit':>10} {'exec us':>8}")
     for r in rows:

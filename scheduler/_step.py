@@ -119,45 +119,59 @@ def b_now(s: Scheduler) -> float:
 
 
 def _schedule_running(s: Scheduler, b: _Builder) -> None:
+    """One chunk per running request: decodes on a fast path, the rest through _schedule_other."""
     pool = s.pool
-    policy = s.policy
-    cap = s.config.max_prefill_chunk_tokens or s.config.max_num_batched_tokens
-    use_budget = policy.uses_token_budget
+    use_budget = s.policy.uses_token_budget
     slot_blocks = pool.slot_blocks
     bs = pool.block_size
     append = b.chunks.append
+    budget, decode, context = b.budget, b.decode, b.context  # locals on the hot path, synced around the rest
     for r in list(s.running):  # a copy: preemption removes requests from s.running mid-loop
         if r.status is not RUNNING:
-            continue
-        if r.padding:
-            b.add(r, r.num_computed_tokens, 0, pad=1)
             continue
         start = r.num_computed_tokens
         out = r.output_token_ids
         num_prompt = len(r.prompt_token_ids)
-        n = num_prompt + len(out) - start
         slot = r.slot
-        if n == 1 and start >= num_prompt and start < len(slot_blocks[slot]) * bs and (b.budget > 0 or not use_budget):
-            # the common case, a decode whose next position is already reserved: b.add, inlined
+        room = len(slot_blocks[slot]) * bs - start  # reserved positions ahead
+        # a decode (one generated token fed back) that fits, or that one free block makes fit: b.add, inlined
+        if (num_prompt + len(out) - start == 1 and start >= num_prompt and not r.padding
+                and (budget > 0 or not use_budget) and (room > 0 or (room == 0 and pool.reserve_free_block(slot)))):
             append(new_chunk(r.request_id, slot, start, (out[-1],), True, 0, True, r.sampling))
-            b.budget -= 1
-            b.decode += 1
-            b.context += start + 1
+            budget -= 1
+            decode += 1
+            context += start + 1
             continue
-        if n > 1 and policy.chunked_prefill:
-            n = min(n, cap)
-        if use_budget and n > b.budget:
-            if not policy.chunked_prefill or b.budget <= 0:
-                continue
-            n = b.budget
-        need = pool.blocks_for(start + n) - len(slot_blocks[slot])
-        if need > 0 and not _make_room(s, r, need, b):
-            continue
-        pool.reserve(slot, start + n)
-        b.add(r, start, n)
+        b.budget, b.decode, b.context = budget, decode, context
+        _schedule_other(s, b, r)
+        budget, decode, context = b.budget, b.decode, b.context
+    b.budget, b.decode, b.context = budget, decode, context
+
+
+def _schedule_other(s: Scheduler, b: _Builder, r: Request) -> None:
+    """A running request's chunk when it is not a plain decode: padding, a prefill chunk, or KV is short."""
+    if r.padding:
+        b.add(r, r.num_computed_tokens, 0, pad=1)
+        return
+    pool = s.pool
+    policy = s.policy
+    start = r.num_computed_tokens
+    n = r.num_tokens - start
+    if n > 1 and policy.chunked_prefill:
+        n = min(n, s.config.max_prefill_chunk_tokens or s.config.max_num_batched_tokens)
+    if policy.uses_token_budget and n > b.budget:
+        if not policy.chunked_prefill or b.budget <= 0:
+            return
+        n = b.budget
+    need = pool.blocks_for(start + n) - len(pool.slot_blocks[r.slot])
+    if need > 0 and not _make_room(s, r, need, b):
+        return
+    pool.reserve(r.slot, start + n)
+    b.add(r, start, n)
 
 
 def _prefix_hashes(s: Scheduler, r: Request) -> list[int]:
+    """The chained hashes of r's full blocks, cached until its token count changes (commit reuses them)."""
     cached = s._hashes.get(r.request_id)
     if cached is not None and cached[0] == r.num_tokens:
         return cached[1]

@@ -8,7 +8,7 @@ from typing import Any
 
 from .config import SchedulerConfig
 from .kv import KVPool
-from .messages import KVCopy, KVRemove, RequestOutput, ScheduledChunk, StepPlan, StepResult, new_output
+from .messages import KVRemove, RequestOutput, StepPlan, StepResult, new_output
 from .policies import Policy, make_policy
 from .request import FinishReason, Request, RequestStatus
 
@@ -51,7 +51,7 @@ class Scheduler:
         self._pending_outputs: list[RequestOutput] = []  # finishes decided while planning
         self._now_s = 0.0
         self._in_flight: StepPlan | None = None
-        self._hashes: dict[str, list[int]] = {}
+        self._hashes: dict[str, tuple[int, list[int]]] = {}  # request -> (num_tokens, its chain_hashes)
         self._lost: dict[str, int] = {}  # request -> computed tokens thrown away by preemption
         self._step_id = 0
         self._max_len = min(c.max_model_len, c.kv_capacity_tokens)
@@ -188,15 +188,17 @@ class Scheduler:
                 continue
             end = chunk.start_pos + len(chunk.token_ids)
             r.num_computed_tokens = end
-            if caching and end >= (len(slot_hashes[slot]) + 1) * bs:
-                pool.computed(slot, end, r.token_at)  # a block just filled up: index its hash
+            if caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
+                known = self._hashes.get(request_id)  # the prompt's block hashes, from admission
+                pool.computed(slot, end, r.token_at, known[1] if known and known[0] == r.num_tokens else ())
             else:
                 slot_tokens[slot] = end  # pool.computed's whole effect otherwise
             if not chunk.sample:
                 continue
             token = sampled.get(request_id)
             if token is None:
-                append(self._finish(r, FinishReason.ERROR, now_s, detail="backend returned no token for a sampling chunk"))
+                append(self._finish(r, FinishReason.ERROR, now_s,
+                                    detail="backend returned no token for a sampling chunk"))
                 continue
             out = r.output_token_ids
             out.append(token)

@@ -205,27 +205,39 @@ class KVPool:
             blocks.append(self._new_block())
         return max(need, 0)
 
-    def computed(self, slot: int, num_tokens: int, token_source) -> None:
+    def reserve_free_block(self, slot: int) -> bool:
+        """Give a RUNNING slot one more block if one is free (never evicts); False if none is."""
+        if len(self.holders) >= self.num_blocks:
+            return False
+        self.slot_blocks[slot].append(self._new_block())
+        return True
+
+    def computed(self, slot: int, num_tokens: int, token_source, known: list[int] | tuple[int, ...] = ()) -> None:
         """Record that the slot now holds num_tokens computed positions; index new full blocks.
 
-        token_source(start, stop) returns the token ids at those positions.
+        token_source(start, stop) returns the token ids at those positions. known may
+        give chain_hashes of the same tokens (computed at admission) to skip rehashing.
         """
         self.slot_tokens[slot] = num_tokens
         if not self.enable_prefix_caching:
             return
         hashes = self.slot_hashes[slot]
         full = num_tokens // self.block_size
-        if len(hashes) >= full:
+        done = len(hashes)
+        if done >= full:
             return
         bs = self.block_size
         parent = hashes[-1] if hashes else _ROOT_HASH
+        if done and (len(known) < done or known[done - 1] != parent):
+            known = ()  # not this slot's chain: hash from the tokens
         blocks = self.slot_blocks[slot]
-        for j in range(len(hashes), full):
-            parent = hash((parent, tuple(token_source(j * bs, (j + 1) * bs))))
+        block_hash, index = self.block_hash, self.index
+        for j in range(done, full):
+            parent = known[j] if j < len(known) else hash((parent, tuple(token_source(j * bs, (j + 1) * bs))))
             hashes.append(parent)
             b = blocks[j]
-            self.block_hash[b] = parent
-            self.index.setdefault(parent, b)
+            block_hash[b] = parent
+            index.setdefault(parent, b)
 
     def release(self, slot: int, keep_cached: bool) -> bool:
         """A RUNNING slot's request left: keep its computed KV as cache, or free it.

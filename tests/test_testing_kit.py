@@ -22,15 +22,16 @@ def oldest_first(sched, now_s, limit):
 
 
 def test_kit_catches_a_starving_policy_with_a_shrunk_example():
-    machine = policy_state_machine(StarvesLongPrompts, max_examples=100, stateful_step_count=15)
+    machine = policy_state_machine(StarvesLongPrompts, max_examples=300, stateful_step_count=15)
+    # derandomized: the same search every run, so the test cannot pass or fail by luck
     machine.TestCase.settings = settings(machine.TestCase.settings, suppress_health_check=list(HealthCheck),
-                                         database=None, print_blob=False)
+                                         database=None, print_blob=False, derandomize=True)
     with pytest.raises(InvariantError, match="deadlock|never finished|unfinished") as info:
         machine.TestCase().runTest()
     notes = "\n".join(getattr(info.value, "__notes__", []))
     steps = [line for line in notes.splitlines() if line.strip().startswith("state.") and "invariants" not in line]
     assert any("state.add" in line for line in steps)
-    assert len(steps) <= 4  # shrunk to setup, one add, (maybe one step) and teardown
+    assert len(steps) <= 5  # shrunk to setup, one add, at most two steps, and teardown
 
 
 def test_kit_passes_a_correct_function_policy():
