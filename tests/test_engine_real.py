@@ -104,11 +104,12 @@ def test_too_long_prompt_is_rejected_and_engine_goes_on(core):
     assert c.finish_reason == "length"
 
 
-def test_nothing_leaks_after_aborts_rejections_and_preemptions(llama_model):
+@pytest.mark.parametrize("kv_unified", [False, True])
+def test_nothing_leaks_after_aborts_rejections_and_preemptions(llama_model, kv_unified):
     from backends.llamacpp import LlamaCppBackend
     from sim.engine import EngineCore
 
-    backend = LlamaCppBackend(llama_model, n_ctx=1024, n_seq_max=4, n_threads=2)
+    backend = LlamaCppBackend(llama_model, n_ctx=1024, n_seq_max=4, n_threads=2, kv_unified=kv_unified)
     # a KV budget far below 4 x the requests' needs forces preemptions
     core = EngineCore(backend, "continuous", num_kv_blocks=12, block_size=16)
     try:
