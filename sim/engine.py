@@ -181,7 +181,6 @@ class LLM:
             from backends.llamacpp import LlamaCppBackend
             from backends.models import DEFAULT_MODEL
 
-            backend_options.setdefault("kv_unified", True)  # one micro-batch per step (see sim/real.py)
             backend = LlamaCppBackend(model or DEFAULT_MODEL, n_ctx=n_ctx, n_seq_max=max_num_seqs,
                                       n_threads=n_threads, **backend_options)
         self.backend = backend

@@ -6,11 +6,11 @@ from typing import Any
 
 from scheduler import SchedulerConfig
 
-# kv_unified: with one KV stream llama.cpp splits a batch with split_simple (every sequence in one
-# micro-batch); with a stream per slot it uses split_equal(sequential), which only groups consecutive slot
-# ids with equal token counts, so a continuous batch (scattered slots, decodes mixed with prefill chunks)
-# runs as several passes. One stream also lets prefix copies share cells instead of copying a whole slot.
-DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": 2, "kv_unified": True}
+# kv_unified=False (one KV stream per slot) is what the bundled profile was calibrated on. With one stream
+# llama.cpp splits a batch with split_simple (every sequence in one micro-batch); with a stream per slot it
+# uses split_equal(sequential), which groups only consecutive slot ids with equal token counts (the cost
+# model prices those passes). --llama-option kv_unified=true switches; calibrate a profile for it.
+DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": 2, "kv_unified": False}
 
 
 def make_llama_instances(model: str | None, num_instances: int = 1,

@@ -246,7 +246,7 @@ def test_unknown_names_list_the_known_ones():
         load_cost_model("h200-llama")
     with pytest.raises(ValueError, match="no cost model file"):
         load_cost_model("/nonexistent/profile.json")
-    assert set(COST_MODELS) == {"linear", "fitted", "roofline"}
+    assert set(COST_MODELS) == {"linear", "fitted", "roofline", "table"}
 
 
 @pytest.mark.parametrize(
