@@ -22,6 +22,7 @@ from backends.cost_base import (
 )
 from backends.cost_fit import FITTED_COLUMNS, FittedCostModel, evaluate, fit, nnls
 from backends.cost_roofline import ROOFLINE_PRESETS, RooflineCostModel
+from backends.cost_table import TableCostModel
 from scheduler.messages import StepPlan
 
 __all__ = [
@@ -125,6 +126,7 @@ COST_MODELS: dict[str, type] = {
     "linear": LinearCostModel,
     "fitted": FittedCostModel,
     "roofline": RooflineCostModel,
+    "table": TableCostModel,
 }
 
 BUILTIN_COST_MODELS: dict[str, CostModel] = {

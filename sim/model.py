@@ -101,7 +101,13 @@ class Engine:
         running = sched.running
         n = len(running)
         context = sum(r.num_computed_tokens + 1 for r in running)
-        predict = self.backend.cost_model.predict_s
+        cost = self.backend.cost_model
+        by_slots = getattr(cost, "decode_step_time_s", None)  # cost models that price the slot layout
+        if by_slots is not None:
+            slots = sorted(r.slot for r in running)
+            price = lambda ctx: by_slots(slots, ctx)  # noqa: E731
+        else:
+            price = lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0))  # noqa: E731
         limit = self.clock.next_arrival_s
         ends: list[float] = []
         t = env.now
@@ -109,7 +115,7 @@ class Engine:
         # arrival lands while it runs -- unless the router reads the KV index, which the jump fills early.
         straddle = not self.clock.router_reads_kv
         for j in range(k):
-            t_next = t + predict(StepFeatures(0, n, context + j * n, 0, 0, 0, n, 0, 0))
+            t_next = t + price(context + j * n)
             if (t if straddle else t_next) >= limit:
                 break  # the arrival must be seen by the next plan: leave it to a plain step
             ends.append(t_next)

@@ -124,13 +124,15 @@ def test_rejected_requests_are_recorded_with_reason():
     assert all(r.finish_reason == "rejected" and "max_model_len" in r.detail for r in res.records)
 
 
-@pytest.mark.parametrize("policy,instances,caching", [("continuous", 1, True), ("chunked", 1, True),
-                                                      ("static", 1, True), ("adaptive", 1, True),
-                                                      ("chunked", 3, True), ("continuous", 2, False)])
-def test_fast_forward_gives_exactly_the_step_by_step_results(policy, instances, caching):
+@pytest.mark.parametrize("policy,instances,caching,cost_name", [
+    ("continuous", 1, True, "h100-llama3-8b"), ("chunked", 1, True, "h100-llama3-8b"),
+    ("static", 1, True, "h100-llama3-8b"), ("adaptive", 1, True, "h100-llama3-8b"),
+    ("chunked", 3, True, "h100-llama3-8b"), ("continuous", 2, False, "h100-llama3-8b"),
+    ("continuous", 1, True, "cpu-gemma3-270m"), ("chunked", 2, True, "cpu-gemma3-270m")])
+def test_fast_forward_gives_exactly_the_step_by_step_results(policy, instances, caching, cost_name):
     from backends.cost import load_cost_model
 
-    cost = load_cost_model("h100-llama3-8b")
+    cost = load_cost_model(cost_name)  # a roofline (prices counters) and the bundled table (prices slot layout)
     # a small KV pool so that preemption and eviction interleave with skipped stretches
     cfg = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=256, num_kv_blocks=160, block_size=16,
                           max_model_len=2048, enable_prefix_caching=caching)

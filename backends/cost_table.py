@@ -1,0 +1,422 @@
+"""A cost model that replays llama.cpp's micro-batch split and prices each micro-batch from tables (kind "table").
+
+llama.cpp computes a batch as micro-batches (ubatches), one forward pass each. With one
+KV stream per sequence (kv_unified=False, the default here) it uses split_equal: a ubatch
+holds only a run of consecutive sequence ids, each with the same number of tokens. So a
+decode batch over slots 0, 2, 4 costs three forward passes, and decodes plus one prompt
+cost two. This model replays that split from the plan's slots and chunk lengths, then
+prices each ubatch by two piecewise-linear tables: a non-decreasing one over its tokens
+(layer compute plus the pass's fixed cost) and a free one with a value for every output-row
+count (vocabulary projection and sampling; measured on gemma-3-270m, 8, 12 and 16 rows cost
+less than 7, 11 and 15), plus attention pairs; and the step's own work: per step, per chunk,
+per KV op and copied token.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends.cost_base import CostModelError, StepFeatures, check_params, floor_time
+from backends.cost_fit import nnls
+from scheduler.messages import StepPlan
+
+SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
+           "idle_wakeup_s")
+SPLIT = ("n_batch", "n_ubatch", "kv_unified")
+TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ubatch:
+    """One forward pass: tokens, sequences, output (logits) rows, and causal attention pairs."""
+
+    n_tokens: int
+    n_seqs: int
+    n_outputs: int
+    attention_pairs: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What the table model prices: the step's ubatches and its per-step counts."""
+
+    ubatches: tuple[Ubatch, ...]
+    num_chunks: int = 0
+    num_removes: int = 0
+    num_copies: int = 0
+    num_copied_tokens: int = 0
+    after_idle: bool = False  # the engine waited for work before this step
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the step runs no batch and no KV operation."""
+        return not (self.ubatches or self.num_chunks or self.num_removes or self.num_copies)
+
+
+def split_ubatches(plan: StepPlan, n_batch: int = 512, n_ubatch: int = 512,
+                   kv_unified: bool = False) -> tuple[Ubatch, ...]:
+    """The ubatches llama.cpp makes of the plan's batch (LlamaCppBackend orders chunks by slot)."""
+    segs = sorted((c.slot, len(c.token_ids) + c.num_pad_tokens, len(c.token_ids) - 1 if c.sample and c.token_ids
+                    else -1, c.start_pos) for c in plan.chunks if c.token_ids or c.num_pad_tokens)
+    out: list[Ubatch] = []
+    window: list[list[int]] = []  # [slot, count, out offset or -1, first position]
+    room = n_batch
+    for slot, n, o, pos in segs:  # the backend calls llama_decode once per n_batch rows
+        while n:
+            k = min(n, room)
+            window.append([slot, k, o if 0 <= o < k else -1, pos])
+            n, room, o, pos = n - k, room - k, o - k, pos + k
+            if room == 0:
+                out += _split_window(window, n_ubatch, kv_unified)
+                window, room = [], n_batch
+    if window:
+        out += _split_window(window, n_ubatch, kv_unified)
+    return tuple(out)
+
+
+def _pairs(pos: int, k: int) -> int:
+    """Sum of (p + 1) over positions pos .. pos + k - 1: query-key pairs of a causal chunk."""
+    return k * pos + k * (k + 1) // 2
+
+
+def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> list[Ubatch]:
+    if kv_unified:  # split_simple: n_ubatch rows at a time, in order
+        return _split_simple(pieces, n_ubatch)
+    out = []
+    live = [p for p in pieces if p[1]]
+    while live:
+        run = [live[0]]
+        for p in live[1:]:  # split_equal(sequential=True): consecutive sequence ids only
+            if p[0] != run[-1][0] + 1:
+                break
+            run.append(p)
+        k = min(min(p[1] for p in run), max(1, n_ubatch // len(run)))
+        n_out = pairs = 0
+        for p in run:
+            n_out += 0 <= p[2] < k
+            pairs += _pairs(p[3], k)
+            p[1], p[2], p[3] = p[1] - k, p[2] - k, p[3] + k
+        out.append(Ubatch(k * len(run), len(run), n_out, pairs))
+        live = [p for p in live if p[1]]
+    return out
+
+
+def _split_simple(pieces: list[list[int]], n_ubatch: int) -> list[Ubatch]:
+    out, cur = [], [0, set(), 0, 0]
+    for slot, n, o, pos in pieces:
+        while n:
+            k = min(n, n_ubatch - cur[0])
+            cur[0] += k
+            cur[1].add(slot)
+            cur[2] += 0 <= o < k
+            cur[3] += _pairs(pos, k)
+            n, o, pos = n - k, o - k, pos + k
+            if cur[0] == n_ubatch:
+                out.append(Ubatch(cur[0], len(cur[1]), cur[2], cur[3]))
+                cur = [0, set(), 0, 0]
+    if cur[0]:
+        out.append(Ubatch(cur[0], len(cur[1]), cur[2], cur[3]))
+    return out
+
+
+def default_knots(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to limit, and limit itself."""
+    knots = [1]
+    while knots[-1] * 2 < limit:
+        knots.append(knots[-1] * 2)
+    if knots[-1] != limit:
+        knots.append(limit)
+    return tuple(knots)
+
+
+def output_knots(n_seq_max: int) -> tuple[int, ...]:
+    """Every output-row count 1..n_seq_max (up to 64, then doubling): decode cost is not smooth in the batch size."""
+    knots = list(range(1, min(n_seq_max, 64) + 1))
+    while knots[-1] < n_seq_max:
+        knots.append(min(knots[-1] * 2, n_seq_max))
+    return tuple(knots)
+
+
+def _hats(n: int, knots: tuple[int, ...]) -> list[float]:
+    """Hat basis of a free piecewise-linear table: value(n) = hats(n) @ values (n past the end: the last value)."""
+    row = [0.0] * len(knots)
+    if n <= 0:
+        return row
+    n = min(max(n, knots[0]), knots[-1])
+    j = bisect.bisect_left(knots, n)
+    if knots[j] == n:
+        row[j] = 1.0
+    else:
+        w = (n - knots[j - 1]) / (knots[j] - knots[j - 1])
+        row[j - 1], row[j] = 1.0 - w, w
+    return row
+
+
+def _interp_free(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
+    """The free table at n; past the last knot it grows at the (non-negative) slope of its upper half."""
+    if n <= knots[-1]:
+        return _interp(n, knots, values)
+    half = max(knots[0], knots[-1] // 2)
+    slope = (values[-1] - _interp(half, knots, values)) / (knots[-1] - half) if knots[-1] > half else 0.0
+    return values[-1] + max(0.0, slope) * (n - knots[-1])
+
+
+def _ramps(n: int, knots: tuple[int, ...]) -> list[float]:
+    """Increment basis of a non-decreasing piecewise-linear table: value(n) = ramps(n) @ increments."""
+    if n <= 0:
+        return [0.0] * len(knots)
+    row = [1.0]
+    for j in range(1, len(knots)):
+        lo, hi = knots[j - 1], knots[j]
+        r = (n - lo) / (hi - lo)
+        row.append(max(0.0, r if j == len(knots) - 1 else min(1.0, r)))  # the last segment extrapolates
+    return row
+
+
+def _interp(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
+    if n <= 0:
+        return 0.0
+    if n <= knots[0]:
+        return values[0]
+    j = min(bisect.bisect_left(knots, n), len(knots) - 1)
+    lo, hi = knots[j - 1], knots[j]
+    return values[j - 1] + (values[j] - values[j - 1]) * (n - lo) / (hi - lo)
+
+
+@dataclass(frozen=True)
+class TableCostModel:
+    """t = per-step terms + sum over llama.cpp ubatches of token table + output table + attention."""
+
+    ubatch_tokens: tuple[int, ...] = default_knots(512)
+    ubatch_token_s: tuple[float, ...] = (0.0,) * len(default_knots(512))
+    ubatch_outputs: tuple[int, ...] = output_knots(16)
+    ubatch_output_s: tuple[float, ...] = (0.0,) * 16
+    step_s: float = 0.0
+    per_chunk_s: float = 0.0
+    per_remove_s: float = 0.0
+    per_copy_s: float = 0.0
+    per_copied_token_s: float = 0.0
+    per_attention_pair_s: float = 0.0
+    idle_wakeup_s: float = 0.0  # extra time of the first step after the engine idled (threads and caches wake)
+    n_batch: int = 512
+    n_ubatch: int = 512
+    kv_unified: bool = False
+    name: str = "table"
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
+        for n in ("n_batch", "n_ubatch"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CostModelError(f"TableCostModel: {n} must be a positive integer, got {v!r}")
+        if not isinstance(self.kv_unified, bool):
+            raise CostModelError(f"TableCostModel: kv_unified must be true or false, got {self.kv_unified!r}")
+        for knots_name, values_name in TABLES:
+            knots, values = getattr(self, knots_name), getattr(self, values_name)
+            if (not knots or len(knots) != len(values) or any(isinstance(k, bool) or not isinstance(k, int)
+                                                              for k in knots)
+                    or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
+                raise CostModelError(f"TableCostModel: {knots_name} must be increasing integers >= 1 with one "
+                                     f"{values_name} entry each, got {knots!r} and {values!r}")
+            check_params("table", {str(i): v for i, v in enumerate(values)}, tuple(map(str, range(len(values)))),
+                         f"TableCostModel.{values_name}")
+            if values_name == "ubatch_token_s" and any(b < a for a, b in zip(values, values[1:], strict=False)):
+                raise CostModelError(f"TableCostModel: {values_name} must not decrease, got {values!r}")
+
+    # -- pricing ------------------------------------------------------------------
+    def shape(self, plan: StepPlan, after_idle: bool = False) -> StepShape:
+        """The plan's ubatches (as llama.cpp would split them here) and per-step counts."""
+        return StepShape(split_ubatches(plan, self.n_batch, self.n_ubatch, self.kv_unified), len(plan.chunks),
+                         len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle)
+
+    def price(self, shape: StepShape) -> float:
+        """Seconds for a step of this shape."""
+        t = (self.step_s + self.per_chunk_s * shape.num_chunks + self.per_remove_s * shape.num_removes
+             + self.per_copy_s * shape.num_copies + self.per_copied_token_s * shape.num_copied_tokens
+             + self.idle_wakeup_s * shape.after_idle)
+        pairs = 0
+        for u in shape.ubatches:
+            t += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
+                  + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
+            pairs += u.attention_pairs
+        t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
+        return 0.0 if shape.is_empty else max(t, 1e-6)
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
+        return self.price(self.shape(plan))
+
+    def time_s(self, plan: StepPlan, after_idle: bool = False) -> float:
+        """Seconds of the step; after_idle adds the wake-up of a step that follows an idle engine."""
+        return self.price(self.shape(plan, after_idle))
+
+    def decode_step_time_s(self, slots: Sequence[int], num_context_tokens: int) -> float:
+        """Seconds of a pure-decode step over these slots: exactly step_time_s of that plan.
+
+        For drivers that skip ahead over decode-only stretches knowing the running slots and the
+        summed context (the plan's num_context_tokens) but not building each plan.
+        """
+        chunks = tuple(_DecodeChunk(s) for s in slots)
+        ubatches = list(split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified))
+        if not ubatches:
+            return 0.0
+        # price() uses only the total of the attention pairs, which for decodes is the summed context
+        extra = num_context_tokens - sum(u.attention_pairs for u in ubatches)
+        ubatches[0] = Ubatch(ubatches[0].n_tokens, ubatches[0].n_seqs, ubatches[0].n_outputs,
+                             ubatches[0].attention_pairs + extra)
+        return self.price(StepShape(tuple(ubatches), len(chunks)))
+
+    def predict_s(self, feats: StepFeatures) -> float:
+        """Seconds from counters alone (no slots): decodes as one ubatch, each prefill chunk as its own."""
+        ubatches = []
+        if feats.num_decode_seqs:
+            n = feats.num_decode_seqs
+            ubatches.append(Ubatch(n, n, n, feats.num_context_tokens - _prefill_context(feats)))
+        num_prefill_chunks = max(0, feats.num_seqs - feats.num_decode_seqs)
+        if feats.num_prefill_tokens:
+            k = max(1, num_prefill_chunks)
+            per = -(-feats.num_prefill_tokens // k)
+            ubatches += [Ubatch(per, 1, 1, feats.sum_sq_prefill_tokens // k)] * k
+        shape = StepShape(tuple(ubatches), feats.num_seqs, feats.num_removes, feats.num_copies,
+                          feats.num_copied_tokens)
+        return floor_time(feats, self.price(shape))
+
+    # -- JSON ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """{"kind": "table", "params", "meta"}."""
+        params = {n: getattr(self, n) for n in SCALARS + SPLIT}
+        for knots_name, values_name in TABLES:
+            params[knots_name] = list(getattr(self, knots_name))
+            params[values_name] = list(getattr(self, values_name))
+        return {"kind": "table", "params": params, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, params: object, meta: dict, name: str, source: str) -> TableCostModel:
+        """Build from a JSON params object; source names the file in errors."""
+        if not isinstance(params, dict):
+            raise CostModelError(f"{source}: 'params' of a table cost model must be an object")
+        expected = set(SCALARS + SPLIT) | {n for pair in TABLES for n in pair}
+        missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected)
+        if missing or unknown:
+            raise CostModelError(f"{source}: table cost model params: missing {', '.join(missing) or 'none'}; "
+                                 f"unknown {', '.join(unknown) or 'none'}")
+        kw = {n: params[n] for n in SCALARS + SPLIT}
+        for pair in TABLES:
+            for n in pair:
+                if not isinstance(params[n], list):
+                    raise CostModelError(f"{source}: table param {n!r} must be a list")
+                kw[n] = tuple(params[n])
+        try:
+            return cls(**kw, name=name, meta=meta)
+        except CostModelError as exc:
+            raise CostModelError(f"{source}: {exc}") from None
+
+    def describe(self) -> str:
+        """One line: decode-like ubatch costs at a few sizes, and the held-out fit quality if known."""
+        pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0),))) * 1e3:.1f}" for n in (1, 4, 16))
+        fit = self.meta.get("fit", {}).get("held_out", {})
+        quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
+        return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
+                f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk, "
+                f"kv_unified={self.kv_unified}{quality}")
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeChunk:
+    """The fields split_ubatches reads, for a decode at position 0 of a slot."""
+
+    slot: int
+    token_ids: tuple[int, ...] = (0,)
+    num_pad_tokens: int = 0
+    sample: bool = True
+    start_pos: int = 0
+
+
+def _prefill_context(f: StepFeatures) -> int:
+    # decode context = all context minus the prefill chunks' ends; sum_sq bounds those ends from below
+    return min(f.num_context_tokens, f.num_prefill_tokens) if f.num_prefill_tokens else 0
+
+
+# -- fitting ---------------------------------------------------------------------------
+def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...]) -> np.ndarray:
+    """Feature vector: per-step counts, attention pairs, token-table increments, output-table hats (over ubatches)."""
+    tok = np.zeros(len(token_knots))
+    outs = np.zeros(len(output_knots))
+    pairs = 0
+    for u in shape.ubatches:
+        tok += _ramps(u.n_tokens, token_knots)
+        outs += _hats(u.n_outputs, output_knots)
+        pairs += u.attention_pairs
+    head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
+            shape.num_copied_tokens, pairs, float(shape.after_idle)]
+    return np.concatenate([np.array(head, dtype=float), tok, outs])
+
+
+# llama_memory_seq_rm only edits cell metadata (microseconds), and across per-sequence KV streams
+# llama_memory_seq_cp copies the whole stream whatever the prefix length: fitted from a handful of
+# noisy steps, these two absorbed noise (a remove once came out at 160 ms), so they stay at 0.
+NOT_FITTED = ("per_remove_s", "per_copied_token_s")
+SMOOTHING = 0.1
+
+
+def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
+              kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
+              not_fitted: Sequence[str] = NOT_FITTED) -> TableCostModel:
+    """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
+
+    samples: (plan, measured seconds) or (plan, measured seconds, after_idle) tuples.
+    """
+    if not samples:
+        raise CostModelError("no samples: record at least a few measured steps first")
+    base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
+                          (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
+                          kv_unified=kv_unified)
+    tk, ok = base.ubatch_tokens, base.ubatch_outputs
+    shapes, times = [], []
+    for i, sample in enumerate(samples):
+        plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
+        if not (isinstance(t, (int, float)) and np.isfinite(t) and t > 0):
+            raise CostModelError(f"sample {i}: measured time must be a finite number > 0 seconds, got {t!r}")
+        shape = base.shape(plan, idle)
+        if shape.is_empty:
+            raise CostModelError(f"sample {i} is an empty step, which costs 0 by definition; drop it")
+        shapes.append(shape)
+        times.append(float(t))
+    y = np.array(times)
+    x = np.stack([design_row(s, tk, ok) for s in shapes])
+    used = np.abs(x).max(axis=0) > 0
+    used[len(SCALARS) + len(tk):] = True  # every output count gets a value (from data or the prior)
+    for n in not_fitted:
+        used[SCALARS.index(n)] = False
+    x[:, ~used] = 0.0
+    a = x / y[:, None]  # rows divided by their time: residuals are relative errors
+    # A light prior on the output table's second differences, in units of a typical step: an output count
+    # no step had gets its neighbours' trend, while counts that were measured follow their data.
+    k0, typical = len(SCALARS) + len(tk), float(np.median(y))
+    prior = np.zeros((max(0, len(ok) - 2), a.shape[1]))
+    for i in range(len(ok) - 2):
+        prior[i, k0 + i:k0 + i + 3] = np.array([1.0, -2.0, 1.0]) * SMOOTHING / typical
+    a = np.vstack([a, prior])
+    scale = np.where(used, np.abs(a).max(axis=0), 1.0)
+    coef = nnls(a / scale, np.concatenate([np.ones(len(y)), np.zeros(len(prior))])) / scale
+    coef[~used] = 0.0
+    h = len(SCALARS)
+    head, tok, outs = coef[:h], coef[h:h + len(tk)], coef[h + len(tk):]
+    return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
+                          *(float(v) for v in head), n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
+                          name=name, meta=dict(meta or {}))
+
+
+def percent_errors(predicted: Sequence[float], measured: Sequence[float]) -> dict:
+    """{"mape", "p90_abs_pct_error", "max_abs_pct_error", "bias_pct", "n"} of predictions against measurements."""
+    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    if len(m) == 0:
+        return {"mape": None, "p90_abs_pct_error": None, "max_abs_pct_error": None, "bias_pct": None, "n": 0}
+    pct = (p - m) / m * 100.0
+    return {"mape": float(np.abs(pct).mean()), "p90_abs_pct_error": float(np.percentile(np.abs(pct), 90)),
+            "max_abs_pct_error": float(np.abs(pct).max()), "bias_pct": float(pct.mean()), "n": int(len(m))}

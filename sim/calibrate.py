@@ -1,0 +1,371 @@
+"""Calibrate a cost model on the real backend: drive real Scheduler plans over a grid of step shapes.
+
+Each scenario is a small set of requests (some arriving at a given step) run by a real
+Scheduler on a LlamaCppBackend in a plain loop; a step's measured time is the wall time
+of schedule() + step() + commit(), so the profile includes scheduling, batch building,
+sampling and bookkeeping, not only llama_decode. Scenarios are deterministic, so the
+same step of a scenario has the same shape in every repeat: repeats run round-robin
+over the whole grid and each step keeps the median of its repeats within 1.10x of the
+fastest (a burst of load from another process spoils one repeat, not the sample; see
+step_time). Every 4th step is held out of the fit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from backends.cost_table import TableCostModel, fit_table, percent_errors
+from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
+from sim.validate import build_info, load_snapshot, machine_info, model_fingerprint, step_kind
+
+HOLD_OUT_EVERY = 4
+CLEAN_RATIO = 1.10  # repeats slower than this times a step's fastest repeat count as contention
+TRIM_FACTOR, TRIM_MIN = 4.0, 0.10  # refit without training steps off by more than 4x the median error (>= 10 %)
+SHARED_CPU_PSI = 20.0  # PSI "some" avg10 above this: other processes compete for the CPU
+TIMING = ("wall time of Scheduler.schedule + LlamaCppBackend.step + Scheduler.commit per step; median of the "
+          "repeats within 1.10x of the fastest")
+VOCAB_HI = 32000  # token ids drawn from [10, 32000): valid in every supported vocabulary
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Requests (at_step, prompt_len, max_tokens, shared prefix tokens) run by one policy."""
+
+    label: str
+    policy: str
+    arrivals: tuple[tuple[int, int, int, int], ...]
+    overrides: dict = field(default_factory=dict)
+    idle_s: float = 0.0  # sleep before every step: the engine waits for work, as between sparse arrivals
+
+
+def _decode_grid(quick: bool, max_len: int) -> list[Scenario]:
+    out = []
+    # every batch size at a short context (decode cost is not smooth in B: 8, 12, 16 beat their neighbours),
+    # a few at longer contexts for the attention term
+    sizes = {24: range(1, 17), 160: (1, 2, 4, 6, 8, 12, 16)} if not quick else {32: (1, 2, 4, 6, 8, 12, 16)}
+    for length, batch_sizes in sizes.items():
+        for b in batch_sizes:
+            out.append(Scenario(f"decode B={b} L={length}", "continuous", ((0, length, 8 if quick else 12, 0),) * b))
+    long = min(320, max_len - 16)
+    if not quick and long > 200:
+        for b in (1, 4, 12):
+            out.append(Scenario(f"decode B={b} L={long}", "continuous", ((0, long, 8, 0),) * b))
+    patterns = [[12 if i % 2 == 0 else 3 for i in range(16)], [2 if i % 3 == 1 else 12 for i in range(16)],
+                [3 + (7 * i) % 11 for i in range(16)], [12 if 4 <= i < 12 else 2 for i in range(16)]]
+    for k, pattern in enumerate(patterns[:1] if quick else patterns):
+        out.append(Scenario(f"fragmented decode {k}", "continuous", tuple((0, 40, t, 0) for t in pattern)))
+    return out
+
+
+def _prefill_grid(quick: bool, max_len: int) -> list[Scenario]:
+    top = min(500, max_len - 2)
+    sizes = (16, 128, top) if quick else tuple(sorted({8, 16, 32, 64, 96, 128, 192, min(256, top), min(384, top),
+                                                        top}))
+    out = [Scenario("prefill sizes", "sequential", tuple((0, p, 2, 0) for p in sizes))]
+    for cap in ((64,) if quick else (32, 64, 128)):
+        out.append(Scenario(f"chunked prefill {cap}", "chunked", ((0, min(250, top), 2, 0),),
+                            {"max_prefill_chunk_tokens": cap}))
+    out.append(Scenario("unequal prompts", "continuous", tuple((0, p, 3, 0) for p in (40, 80, 120, 160))))
+    if not quick:
+        out.append(Scenario("unequal prompts 8", "continuous",
+                            tuple((0, p, 4, 0) for p in (17, 150, 33, 96, 64, 200, 8, 120))))
+        out.append(Scenario("padded static", "static:padding=true",
+                            tuple((0, p, t, 0) for p, t in ((20, 2), (60, 4), (100, 8), (140, 12)))))
+    return out
+
+
+def _mixed_grid(quick: bool) -> list[Scenario]:
+    out = []
+    for b in ((4, 15) if quick else (1, 4, 8, 15)):
+        for p in ((64,) if quick else (16, 64, 200)):
+            arrivals = ((0, 32, 14, 0),) * b + ((3, p, 4, 0),)
+            out.append(Scenario(f"mixed B={b}+P={p}", "continuous", arrivals))
+    budget = 96 if quick else 128
+    out.append(Scenario(f"chunked mixed budget {budget}", "chunked", ((0, 32, 16, 0),) * 8 + ((3, 240, 3, 0),),
+                        {"max_num_batched_tokens": budget}))
+    for shared in ((128,) if quick else (48, 128, 176)):
+        arrivals = ((0, 192, 1, 192),) + ((2, shared + 16, 3, shared),) * 4 + ((2, 32, 3, 0),)
+        out.append(Scenario(f"prefix copy {shared}", "continuous", arrivals))
+    # the first step after the engine waited for an arrival wakes llama.cpp's threads: light loads are made of them
+    prompts = (16, 96) if quick else (8, 24, 48, 96, 160)
+    out.append(Scenario("after idle", "sequential", tuple((0, p, 2, 0) for p in prompts), idle_s=0.25))
+    if not quick:
+        out.append(Scenario("after idle B=4", "continuous", ((0, 32, 5, 0),) * 4, idle_s=0.25))
+    return out
+
+
+def grid(quick: bool = False, max_len: int = 512) -> list[Scenario]:
+    """The calibration scenarios (prompts up to max_len tokens): decodes, prefills, mixed steps, prefix copies."""
+    if max_len < 220:
+        raise ValueError(f"calibration needs a context of at least 220 tokens per slot, got {max_len}; "
+                         "raise n_ctx or lower n_seq_max")
+    return _decode_grid(quick, max_len) + _prefill_grid(quick, max_len) + _mixed_grid(quick)
+
+
+def _requests(s: Scenario, tag: str, rng: np.random.Generator) -> list[tuple[int, Request]]:
+    base = rng.integers(10, VOCAB_HI, size=256).tolist()  # prompts with a shared prefix start with these tokens
+    out = []
+    for i, (at, n, max_tokens, shared) in enumerate(s.arrivals):
+        own = rng.integers(10, VOCAB_HI, size=n).tolist()
+        prompt = base[:shared] + own[shared:]
+        sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)  # what sim.model.to_request gives a trace row
+        out.append((at, Request(f"{tag}-{i}", tuple(prompt), sp)))
+    return out
+
+
+def drive(backend, config: SchedulerConfig, scenario: Scenario, tag: str,
+          rng: np.random.Generator) -> list[tuple[StepPlan, float]]:
+    """Run one scenario; return each step's plan and the wall time of schedule + step + commit."""
+    sched = Scheduler(replace(config, **scenario.overrides), scenario.policy)
+    pending = _requests(scenario, tag, rng)
+    out: list[tuple[StepPlan, float]] = []
+    now, step = 0.0, 0
+    backend.clear_kv()
+    while True:
+        while pending and pending[0][0] <= step:
+            sched.add_request(pending.pop(0)[1], now)
+        if scenario.idle_s:
+            time.sleep(scenario.idle_s)
+        t0 = time.perf_counter()
+        plan = sched.schedule(now)
+        if plan.is_empty:
+            if not pending:
+                break
+            step = pending[0][0]
+            continue
+        result = backend.step(plan)
+        sched.commit(plan, result, now)
+        elapsed = time.perf_counter() - t0
+        if result.failed:
+            raise RuntimeError(f"calibration scenario {scenario.label!r}: the backend failed: {result.failed}")
+        out.append((plan, elapsed))
+        now += elapsed
+        step += 1
+    backend.clear_kv()
+    return out
+
+
+def _signature(plan: StepPlan) -> tuple:
+    return (tuple((c.slot, c.start_pos, len(c.token_ids), c.num_pad_tokens, c.sample) for c in plan.chunks),
+            len(plan.removes), tuple((c.src_slot, c.dst_slot, c.num_tokens) for c in plan.copies))
+
+
+
+
+@dataclass
+class Calibration:
+    """Measured samples, the fitted table model, the linear fit for comparison, and statistics."""
+
+    samples: list[tuple[StepPlan, float, bool]]  # (plan, seconds, after an idle wait)
+    held_out: list[bool]
+    model: TableCostModel
+    stats: dict
+    meta: dict
+    labels: list[str] = field(default_factory=list)  # scenario of each sample
+    repeat_times: list[list[float]] = field(default_factory=list)  # every repeat's seconds of each sample
+    split: dict = field(default_factory=dict)  # how llama.cpp split batches on the calibrated context
+
+
+def measure(backend, config: SchedulerConfig, scenarios: list[Scenario], repeats: int, seed: int,
+            progress: Callable[[str], None] | None = None) -> tuple[list[tuple[StepPlan, float, bool]], dict, list]:
+    """Run every scenario `repeats` times round-robin: (plan, seconds, after idle) per step, noise, raw rows."""
+    say = progress or (lambda _text: None)
+    drive(backend, config, Scenario("warm-up", "continuous", ((0, 64, 4, 0),) * 4), "warm", np.random.default_rng(0))
+    times: dict[int, list[list[float]]] = {}
+    plans: dict[int, list[StepPlan]] = {}
+    for rep in range(repeats):
+        t_rep = time.perf_counter()
+        for i, sc in enumerate(scenarios):
+            steps = drive(backend, config, sc, f"s{i}r{rep}", np.random.default_rng([seed, i]))
+            if rep == 0:
+                plans[i], times[i] = [p for p, _ in steps], [[t] for _, t in steps]
+            else:
+                for j, (p, t) in enumerate(steps[: len(plans[i])]):
+                    if _signature(p) == _signature(plans[i][j]):
+                        times[i][j].append(t)
+        say(f"calibrate: repeat {rep + 1}/{repeats}: {len(scenarios)} scenarios, "
+            f"{sum(len(v) for v in plans.values())} steps in {time.perf_counter() - t_rep:.1f} s")
+    samples, raw = [], []
+    for i in range(len(scenarios)):
+        for p, ts in zip(plans[i], times[i], strict=True):
+            samples.append((p, step_time(ts), scenarios[i].idle_s > 0))
+            raw.append((scenarios[i].label, ts))
+    noise = noise_stats([ts for _, ts in raw], repeats)
+    return samples, noise, raw
+
+
+def step_time(repeats_s: list[float]) -> float:
+    """A step's time from its repeats: the median of those within CLEAN_RATIO of the fastest.
+
+    Another process can only add time to a step, so on a shared CPU a slow repeat is
+    contention, not the step; on an idle CPU every repeat is within the ratio and this
+    is the plain median.
+    """
+    fastest = min(repeats_s)
+    return float(np.median([t for t in repeats_s if t <= CLEAN_RATIO * fastest]))
+
+
+def noise_stats(repeat_lists: list[list[float]], repeats: int) -> dict:
+    """How much a step's repeats disagreed, and how many were dropped as contention."""
+    spreads = [(max(ts) - min(ts)) / min(ts) * 100 for ts in repeat_lists if len(ts) > 1]
+    kept = [[t for t in ts if t <= CLEAN_RATIO * min(ts)] for ts in repeat_lists]
+    kept_spreads = [(max(k) - min(k)) / min(k) * 100 for k in kept if len(k) > 1]
+    n = sum(len(ts) for ts in repeat_lists)
+    return {"repeats": repeats, "clean_ratio": CLEAN_RATIO,
+            "steps_with_all_repeats": sum(len(ts) == repeats for ts in repeat_lists),
+            "median_repeat_spread_pct": float(np.median(spreads)) if spreads else None,
+            "p90_repeat_spread_pct": float(np.percentile(spreads, 90)) if spreads else None,
+            "repeats_dropped_as_contention_pct": (n - sum(map(len, kept))) / n * 100 if n else None,
+            "median_kept_spread_pct": float(np.median(kept_spreads)) if kept_spreads else None}
+
+
+def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name: str, meta: dict) -> Calibration:
+    """Fit the table model on all but every HOLD_OUT_EVERY-th sample; score it and the linear form on those."""
+    from backends.cost import features, fit
+
+    held = [i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 for i in range(len(samples))]
+    train = [s for s, h in zip(samples, held, strict=True) if not h]
+    test = [s for s, h in zip(samples, held, strict=True) if h]
+    model = fit_table(train, name=name, meta=meta, **split)
+    # One trimming pass: a step that another process slowed in most of its repeats would pull the fit.
+    resid = np.array([abs(model.time_s(p, idle) / t - 1) for p, t, idle in train])
+    keep = resid <= max(TRIM_MIN, TRIM_FACTOR * float(np.median(resid)))
+    if not keep.all():
+        model = fit_table([s for s, k in zip(train, keep, strict=True) if k], name=name, meta=meta, **split)
+    linear = fit([(features(p), t) for p, t, _ in train], name="fitted")
+
+    def score(m, rows):
+        price = m.time_s if hasattr(m, "time_s") else (lambda p, _idle: m.step_time_s(p))
+        return percent_errors([price(p, idle) for p, _, idle in rows], [t for _, t, _ in rows])
+
+    by_kind = {}
+    for kind in sorted({step_kind(p, idle) for p, _, idle in test}):
+        by_kind[kind] = score(model, [s for s in test if step_kind(s[0], s[2]) == kind])
+    stats = {"held_out": score(model, test), "train": score(model, train), "by_kind_held_out": by_kind,
+             "linear_fitted_held_out": score(linear, test), "linear_fitted_params": linear.to_dict()["params"],
+             "trimmed_from_fit": int((~keep).sum()),
+             "hold_out": f"every {HOLD_OUT_EVERY}th step (index % {HOLD_OUT_EVERY} == {HOLD_OUT_EVERY - 1})"}
+    model = replace(model, meta={**meta, "fit": stats})
+    return Calibration(samples, held, model, stats, model.meta, split=dict(split))
+
+
+def calibrate(model: str | None = None, options: dict | None = None, quick: bool = False, repeats: int | None = None,
+              seed: int = 0, name: str = "calibrated",
+              progress: Callable[[str], None] | None = None) -> Calibration:
+    """Profile the real backend on the grid and fit a TableCostModel; meta says where it came from."""
+    from sim.real import DEFAULT_LLAMA_OPTIONS, close_instances, make_llama_instances
+
+    say = progress or (lambda _text: None)
+    opts = {**DEFAULT_LLAMA_OPTIONS, **(options or {})}
+    repeats = repeats or (2 if quick else 3)
+    before = load_snapshot()
+    t0 = time.perf_counter()
+    backends, config = make_llama_instances(model, 1, opts)
+    try:
+        b = backends[0]
+        scenarios = grid(quick, config.max_model_len)
+        say(f"calibrate: {b.model.name} ({b.model.path.name}), {opts['n_threads']} threads, n_ctx {b.n_ctx}, "
+            f"{b.num_slots} slots; {len(scenarios)} scenarios x {repeats} repeats")
+        if before.get("cpu_pressure_some_avg10_pct", 0.0) > SHARED_CPU_PSI:
+            psi = before["cpu_pressure_some_avg10_pct"]
+            say(f"calibrate: warning: the CPU is shared (tasks waited for a CPU {psi:.0f}% of the last 10 s)"
+                ": step times will be inflated and noisy; the profile records the load")
+        samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
+        split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots}
+        meta = {
+            "note": f"calibrated by `tokenstep calibrate{' --quick' if quick else ''}` on the real backend",
+            "model": model_fingerprint(b.model),
+            **build_info(),
+            "context": {"n_threads": opts["n_threads"], "n_ctx": b.n_ctx, "n_seq_max": b.num_slots,
+                        "n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified,
+                        "swa_full": b.swa_full, "use_extra_bufts": b.model.use_extra_bufts},
+            "scheduler": {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
+                          "max_model_len": config.max_model_len, "num_kv_blocks": config.num_kv_blocks,
+                          "block_size": config.block_size},
+            "machine": machine_info(),
+            "load": {"before": before},
+            "grid": {"quick": quick, "scenarios": [s.label for s in scenarios], "num_steps": len(samples),
+                     "seed": seed},
+            "noise": noise,
+            "timing": TIMING,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        meta["load"]["after"] = load_snapshot()
+        meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        cal = fit_and_score(samples, split, name, meta)
+        cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
+        return cal
+    finally:
+        close_instances(backends)
+
+
+# -- the measured steps as a file (for audits, re-fits and tests) -------------------------
+def write_samples(cal: Calibration, path: str | os.PathLike) -> None:
+    """A header line (meta, split), then one JSON line per step: shape, kind, scenario, seconds, held out or not."""
+    with open(path, "w", encoding="utf-8") as fh:
+        meta = {k: v for k, v in cal.meta.items() if k != "fit"}
+        fh.write(json.dumps({"header": {"meta": meta, "split": cal.split}}) + "\n")
+        for i, (plan, t, idle) in enumerate(cal.samples):
+            row = {"scenario": cal.labels[i] if cal.labels else None, "kind": step_kind(plan, idle),
+                   "held_out": cal.held_out[i], "measured_s": t, "after_idle": idle,
+                   "repeats_s": cal.repeat_times[i] if cal.repeat_times else [t],
+                   "chunks": [[c.slot, c.start_pos, len(c.token_ids), c.num_pad_tokens, int(c.sample),
+                               int(c.is_decode)] for c in plan.chunks],
+                   "removes": [[r.slot, r.start_pos] for r in plan.removes],
+                   "copies": [[c.src_slot, c.dst_slot, c.num_tokens] for c in plan.copies]}
+            fh.write(json.dumps(row) + "\n")
+
+
+def plan_from_row(row: dict) -> StepPlan:
+    """A StepPlan with the recorded shape (token ids are placeholders) and the scheduler's counters."""
+    chunks, prefill, decode, context, sum_sq, pad = [], 0, 0, 0, 0, 0
+    for i, (slot, start, n, pads, sample, is_decode) in enumerate(row["chunks"]):
+        chunks.append(ScheduledChunk(f"r{i}", slot, start, (10,) * n, bool(sample), pads, bool(is_decode)))
+        pad += pads
+        if is_decode:
+            decode, context = decode + 1, context + start + 1
+        elif n:
+            prefill, context, sum_sq = prefill + n, context + start + n, sum_sq + n * (start + n)
+    copies = tuple(KVCopy(*c) for c in row["copies"])
+    return StepPlan(0, 0.0, tuple(chunks), tuple(KVRemove(*r) for r in row["removes"]), copies, prefill, decode,
+                    context, sum_sq, pad, sum(c.num_tokens for c in copies))
+
+
+def read_samples(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """(header, rows) of a samples file; each row gets its rebuilt "plan"."""
+    header, rows = {}, []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if "header" in row:
+                header = row["header"]
+                continue
+            row["plan"] = plan_from_row(row)
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"samples file {str(path)!r} holds no measured step")
+    return header, rows
+
+
+def refit(path: str | os.PathLike, name: str) -> Calibration:
+    """Fit and score again from a samples file written by write_samples (no measuring)."""
+    header, rows = read_samples(path)
+    if "meta" not in header or "split" not in header:
+        raise ValueError(f"samples file {str(path)!r} has no header line; it was not written by tokenstep calibrate")
+    meta = {**header["meta"], "note": f"{header['meta'].get('note', '')}; refitted from {os.path.basename(path)}",
+            "timing": TIMING,
+            "noise": noise_stats([r["repeats_s"] for r in rows], header["meta"].get("noise", {}).get("repeats", 1))}
+    samples = [(r["plan"], step_time(r["repeats_s"]), bool(r.get("after_idle"))) for r in rows]
+    cal = fit_and_score(samples, header["split"], name, meta)
+    cal.labels, cal.repeat_times = [r["scenario"] for r in rows], [r["repeats_s"] for r in rows]
+    return cal

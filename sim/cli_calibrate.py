@@ -1,0 +1,122 @@
+"""Profile the real llama.cpp backend over a grid of step shapes and write a calibrated cost-model profile.
+
+Drives real Scheduler plans (decodes at every batch size 1-16 and three context lengths,
+fragmented decodes, prompts of 8-500 tokens, chunked prefill, mixed decode + prompt steps,
+prefix copies, padded static batches, steps after an idle wait) through the backend; a
+step's time is the wall time of schedule() + step() + commit(), the median of its repeats
+within 1.10x of the fastest (on a shared CPU, slower repeats are contention). Fits a "table" cost model
+(llama.cpp's micro-batch split replayed, piecewise-linear tables per micro-batch) and
+reports its error on held-out steps (every 4th), next to the linear "fitted" form.
+The profile's meta says which model file, llama-cpp-python build, context and machine
+it came from, and how loaded the CPU was. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from sim.cli_common import positive_int
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """calibrate's flags."""
+    parser.add_argument("--model", metavar="NAME|PATH", help="GGUF model (default gemma3-270m)")
+    parser.add_argument("--out", metavar="FILE", help="profile to write (default results/calibration-<timestamp>.json)")
+    parser.add_argument("--quick", action="store_true", help="a short grid, 2 repeats: under a minute on an idle CPU")
+    parser.add_argument("--repeats", type=positive_int, help="runs of the grid, round-robin (default 3, --quick 2)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the context (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
+    parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
+                                                          "repeat times, held out or not)")
+    parser.add_argument("--refit", metavar="SAMPLES", help="fit again from a --samples file instead of measuring")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def default_out() -> Path:
+    """results/calibration-<YYYYmmdd-HHMMSS>.json."""
+    return Path("results") / f"calibration-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def _pct(stats: dict) -> str:
+    if not stats.get("n"):
+        return "no steps"
+    return (f"MAPE {stats['mape']:.1f}%, p90 {stats['p90_abs_pct_error']:.1f}%, worst {stats['max_abs_pct_error']:.1f}%"
+            f", bias {stats['bias_pct']:+.1f}% (n={stats['n']})")
+
+
+def _load(snap: dict) -> str:
+    parts = []
+    if "loadavg_1m" in snap:
+        parts.append(f"loadavg {snap['loadavg_1m']:.1f}")
+    if "cpu_pressure_some_avg60_pct" in snap:
+        parts.append(f"CPU pressure {snap['cpu_pressure_some_avg60_pct']:.0f}%")
+    return ", ".join(parts) or "unknown"
+
+
+def report(meta: dict, stats: dict, path: Path) -> str:
+    """The human-readable summary of a calibration."""
+    m, c, mach, noise = meta["model"], meta["context"], meta["machine"], meta["noise"]
+    lines = [
+        f"calibrated {m['name']} ({m['file']}, {m['size_bytes'] / 1e6:.1f} MB, sha256 {m['sha256'][:12]}...) with "
+        f"llama-cpp-python {meta['llama_cpp_python']}: {c['n_threads']} threads, n_ctx {c['n_ctx']}, "
+        f"{c['n_seq_max']} slots, n_batch {c['n_batch']}, n_ubatch {c['n_ubatch']}, kv_unified {c['kv_unified']}",
+        f"machine: {mach['cpu_model']}, {mach['nproc']} cores; load before: {_load(meta['load']['before'])}; "
+        f"after: {_load(meta['load']['after'])}",
+        f"grid: {len(meta['grid']['scenarios'])} scenarios, {meta['grid']['num_steps']} steps, {noise['repeats']} "
+        f"repeat(s), {meta['grid']['wall_s']:.0f} s; step time = {meta['timing']}",
+    ]
+    if noise.get("median_repeat_spread_pct") is not None:
+        n = noise
+        lines.append(f"noise: a step's slowest repeat over its fastest: median +{n['median_repeat_spread_pct']:.1f}%, "
+                     f"p90 +{n['p90_repeat_spread_pct']:.1f}%; {n['repeats_dropped_as_contention_pct']:.1f}% of the "
+                     f"repeats were over {n.get('clean_ratio', 1.25):.2f}x the fastest (contention) and dropped; "
+                     "spread of the rest: median "
+                     f"+{n['median_kept_spread_pct'] or 0:.1f}%")
+    lines.append(f"table model on held-out steps ({stats['hold_out']}): {_pct(stats['held_out'])}")
+    for kind, s in stats["by_kind_held_out"].items():
+        lines.append(f"  {kind:<18} {_pct(s)}")
+    lines.append(f"table model on the steps it was fitted on: {_pct(stats['train'])}")
+    lines.append(f"linear 'fitted' form on the same held-out steps: {_pct(stats['linear_fitted_held_out'])}")
+    lines.append(f"profile written to {path}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate, write the profile, report."""
+    from backends.cost import save_cost_model
+    from backends.models import DEFAULT_MODEL
+    from sim.calibrate import calibrate, refit
+
+    out = Path(args.out) if args.out else default_out()
+    if out.suffix != ".json":
+        raise ValueError(f"--out {str(out)!r} must end in .json (profiles are JSON; the file stem names the profile)")
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    if args.refit:
+        cal = refit(args.refit, out.stem)
+    else:
+        cal = calibrate(args.model or DEFAULT_MODEL, {"n_threads": args.threads}, quick=args.quick,
+                        repeats=args.repeats, seed=args.seed, name=out.stem, progress=say)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_cost_model(cal.model, out)
+    if args.samples:
+        from sim.calibrate import write_samples
+
+        write_samples(cal, args.samples)
+    text = report(cal.meta, cal.stats, out)
+    if args.json:
+        say(text)
+        doc = {"profile": str(out), "samples": args.samples, "kind": "table", "describe": cal.model.describe(),
+               "fit": cal.stats, "meta": {k: v for k, v in cal.meta.items() if k != "fit"}}
+        sys.stdout.write(json.dumps(doc, allow_nan=False) + "\n")
+    else:
+        print(text, flush=True)
+    return 0

@@ -1,0 +1,268 @@
+"""Run one workload on the real backend and in the simulator with a calibrated profile; compare them.
+
+Both sides get the same workload, seed, policy and SchedulerConfig (the real context's
+capacity, with the scheduler flags on top). The measured side runs the real backend in
+SimPy real time; the predicted side runs SyntheticBackend(profile) in virtual time. At each
+load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts for the
+workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
+the workload's lengths. Default workload: the bundled default trace slice at length
+scale 0.1 with its 32-token shared prefixes, first 40 requests.
+
+Prints measured vs predicted TTFT, TPOT, E2E (mean, p50, p90, p99) and throughput with
+(predicted - measured) / measured, against the targets (means and throughput within 5%,
+p90/p99 within 10%), and the real run's steps priced by the profile per step kind. Writes
+per-load folders (summary, requests_measured.csv, requests_predicted.csv, steps CSVs,
+latency_cdfs.png) and validation.json. A profile calibrated on another model file or
+llama-cpp-python version is refused unless --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sim.cli_common import (
+    DEFAULT_COST_MODELS,
+    UsageError,
+    add_scheduler_args,
+    add_workload_args,
+    build_config,
+    build_workload,
+    float_list,
+    workload_kind,
+)
+from sim.cli_output import out_dir
+from sim.report import _plain as plain
+from sim.validate import STATS, TARGET_PCT, misses
+
+DEFAULT_LIMIT = 40
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """validate's flags."""
+    parser.add_argument("--profile", metavar="NAME|FILE",
+                        help=f"calibrated profile (default: the bundled {DEFAULT_COST_MODELS[0]})")
+    parser.add_argument("--model", metavar="NAME|PATH", help="GGUF model of the real run (default gemma3-270m)")
+    parser.add_argument("--policy", default="continuous", metavar="SPEC", help="policy spec (default continuous)")
+    parser.add_argument("--rates", type=float_list, metavar="R1,R2,...",
+                        help="arrival rates, req/s (default: 0.3x, 0.7x, 1.2x of the profile's estimated capacity)")
+    parser.add_argument("--force", action="store_true", help="compare even with a profile of another model or build")
+    add_workload_args(parser)
+    add_scheduler_args(parser)
+    g = parser.add_argument_group("output")
+    g.add_argument("--out", metavar="DIR", help="result folder (default results/validate-<timestamp>)")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")
+
+
+def _log(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _profile(args: argparse.Namespace):
+    from backends.cost import known_cost_models, load_cost_model
+
+    if args.profile:
+        return load_cost_model(args.profile), str(args.profile)
+    for name in DEFAULT_COST_MODELS:
+        if name in known_cost_models():
+            return load_cost_model(name), name
+    raise UsageError(f"no bundled profile ({', '.join(DEFAULT_COST_MODELS)}); give --profile FILE")
+
+
+def _llama_options(profile) -> dict:
+    """The context the profile was calibrated on (threads, n_ctx, slots, batch sizes, KV layout)."""
+    from sim.real import DEFAULT_LLAMA_OPTIONS
+
+    ctx = (getattr(profile, "meta", {}) or {}).get("context") or {}
+    opts = dict(DEFAULT_LLAMA_OPTIONS)
+    for key in ("n_threads", "n_ctx", "n_seq_max", "n_batch", "n_ubatch", "kv_unified", "swa_full"):
+        if key in ctx:
+            opts[key] = ctx[key]
+    return opts
+
+
+def _check_limits(config, real) -> None:
+    for name, have in (("max_num_seqs", real.max_num_seqs), ("max_model_len", real.max_model_len),
+                       ("num_kv_blocks", real.num_kv_blocks * real.block_size // config.block_size)):
+        if getattr(config, name) > have:
+            raise UsageError(f"{name}={getattr(config, name)} exceeds the real context's {have}; the real run "
+                             "cannot hold it")
+
+
+def _workload(args: argparse.Namespace):
+    if args.instances != 1:
+        raise UsageError("validate compares one real instance: the real multi-instance driver steps its contexts one "
+                         "at a time, so its timing is not comparable; drop --instances")
+    if workload_kind(args) != "synthetic" and args.limit is None:
+        args.limit = DEFAULT_LIMIT
+    if args.time_scale is not None:
+        _log(args, "validate: --time-scale ignored; --rates decide the arrival times")
+    return build_workload(args, with_time_scale=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the profile at each load; write the results; print the tables or one JSON object."""
+    from scheduler import make_policy
+    from sim.progress import Progress, progress_enabled
+    from sim.real import close_instances, make_llama_instances
+    from sim.validate import (
+        RATE_FACTORS,
+        build_info,
+        check_profile,
+        estimate_capacity,
+        machine_info,
+        model_fingerprint,
+        run_load,
+    )
+
+    profile, profile_name = _profile(args)
+    policy = make_policy(args.policy).describe()  # a bad spec fails before the model loads
+    workload = _workload(args)
+    backends, real = make_llama_instances(args.model, 1, _llama_options(profile))
+    try:
+        warnings = check_profile(profile, profile_name, model_fingerprint(backends[0].model), build_info(),
+                                 machine_info(), force=args.force)
+        for w in warnings:
+            _log(args, f"validate: warning: {w}")
+        config = build_config(args, base=real)
+        _check_limits(config, real)
+        if args.rates:
+            rates, labels = list(args.rates), ["given"] * len(args.rates)
+        else:
+            cap = estimate_capacity(profile, workload, args.policy, config)
+            rates, labels = [f * cap for f in RATE_FACTORS], [f"{f:g}x est. capacity {cap:.3g} req/s"
+                                                              for f in RATE_FACTORS]
+        _warm_up(backends[0], config)
+        out = out_dir(args, "validate")
+        _log(args, f"validate: profile {profile_name}; {len(workload.requests)} requests; policy {policy}; "
+                   f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
+        loads = []
+        for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
+            with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
+                load = run_load(backends, profile, workload, rate, args.policy, config, args.seed, args.router, bar)
+            load["factor_label"] = label
+            _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
+            loads.append(load)
+            bad = misses(load["rel_error"])
+            _log(args, f"validate: load {i + 1}/{len(rates)} done: "
+                       + ("all targets met" if not bad else "missed " + ", ".join(bad)))
+    finally:
+        close_instances(backends)
+    c = config
+    setup = (f"workload: {workload.description}; arrivals re-timed at each rate as a Poisson process "
+             f"(seed {args.seed}), lengths kept\n"
+             f"scheduler (both sides, from the real context): max_num_seqs={c.max_num_seqs}, "
+             f"max_num_batched_tokens={c.max_num_batched_tokens}, max_model_len={c.max_model_len}, "
+             f"kv={c.num_kv_blocks}x{c.block_size} tokens, prefix caching {'on' if c.enable_prefix_caching else 'off'}")
+    return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
+
+
+def _warm_up(backend, config) -> None:
+    """A few untimed steps first: the first llama_decode of a context allocates its compute graph."""
+    import numpy as np
+
+    from sim.calibrate import Scenario, drive
+
+    drive(backend, config, Scenario("warm-up", "continuous", ((0, 48, 4, 0),) * 4), "warm", np.random.default_rng(0))
+
+
+def _write_load(args, folder: Path, load: dict, profile_name: str, config, policy: str) -> None:
+    import dataclasses
+
+    from sim.report import write_results
+
+    cfg = {"command": "validate", "argv": list(getattr(args, "_argv", [])), "profile": profile_name,
+           "policy": policy, "rate": load["rate"], "seed": args.seed, "scheduler": dataclasses.asdict(config),
+           "workload": {"description": load["workload"].description, "source": load["workload"].source}}
+    runs = [load["measured_run"], load["predicted_run"]]
+    write_results(folder, runs, [load["measured"], load["predicted"]], cfg)
+    (folder / "step_errors.json").write_text(json.dumps(plain(load["steps"]), indent=2) + "\n")
+    if not args.no_plots:
+        from sim.plots import plot_latency_cdfs
+
+        plot_latency_cdfs(runs, folder / "latency_cdfs.png")
+
+
+def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, setup) -> int:
+    from sim.validate import TTFT_NOTE
+
+    meta = getattr(profile, "meta", {}) or {}
+    prof = {"name": profile_name, "kind": profile.to_dict()["kind"], "describe": profile.describe(),
+            "model": meta.get("model"), "llama_cpp_python": meta.get("llama_cpp_python"), "date": meta.get("date"),
+            "machine": meta.get("machine")}
+    doc = {"profile": prof, "ttft_timing": TTFT_NOTE, "setup": setup, "warnings": warnings, "out_dir": str(out),
+           "loads": [{"rate": ld["rate"], "policy": policy, "label": ld["factor_label"], "measured": ld["measured"],
+                      "predicted": ld["predicted"], "rel_error": ld["rel_error"], "steps": ld["steps"],
+                      "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
+    text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
+                       + [format_load(ld, policy) for ld in loads])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(json.dumps(plain(doc), indent=2, allow_nan=False) + "\n")
+    (out / "report.txt").write_text(text + "\n")
+    if not args.no_plots and loads:
+        from sim.plots import plot_latency_cdfs
+        from sim.validate import relabel
+
+        runs = [relabel(ld[k], f"{k.split('_')[0]} {ld['rate']:.3g} req/s") for ld in loads
+                for k in ("measured_run", "predicted_run")]
+        plot_latency_cdfs(runs, out / "latency_cdfs.png")
+    if args.json:
+        sys.stdout.write(json.dumps(plain(doc), allow_nan=False) + "\n")
+    else:
+        print(text + f"\n\nresults in {out}/", flush=True)
+    return 0
+
+def _fmt_time(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1e3:.1f} ms" if abs(v) < 1 else f"{v:.3f} s"
+
+
+def _fmt_rel(v: float | None, target: float | None) -> str:
+    if v is None:
+        return "-"
+    mark = "" if target is None else ("  ok" if abs(v) * 100 <= target else "  MISS")
+    return f"{v * 100:+.1f}%{mark}"
+
+
+def format_load(load: dict, policy: str) -> str:
+    """The measured-vs-predicted table of one load, its misses and the step-kind breakdown."""
+    m, p, r = load["measured"], load["predicted"], load["rel_error"]
+    rows = [("metric", "measured", "predicted", "rel. error")]
+    for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
+        for s in STATS:
+            rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s))))
+    tp = r["throughput_rps"]
+    rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
+                 f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
+                 _fmt_rel(tp, TARGET_PCT["throughput_rps"])))
+    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
+             f"{m['num_requests']} requests"]
+    for i, row in enumerate(rows):
+        lines.append(" | ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:],
+                                                                                          strict=True)]))
+        if i == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    bad = misses(r)
+    lines.append("targets (means and throughput within 5%, p90/p99 within 10%): "
+                 + ("all met" if not bad else "missed " + ", ".join(bad)))
+    cpu = load["cpu_load"]
+    if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
+        psi = cpu["before"]["cpu_pressure_some_avg10_pct"]
+        lines.append(f"CPU shared during the real run: PSI some avg10 {psi:.0f}%"
+                     f" before, {cpu['after']['cpu_pressure_some_avg10_pct']:.0f}% after (0% = nothing else competed)")
+    oh = load["driver_overhead"]
+    if oh["mean_ms"] is not None:
+        lines.append(f"driver work charged to measured steps: {oh['mean_ms']:.2f} ms/step ({oh['share_pct']:.1f}% of "
+                     "step time)")
+    lines.append("real run's steps priced by the profile (predicted vs measured step time):")
+    lines.append(f"  {'step kind':<20} {'steps':>6} {'median ms':>10} {'total err':>10} {'MAPE':>7} {'bias':>7}")
+    for s in load["steps"]:
+        lines.append(f"  {s['kind']:<20} {s['n']:>6} {s['median_measured_ms']:>10.1f} {s['total_error_pct']:>+9.1f}% "
+                     f"{s['mape']:>6.1f}% {s['bias_pct']:>+6.1f}%")
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Check the simulator against the real backend: one workload run both ways, step and request level.
+
+The measured side is run_workload(realtime=True) on LlamaCppBackend wrapped in TimedBackend,
+whose step time is the step's wall time plus the driver's own work since the previous step
+(commit, records, SimPy, schedule) while the engine is busy: so the SimPy real-time clock
+follows the wall clock instead of silently dropping the scheduler's time, and it measures
+the same quantity `tokenstep calibrate` fits. The predicted side is the same workload, seed,
+policy and SchedulerConfig in virtual time on SyntheticBackend(profile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.cost_table import percent_errors
+from scheduler import SchedulerConfig
+from scheduler.messages import StepPlan, StepResult
+from sim.arrivals import poisson
+from sim.metrics import summarize
+from sim.model import run_workload
+from sim.records import RunResult
+from sim.workload import Workload
+
+RATE_FACTORS = (0.3, 0.7, 1.2)  # of the profile's estimated capacity: light, medium, saturated
+METRICS = ("ttft_s", "tpot_s", "e2e_s")
+STATS = ("mean", "p50", "p90", "p99")
+TARGET_PCT = {"mean": 5.0, "p90": 10.0, "p99": 10.0, "throughput_rps": 5.0}  # p50 is reported, not targeted
+TTFT_NOTE = ("TTFT on both sides: when the first token is computed (end of the step that sampled it), on the run's "
+             "clock (measured: SimPy real time, following the wall clock; predicted: virtual time).")
+
+
+class ProfileMismatch(ValueError):
+    """The profile was calibrated on another model or llama.cpp build."""
+
+
+def check_profile(profile: Any, profile_name: str, model: dict, build: dict, machine: dict,
+                  force: bool = False) -> list[str]:
+    """Refuse a profile from another model or build unless force; return warnings (machine, forced problems)."""
+    meta = getattr(profile, "meta", {}) or {}
+    problems: list[str] = []
+    pm = meta.get("model")
+    if not isinstance(pm, dict):
+        problems.append("it names no model (it was not made by `tokenstep calibrate`)")
+    elif pm.get("sha256") and pm.get("sha256") != model.get("sha256"):
+        problems.append(f"it was calibrated on model {pm.get('name')!r} ({pm.get('file')}, sha256 "
+                        f"{str(pm.get('sha256'))[:12]}...) but this run uses {model.get('name')!r} "
+                        f"({model.get('file')}, sha256 {str(model.get('sha256'))[:12]}...)")
+    elif not pm.get("sha256") and (pm.get("name"), pm.get("size_bytes")) != (model.get("name"),
+                                                                                model.get("size_bytes")):
+        problems.append(f"it was calibrated on model {pm.get('name')!r} ({pm.get('size_bytes')} bytes) but this "
+                        f"run uses {model.get('name')!r} ({model.get('size_bytes')} bytes)")
+    built = meta.get("llama_cpp_python")
+    if built != build.get("llama_cpp_python"):
+        problems.append(f"it was calibrated with llama-cpp-python {built or 'of unknown version'} but "
+                        f"{build.get('llama_cpp_python')} is installed")
+    if problems and not force:
+        raise ProfileMismatch(f"profile {profile_name!r} does not fit this backend: {'; '.join(problems)}. "
+                              "Calibrate this model and build with `tokenstep calibrate --model NAME --out FILE` "
+                              "and pass --profile FILE, or pass --force to compare anyway.")
+    warnings = [f"forced: {p}" for p in problems]
+    pmach = meta.get("machine") or {}
+    for key in ("cpu_model", "nproc"):
+        if pmach.get(key) is not None and pmach.get(key) != machine.get(key):
+            warnings.append(f"profile {key} {pmach.get(key)!r} differs from this machine's {machine.get(key)!r}")
+    return warnings
+
+
+def retime(workload: Workload, rate: float, seed: int) -> Workload:
+    """The workload with Poisson arrivals at rate (req/s), seeded; lengths and order kept."""
+    n = len(workload.requests)
+    times = poisson(np.random.default_rng(seed), n, rate).tolist()
+    requests = tuple(dataclasses.replace(r, arrival_s=float(t)) for r, t in zip(workload.requests, times, strict=True))
+    source = {"kind": "retimed", "base": workload.source, "arrival": "poisson", "rate": rate, "seed": seed}
+    return Workload(requests, f"{workload.description}; arrivals re-timed: Poisson {rate:.4g} req/s, seed {seed}",
+                    source)
+
+
+class TimedBackend:
+    """Wraps a real backend: step time = wall time of the step + the driver's work since the last busy step."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.samples: list[tuple[StepPlan, float, float, bool]] = []  # (plan, seconds, of which driver, after idle)
+        self._last: tuple[float, float] | None = None  # (run-clock end of the last step, wall clock at its return)
+
+    def clear_kv(self) -> None:
+        """Empty the KV cache and forget the previous step."""
+        self.inner.clear_kv()
+        self._last = None
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """Run the step; charge its wall time plus the gap since the last step when the engine never idled."""
+        t0 = time.perf_counter()
+        result = self.inner.step(plan)
+        t1 = time.perf_counter()
+        # plan.now_s equals the last step's end exactly when the engine went straight from commit to schedule
+        busy = self._last is not None and plan.now_s == self._last[0]
+        gap = t0 - self._last[1] if busy else 0.0
+        elapsed = (t1 - t0) + gap
+        self._last = (plan.now_s + elapsed, t1)
+        self.samples.append((plan, elapsed, gap, not busy and bool(plan.chunks)))
+        return StepResult(result.sampled_token_ids, elapsed, result.failed)
+
+
+class IdleAwareBackend:
+    """SyntheticBackend(profile) that adds the profile's idle_wakeup_s to a step that follows an idle engine."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.cost_model = inner.cost_model
+        self._end: float | None = None
+
+    def step(self, plan: StepPlan) -> StepResult:
+        """The inner step, with the wake-up added when the engine waited for this plan."""
+        result = self.inner.step(plan)
+        elapsed = result.elapsed_s
+        if (self._end is None or plan.now_s != self._end) and plan.chunks:
+            elapsed += getattr(self.cost_model, "idle_wakeup_s", 0.0)
+        self._end = plan.now_s + elapsed
+        return StepResult(result.sampled_token_ids, elapsed, result.failed)
+
+
+def estimate_capacity(profile: Any, workload: Workload, policy: Any, config: SchedulerConfig) -> float:
+    """Requests/s the profile predicts when the whole workload arrives at once (the saturated rate)."""
+    from backends.synthetic import SyntheticBackend
+
+    burst = Workload(tuple(dataclasses.replace(r, arrival_s=0.0) for r in workload.requests), workload.description,
+                     workload.source)
+    s = summarize(run_workload(burst, policy, config, [IdleAwareBackend(SyntheticBackend(profile))]))
+    if not s["throughput_rps"]:
+        raise ValueError("the profile predicts no finished request for this workload; give --rates explicitly")
+    return float(s["throughput_rps"])
+
+
+def rel_errors(measured: dict, predicted: dict) -> dict:
+    """(predicted - measured) / measured of each latency statistic and of throughput (None where undefined)."""
+    def rel(p, m):
+        return None if p is None or m is None or m == 0 else (p - m) / m
+
+    out = {k: {s: rel(predicted[k][s], measured[k][s]) for s in STATS} for k in METRICS}
+    out["throughput_rps"] = rel(predicted["throughput_rps"], measured["throughput_rps"])
+    return out
+
+
+def misses(rel: dict) -> list[str]:
+    """Cells outside the targets (means and throughput within 5 %, p90/p99 within 10 %)."""
+    out = []
+    for k in METRICS:
+        for s in ("mean", "p90", "p99"):
+            v = rel[k][s]
+            if v is not None and abs(v) * 100 > TARGET_PCT[s]:
+                out.append(f"{k} {s} {v * 100:+.1f}%")
+    v = rel["throughput_rps"]
+    if v is not None and abs(v) * 100 > TARGET_PCT["throughput_rps"]:
+        out.append(f"throughput {v * 100:+.1f}%")
+    return out
+
+
+def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> list[dict]:
+    """The real run's steps priced by the profile, by step kind: where the cost model is off."""
+    price = profile.time_s if hasattr(profile, "time_s") else (lambda p, _idle: profile.step_time_s(p))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for plan, t, _gap, idle in samples:
+        groups.setdefault(step_kind(plan, idle), []).append((price(plan, idle), t))
+    groups["all"] = [pt for v in list(groups.values()) for pt in v]
+    rows = []
+    for kind, pts in sorted(groups.items(), key=lambda kv: (kv[0] == "all", -sum(m for _, m in kv[1]))):
+        pred, meas = [p for p, _ in pts], [m for _, m in pts]
+        stats = percent_errors(pred, meas)
+        rows.append({"kind": kind, "n": len(pts), "measured_total_s": float(sum(meas)),
+                     "predicted_total_s": float(sum(pred)), "total_error_pct": (sum(pred) / sum(meas) - 1) * 100,
+                     "median_measured_ms": float(np.median(meas)) * 1e3, "mape": stats["mape"],
+                     "bias_pct": stats["bias_pct"]})
+    return rows
+
+
+def run_load(backends: list, profile: Any, workload: Workload, rate: float, policy: Any, config: SchedulerConfig,
+             seed: int, router: str = "least_outstanding",
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """One load: the measured real-time run and the predicted simulated run of the same re-timed workload."""
+    from backends.synthetic import SyntheticBackend
+
+    w = retime(workload, rate, seed)
+    timed = [TimedBackend(b) for b in backends]
+    before = load_snapshot()
+    measured = run_workload(w, policy, config, timed, router=router, realtime=True, progress=progress)
+    after = load_snapshot()
+    # The wrapper has no take_tokens, so this run goes step by step: the decode fast-forward prices steps from
+    # counters alone, without the slots that decide llama.cpp's micro-batches, and without the idle wake-up.
+    predicted = run_workload(w, policy, config, [IdleAwareBackend(SyntheticBackend(profile)) for _ in backends],
+                             router=router)
+    measured.policy, predicted.policy = "measured", "predicted"
+    sm, sp = summarize(measured), summarize(predicted)
+    samples = [s for t in timed for s in t.samples]
+    overhead = [s[2] for s in samples]
+    step_s = [s[1] for s in samples]
+    return {"rate": rate, "workload": w, "measured_run": measured, "predicted_run": predicted,
+            "measured": sm, "predicted": sp, "rel_error": rel_errors(sm, sp), "steps": step_breakdown(samples, profile),
+            "cpu_load": {"before": before, "after": after},
+            "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
+                                "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
+
+
+
+
+def relabel(run: RunResult, label: str) -> RunResult:
+    """A shallow copy of a run with another label (for plots that show several loads)."""
+    return dataclasses.replace(run, policy=label)
+
+def step_kind(plan: StepPlan, after_idle: bool = False) -> str:
+    """Coarse step kind for error breakdowns: decode B=…, prefill, mixed, kv only (+copy, after idle)."""
+    if not plan.chunks:
+        kind = "kv only"
+    elif plan.num_prefill_tokens + plan.num_pad_tokens == 0:
+        b = plan.num_decode_seqs
+        kind = "decode B=1" if b == 1 else "decode B=2-4" if b <= 4 else "decode B=5-8" if b <= 8 else "decode B>8"
+    elif plan.num_decode_seqs == 0:
+        kind = "prefill" if len(plan.chunks) == 1 else "prefill multi"
+    else:
+        kind = "mixed"
+    return kind + (" +copy" if plan.copies else "") + (" after idle" if after_idle else "")
+
+
+# -- where a profile came from ---------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """{"file", "size_bytes", "sha256"} of a model file (the hash is cached per size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    return {"file": p.name, "size_bytes": st.st_size, "sha256": _sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)}
+
+
+def model_fingerprint(llama_model) -> dict:
+    """Name, architecture, file name, size and sha256 of a loaded LlamaModel."""
+    return {"name": llama_model.name, "architecture": llama_model.architecture, **file_fingerprint(llama_model.path)}
+
+
+def build_info() -> dict:
+    """llama-cpp-python version and llama.cpp's system info line."""
+    import llama_cpp as L
+
+    info = L.llama_print_system_info()
+    return {"llama_cpp_python": getattr(L, "__version__", None),
+            "llama_cpp_system_info": info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info)}
+
+
+def machine_info() -> dict:
+    """CPU model, core counts, platform and Python version of this machine."""
+    cpu = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu_model": cpu or platform.processor() or None, "nproc": affinity or os.cpu_count(),
+            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def load_snapshot() -> dict:
+    """Load average and CPU pressure (PSI "some" avg10/avg60) now: how shared the CPU was."""
+    out: dict = {}
+    try:
+        out["loadavg_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        fields = dict(item.split("=") for item in some[1:])
+        out["cpu_pressure_some_avg10_pct"] = float(fields["avg10"])
+        out["cpu_pressure_some_avg60_pct"] = float(fields["avg60"])
+    except (OSError, IndexError, KeyError, ValueError):
+        pass
+    return out

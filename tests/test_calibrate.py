@@ -1,0 +1,241 @@
+"""Calibration and validation on the real default model: profile, held-out accuracy, validate end to end, refusals."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from backends.cost import load_cost_model, save_cost_model
+from backends.cost_table import TableCostModel, Ubatch, fit_table, split_ubatches
+from scheduler.messages import ScheduledChunk, StepPlan, StepResult
+from sim.calibrate import read_samples
+from sim.cli import main
+from sim.validate import TimedBackend, check_profile, rel_errors, retime
+from sim.workload import Workload, WorkloadRequest
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Stated tolerance for steps of the kinds calibration saw: held-out median error per kind within 20 %
+# on a quiet CPU; on a shared CPU the measurements themselves scatter, so the bound widens to 1.5x the
+# median spread between repeats of the same step (both numbers are in the assertion message).
+TOLERANCE_PCT = 20.0
+
+
+def _decode(slot: int, pos: int = 20) -> ScheduledChunk:
+    return ScheduledChunk(f"d{slot}", slot, pos, (11,), True, is_decode=True)
+
+
+def _prompt(slot: int, n: int, sample: bool = True) -> ScheduledChunk:
+    return ScheduledChunk(f"p{slot}", slot, 0, (11,) * n, sample)
+
+
+def _plan(*chunks: ScheduledChunk) -> StepPlan:
+    return StepPlan(0, 0.0, tuple(chunks))
+
+
+# -- the micro-batch split and the table model (no model needed) ---------------------------
+def test_split_follows_llama_cpp_split_equal_over_consecutive_slots():
+    assert split_ubatches(_plan(*(_decode(s) for s in range(4)))) == (Ubatch(4, 4, 4, 84),)
+    assert len(split_ubatches(_plan(_decode(0), _decode(2), _decode(4)))) == 3  # gaps: one pass per run
+    mixed = split_ubatches(_plan(_decode(0), _prompt(1, 100), _decode(2)))
+    assert [(u.n_tokens, u.n_seqs, u.n_outputs) for u in mixed] == [(3, 3, 2), (99, 1, 1)]
+    big = split_ubatches(_plan(_prompt(0, 1000)))  # n_batch windows of 512
+    assert [(u.n_tokens, u.n_outputs) for u in big] == [(512, 0), (488, 1)]
+    unified = split_ubatches(_plan(_decode(0), _decode(2), _decode(4)), kv_unified=True)
+    assert [(u.n_tokens, u.n_seqs) for u in unified] == [(3, 3)]
+
+
+def test_table_model_fits_a_concave_decode_cost_and_round_trips(tmp_path):
+    def true_cost(plan):  # concave per pass in tokens, plus a per-pass fixed cost
+        return sum(0.015 + 0.006 * u.n_tokens ** 0.8 for u in split_ubatches(plan))
+
+    plans = [_plan(*(_decode(s) for s in range(b))) for b in range(1, 17)]
+    plans += [_plan(_prompt(0, n)) for n in (8, 32, 100, 300, 500)]
+    plans += [_plan(*(_decode(s) for s in range(0, 2 * b, 2))) for b in (2, 5, 8)]
+    model = fit_table([(p, true_cost(p)) for p in plans], name="t")
+    for p in plans:
+        assert model.step_time_s(p) == pytest.approx(true_cost(p), rel=0.06)
+    path = save_cost_model(model, tmp_path / "t.json")
+    loaded = load_cost_model(path)
+    assert isinstance(loaded, TableCostModel) and loaded.to_dict() == model.to_dict()
+    assert all(loaded.step_time_s(p) == model.step_time_s(p) for p in plans)
+    assert loaded.step_time_s(_plan()) == 0.0
+    bad = model.to_dict()
+    bad["params"]["ubatch_token_s"] = list(reversed(bad["params"]["ubatch_token_s"]))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="bad.json.*must not decrease"):
+        load_cost_model(tmp_path / "bad.json")
+
+
+def test_decode_hook_prices_exactly_like_the_plan():
+    model = load_cost_model("cpu-gemma3-270m")
+    for slots in ((0,), (0, 1, 2, 3), (1, 3, 4, 6, 9, 12, 14, 15), tuple(range(16))):
+        chunks = tuple(_decode(s, pos=40 + 7 * s) for s in slots)
+        plan = StepPlan(0, 0.0, chunks, num_decode_seqs=len(slots), num_context_tokens=sum(41 + 7 * s for s in slots))
+        assert model.decode_step_time_s(slots, plan.num_context_tokens) == model.step_time_s(plan)
+    fragmented = model.decode_step_time_s(tuple(range(0, 16, 2)), 800)
+    assert fragmented > 1.5 * model.decode_step_time_s(tuple(range(8)), 800)  # 8 passes instead of one
+
+
+def test_retime_keeps_lengths_and_sets_the_rate():
+    reqs = tuple(WorkloadRequest(f"r{i}", 5.0 * i, (11,) * (i + 1), i + 2) for i in range(400))
+    w = retime(Workload(reqs, "w", {}), 4.0, seed=3)
+    assert [(len(r.prompt_token_ids), r.max_tokens) for r in w.requests] == [(i + 1, i + 2) for i in range(400)]
+    assert (len(reqs) - 1) / (w.requests[-1].arrival_s - w.requests[0].arrival_s) == pytest.approx(4.0, rel=0.15)
+    assert retime(Workload(reqs, "w", {}), 4.0, seed=3) == w
+
+
+def test_timed_backend_charges_driver_work_only_between_busy_steps():
+    class Slow:
+        def step(self, plan):
+            return StepResult({}, 0.0)
+
+        def clear_kv(self):
+            pass
+
+    tb = TimedBackend(Slow())
+    first = tb.step(StepPlan(1, 0.0, (_decode(0),)))
+    tb.step(StepPlan(2, first.elapsed_s, (_decode(0),)))  # straight after: the gap counts
+    tb.step(StepPlan(3, 99.0, (_decode(0),)))  # after idling: it does not
+    assert tb.samples[1][2] > 0 and tb.samples[2][2] == 0.0 and tb.samples[0][2] == 0.0
+    assert [s[3] for s in tb.samples] == [True, False, True]  # after idle: the first step and the one at 99 s
+
+
+def test_relative_error_is_predicted_minus_measured_over_measured():
+    m = {k: {"mean": 2.0, "p50": 2.0, "p90": 4.0, "p99": 5.0} for k in ("ttft_s", "tpot_s", "e2e_s")}
+    p = {k: {"mean": 2.2, "p50": 1.0, "p90": 4.0, "p99": None} for k in ("ttft_s", "tpot_s", "e2e_s")}
+    r = rel_errors({**m, "throughput_rps": 1.0}, {**p, "throughput_rps": 0.9})
+    assert r["ttft_s"]["mean"] == pytest.approx(0.1) and r["e2e_s"]["p50"] == -0.5 and r["tpot_s"]["p99"] is None
+    assert r["throughput_rps"] == pytest.approx(-0.1)
+
+
+# -- on the real default model -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """`tokenstep calibrate --quick` once: (profile path, samples path, its --json document)."""
+    folder = tmp_path_factory.mktemp("calibration")
+    profile, samples = folder / "quick.json", folder / "quick.samples.jsonl"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["calibrate", "--quick", "--out", str(profile), "--samples", str(samples), "--json", "--quiet"])
+    assert code == 0
+    return profile, samples, json.loads(out.getvalue())
+
+
+def test_quick_calibration_writes_a_profile_that_loads_and_says_where_it_came_from(quick, default_model_path):
+    profile, _, doc = quick
+    model = load_cost_model(str(profile))
+    assert isinstance(model, TableCostModel) and model.name == "quick"
+    meta = model.meta
+    assert meta["model"]["file"] == default_model_path.name and len(meta["model"]["sha256"]) == 64
+    assert meta["model"]["size_bytes"] == default_model_path.stat().st_size
+    assert meta["llama_cpp_python"] and meta["machine"]["cpu_model"] and meta["machine"]["nproc"] >= 1
+    assert {"n_threads", "n_ctx", "n_seq_max", "kv_unified"} <= set(meta["context"]) and meta["date"]
+    assert doc["profile"] == str(profile) and doc["fit"]["held_out"]["n"] > 0
+    assert "decode B=1" in doc["fit"]["by_kind_held_out"]
+
+
+def test_quick_profile_predicts_held_out_steps_of_every_kind_it_saw(quick):
+    profile, samples, doc = quick
+    model = load_cost_model(str(profile))
+    _, rows = read_samples(samples)
+    kinds = {r["kind"] for r in rows}
+    assert {"decode B=1", "decode B>8", "prefill", "mixed"} <= kinds or {"decode B=1", "prefill"} <= kinds
+    spread = doc["meta"]["noise"]["median_repeat_spread_pct"] or 0.0
+    bound = max(TOLERANCE_PCT, 1.5 * spread)
+    by_kind: dict[str, list[float]] = {}
+    for r in rows:
+        if r["held_out"]:
+            err = abs(model.step_time_s(r["plan"]) - r["measured_s"]) / r["measured_s"] * 100
+            by_kind.setdefault(r["kind"], []).append(err)
+    assert sum(len(v) for v in by_kind.values()) >= 10
+    for kind, errs in by_kind.items():
+        errs.sort()
+        median = errs[len(errs) // 2]
+        assert median <= bound, f"{kind}: median held-out error {median:.1f}% > {bound:.1f}% (spread {spread:.1f}%)"
+
+
+def test_refit_from_the_samples_file_needs_no_measuring(quick, tmp_path):
+    _, samples, doc = quick
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["calibrate", "--refit", str(samples), "--out", str(tmp_path / "re.json"), "--json"]) == 0
+    again = json.loads(out.getvalue())
+    assert again["fit"]["held_out"]["n"] == doc["fit"]["held_out"]["n"]
+    assert again["meta"]["model"] == doc["meta"]["model"]
+    assert isinstance(load_cost_model(tmp_path / "re.json"), TableCostModel)
+
+
+def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path):
+    profile, _, _ = quick
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["validate", "--profile", str(profile), "--num-requests", "6", "--prompt-len", "24",
+                     "--output-len", "6", "--rates", "3", "--out", str(tmp_path), "--json", "--quiet"])
+    assert code == 0
+    doc = json.loads(out.getvalue())
+    (load,) = doc["loads"]
+    assert load["rate"] == 3.0 and load["policy"] == "continuous"
+    assert load["measured"]["num_finished"] == load["predicted"]["num_finished"] == 6
+    assert set(load["rel_error"]) == {"ttft_s", "tpot_s", "e2e_s", "throughput_rps"}
+    assert set(load["rel_error"]["ttft_s"]) == {"mean", "p50", "p90", "p99"}
+    folder = tmp_path / "load1-3rps"
+    for name in ("requests_measured.csv", "requests_predicted.csv", "summary.json", "step_errors.json"):
+        assert (folder / name).is_file()
+    assert len((folder / "requests_measured.csv").read_text().splitlines()) == 7
+    assert (folder / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
+    report = (tmp_path / "report.txt").read_text()
+    for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
+                 "when the first token is computed", "step kind"):
+        assert text in report
+
+
+def _altered(profile: Path, tmp_path: Path, **changes) -> Path:
+    data = json.loads(profile.read_text())
+    for key, value in changes.items():
+        if key == "sha256":
+            data["meta"]["model"]["sha256"] = value
+        else:
+            data["meta"][key] = value
+    path = tmp_path / "altered.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"sha256": "0" * 64}, r"calibrated on model .*sha256 000000000000"),
+    ({"llama_cpp_python": "0.0.1"}, r"llama-cpp-python 0\.0\.1 but"),
+])
+def test_a_profile_of_another_model_or_build_is_refused_unless_forced(quick, tmp_path, capsys, change, message):
+    path = _altered(quick[0], tmp_path, **change)
+    argv = ["validate", "--profile", str(path), "--num-requests", "3", "--prompt-len", "16", "--output-len", "3",
+            "--rates", "4", "--out", str(tmp_path / "v"), "--quiet", "--no-plots"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this backend" in err and "--force" in err
+    assert __import__("re").search(message, err)
+    assert not (tmp_path / "v").exists()
+    assert main([*argv, "--force"]) == 0
+    assert (tmp_path / "v" / "report.txt").is_file()
+
+
+def test_a_profile_without_calibration_meta_is_refused(capsys, tmp_path):
+    argv = ["validate", "--profile", "cpu-gemma3-270m-placeholder", "--num-requests", "2", "--rates", "1",
+            "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 2
+    assert "names no model" in capsys.readouterr().err
+
+
+def test_the_bundled_profile_was_calibrated_on_the_installed_model_and_build():
+    from backends.models import LlamaModel
+    from sim.validate import build_info, machine_info, model_fingerprint
+
+    profile = load_cost_model("cpu-gemma3-270m")
+    assert isinstance(profile, TableCostModel) and profile.meta["fit"]["held_out"]["n"] >= 100
+    with LlamaModel() as model:
+        fp = model_fingerprint(model)
+    assert check_profile(profile, "cpu-gemma3-270m", fp, build_info(), machine_info()) is not None
