@@ -27,7 +27,7 @@ if not os.path.exists(MOONCAKE):
     MOONCAKE = os.path.join(HERE, "..", "tests", "fixtures", "mooncake_synthetic_50.jsonl")
 
 SCENARIOS = {
-    "azure: continuous vs static": ["--policies", "static,continuous", "--limit", "60", "--time-scale", "1.5",
+    "azure: continuous vs static": ["--policies", "static,continuous", "--limit", "60", "--time-scale", "0.4",
                                     "--length-scale", "0.1", "--shared-prefix", "0"],
     "system prompt: prefix sharing on vs off": ["--policies", "continuous+noprefix,continuous", "--arrival", "poisson",
                                                 "--rate", "2", "--num-requests", "60", "--prompt-len",

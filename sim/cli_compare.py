@@ -30,12 +30,13 @@ DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 # the main job on real compute: what 2 CPU cores serve in a few minutes
 LLAMA_DEFAULT_POLICIES = "static,continuous,continuous+noprefix"
 LLAMA_DEFAULT_LIMIT = 60
+LLAMA_DEFAULT_TIME_SCALE = 0.4  # about 3.3 req/s: near what 2 cores serve with these lengths (saturation)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """compare's flags."""
     parser.add_argument("--policies", "--policy", default=DEFAULT_POLICIES, metavar="A,B,...",
-                        help=f"strategies to compare (default {DEFAULT_POLICIES}; with --backend llama: {LLAMA_DEFAULT_POLICIES} on the first {LLAMA_DEFAULT_LIMIT} requests)")
+                        help=f"strategies to compare (default {DEFAULT_POLICIES}; with --backend llama: {LLAMA_DEFAULT_POLICIES} on the first {LLAMA_DEFAULT_LIMIT} requests at time scale {LLAMA_DEFAULT_TIME_SCALE})")
     add_workload_args(parser)
     add_scheduler_args(parser)
     add_backend_args(parser)
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             args.policies = LLAMA_DEFAULT_POLICIES
         if workload_kind(args) == "default" and args.limit is None:
             args.limit = LLAMA_DEFAULT_LIMIT
+        if workload_kind(args) == "default" and args.time_scale is None:
+            args.time_scale = LLAMA_DEFAULT_TIME_SCALE
     specs = parse_run_specs(args.policies)
     workload = build_workload(args)
     ctx = prepare(args, "compare")
