@@ -116,7 +116,8 @@ class LinearCostModel:
         """One line: the coefficients, and the meta note if any."""
         note = f" [{self.meta['note']}]" if "note" in self.meta else ""
         return (
-            f"linear '{self.name}': {self.base_s * 1e3:.2f} ms/step + {self.per_prefill_token_s * 1e3:.3f} ms/prefill tok"
+            f"linear '{self.name}': {self.base_s * 1e3:.2f} ms/step"
+            f" + {self.per_prefill_token_s * 1e3:.3f} ms/prefill tok"
             f" + {self.per_decode_seq_s * 1e3:.3f} ms/decode seq + {self.per_context_token_s * 1e6:.3f} us/context tok"
             f" + {self.per_copied_token_s * 1e6:.3f} us/copied tok{note}"
         )

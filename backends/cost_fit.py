@@ -133,8 +133,10 @@ class FittedCostModel:
             else ""
         )
         return (
-            f"fitted '{self.name}': {self.step_s * 1e3:.2f} ms/step + {self.per_prefill_token_s * 1e3:.3f} ms/prefill tok"
-            f" + {self.per_prefill_attention_s * 1e9:.2f} ns/prefill q*k pair + {self.per_decode_seq_s * 1e3:.3f} ms/decode seq"
+            f"fitted '{self.name}': {self.step_s * 1e3:.2f} ms/step"
+            f" + {self.per_prefill_token_s * 1e3:.3f} ms/prefill tok"
+            f" + {self.per_prefill_attention_s * 1e9:.2f} ns/prefill q*k pair"
+            f" + {self.per_decode_seq_s * 1e3:.3f} ms/decode seq"
             f" + {self.per_context_token_s * 1e6:.3f} us/context tok + {self.per_seq_s * 1e3:.3f} ms/seq"
             f" + {self.per_copied_token_s * 1e6:.3f} us/copied tok + {self.per_kv_op_s * 1e6:.1f} us/kv op{quality}"
         )
@@ -162,11 +164,11 @@ class FittedCostModel:
         coef = nnls(a / scale, np.ones(len(times))) / scale
         coef[~used] = 0.0
         model = cls(
-            **dict(zip(FITTED_PARAMS, (float(c) for c in coef))),
+            **dict(zip(FITTED_PARAMS, (float(c) for c in coef), strict=True)),
             name=name,
             meta=dict(meta or {}),
         )
-        stats = evaluate(model, list(zip(feats, times.tolist())))
+        stats = evaluate(model, list(zip(feats, times.tolist(), strict=True)))
         return cls(
             **{n: getattr(model, n) for n in FITTED_PARAMS},
             name=name,

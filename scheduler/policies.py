@@ -25,7 +25,8 @@ QUEUE_ORDERS: dict[str, tuple[str, Callable[[Request], Any] | None]] = {
     "fcfs": ("first come, first served (arrival order)", None),
     "priority": ("lowest priority value first, then arrival", lambda r: (r.priority, r.arrival_s)),
     "sjf": ("shortest prompt first, then arrival", lambda r: (r.num_prompt_tokens, r.arrival_s)),
-    "sjf-total": ("shortest known job (prompt + max_tokens) first", lambda r: (r.num_prompt_tokens + r.max_tokens, r.arrival_s)),
+    "sjf-total": ("shortest known job (prompt + max_tokens) first",
+                  lambda r: (r.num_prompt_tokens + r.max_tokens, r.arrival_s)),
 }
 
 

@@ -117,7 +117,8 @@ def check_invariants(sched: Scheduler) -> None:
         where = (r.request_id in waiting_ids) + (r.request_id in running_ids) + (r.status is RequestStatus.FINISHED)
         if where != 1:
             _fail(f"request {r.request_id} is in {where} states (status {r.status.value})")
-        expected = {RequestStatus.WAITING: r.request_id in waiting_ids, RequestStatus.RUNNING: r.request_id in running_ids}
+        expected = {RequestStatus.WAITING: r.request_id in waiting_ids,
+                    RequestStatus.RUNNING: r.request_id in running_ids}
         if r.status in expected and not expected[r.status]:
             _fail(f"request {r.request_id} has status {r.status.value} but is not in that queue")
         if r.num_output_tokens > r.max_tokens:
@@ -134,7 +135,8 @@ def check_invariants(sched: Scheduler) -> None:
         if pool.slot_state[r.slot] != SLOT_RUNNING:
             _fail(f"slot {r.slot} of running {r.request_id} is not marked running")
         if not r.padding and pool.slot_tokens[r.slot] != r.num_computed_tokens:
-            _fail(f"slot {r.slot} holds {pool.slot_tokens[r.slot]} tokens, {r.request_id} computed {r.num_computed_tokens}")
+            _fail(f"slot {r.slot} holds {pool.slot_tokens[r.slot]} tokens, "
+                  f"{r.request_id} computed {r.num_computed_tokens}")
     try:
         pool.check()
     except AssertionError as exc:

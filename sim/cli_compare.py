@@ -36,7 +36,9 @@ LLAMA_DEFAULT_TIME_SCALE = 0.4  # about 3.3 req/s: near what 2 cores serve with 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """compare's flags."""
     parser.add_argument("--policies", "--policy", default=DEFAULT_POLICIES, metavar="A,B,...",
-                        help=f"strategies to compare (default {DEFAULT_POLICIES}; with --backend llama: {LLAMA_DEFAULT_POLICIES} on the first {LLAMA_DEFAULT_LIMIT} requests at time scale {LLAMA_DEFAULT_TIME_SCALE})")
+                        help=f"strategies to compare (default {DEFAULT_POLICIES}; with --backend llama: "
+                             f"{LLAMA_DEFAULT_POLICIES} on the first {LLAMA_DEFAULT_LIMIT} requests at time scale "
+                             f"{LLAMA_DEFAULT_TIME_SCALE})")
     add_workload_args(parser)
     add_scheduler_args(parser)
     add_backend_args(parser)

@@ -251,7 +251,9 @@ def execute(ctx: Context, spec: RunSpec, workload: Workload, simulate: bool = Fa
     config = run_config(ctx, spec)
     backends = ctx.llama.fresh_backends() if real else [SyntheticBackend(ctx.cost) for _ in range(args.instances)]
     with make_progress(args, f"{ctx.command} {label}", progress) as bar:
-        run = run_workload(workload, spec.policy, config, backends, router=args.router, realtime=real and not getattr(args, "virtual_time", False), progress=bar)
+        realtime = real and not getattr(args, "virtual_time", False)
+        run = run_workload(workload, spec.policy, config, backends, router=args.router, realtime=realtime,
+                           progress=bar)
     run.policy = label
     summary = summarize(run, ctx.slo)
     summary.update({"policy": label, "policy_spec": spec.policy, "backend": "llama" if real else "sim",

@@ -222,7 +222,8 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     skip = can_skip if fast_forward is None else fast_forward
     clock = _Clock()
     clock.router_reads_kv = router == "prefix_affinity" and len(backends) > 1
-    engines = [Engine(env, i, s, b, recorder, skip, clock) for i, (s, b) in enumerate(zip(schedulers, backends))]
+    pairs = enumerate(zip(schedulers, backends, strict=True))
+    engines = [Engine(env, i, s, b, recorder, skip, clock) for i, (s, b) in pairs]
     routing = Router(router)
     make = request_factory or (lambda w: to_request(w, ignore_eos))
     wall_start = time.perf_counter()
@@ -245,7 +246,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     env.process(arrivals())
     procs = [env.process(e.run()) for e in engines]
     env.run(until=simpy.AllOf(env, procs))
-    for s, b in zip(schedulers, backends):  # hand the prefix cache back: nothing outlives the run
+    for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
         s.release_cache()
         plan = s.schedule(env.now)
         if not plan.is_empty:
