@@ -10,6 +10,7 @@ every decision is the scheduler's.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -245,7 +246,15 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
             b.clear_kv()
     env.process(arrivals())
     procs = [env.process(e.run()) for e in engines]
-    env.run(until=simpy.AllOf(env, procs))
+    # a replay allocates millions of small objects that live until the run ends (KV blocks, token lists,
+    # records); the cyclic collector would scan them again and again for nothing, so it pauses meanwhile
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        env.run(until=simpy.AllOf(env, procs))
+    finally:
+        if collecting:
+            gc.enable()
     for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
         s.release_cache()
         plan = s.schedule(env.now)
