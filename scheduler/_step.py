@@ -105,17 +105,12 @@ def _make_room(s: Scheduler, r: Request, need: int, b: _Builder) -> bool:
         victim = _victim(s)
         if victim.padding:  # a padded request is already done: end it instead of recomputing it
             b.drop(victim.request_id)
-            s._pending_outputs.append(s._finish(victim, victim.finish_reason, b_now(s)))
+            s._pending_outputs.append(s._finish(victim, victim.finish_reason, s._now_s))
             continue
         _preempt(s, victim, b)
         if victim is r:
             return False
     return True
-
-
-def b_now(s: Scheduler) -> float:
-    """The now_s of the plan being built."""
-    return s._now_s
 
 
 def _schedule_running(s: Scheduler, b: _Builder) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ._step import build_plan
 from .config import SchedulerConfig
 from .kv import KVPool
 from .messages import KVRemove, RequestOutput, StepPlan, StepResult, new_output
@@ -148,8 +149,6 @@ class Scheduler:
         """Plan one step: KV removals and copies, then one batch of chunks."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called twice without commit(); commit the previous plan first")
-        from ._step import build_plan  # the step's decisions live in their own module
-
         plan = build_plan(self, now_s)
         if not plan.is_empty:
             self._in_flight = plan

@@ -18,7 +18,7 @@ import numpy as np
 ArrivalFn = Callable[..., np.ndarray]
 
 
-def _check_positive(name: str, value: float) -> float:
+def check_positive(name: str, value: float) -> float:
     """Return value as float, or raise ValueError naming the parameter."""
     try:
         x = float(value)
@@ -39,7 +39,7 @@ def _check_count(num_requests: int) -> int:
 def poisson(rng: np.random.Generator, num_requests: int, rate: float) -> np.ndarray:
     """Poisson process: exponential gaps with mean 1/rate (CV 1), never clamped."""
     n = _check_count(num_requests)
-    rate = _check_positive("rate", rate)
+    rate = check_positive("rate", rate)
     return np.cumsum(rng.exponential(1.0 / rate, size=n))
 
 
@@ -52,16 +52,16 @@ def gamma(
 ) -> np.ndarray:
     """Gamma renewal process: mean gap 1/rate, gap CV `cv` (or vLLM's burstiness = 1/cv^2)."""
     n = _check_count(num_requests)
-    rate = _check_positive("rate", rate)
+    rate = check_positive("rate", rate)
     if cv is None and burstiness is None:
         raise ValueError("gamma arrivals need cv (gap coefficient of variation) or burstiness (= 1/cv^2)")
     if cv is not None:
-        cv = _check_positive("cv", cv)
+        cv = check_positive("cv", cv)
         shape = 1.0 / (cv * cv)
-        if burstiness is not None and not math.isclose(_check_positive("burstiness", burstiness), shape):
+        if burstiness is not None and not math.isclose(check_positive("burstiness", burstiness), shape):
             raise ValueError(f"cv={cv} and burstiness={burstiness} disagree (burstiness must be 1/cv^2); give one")
     else:
-        shape = _check_positive("burstiness", burstiness)
+        shape = check_positive("burstiness", burstiness)
     # scale chosen so that the mean gap shape*scale is exactly 1/rate
     return np.cumsum(rng.gamma(shape, 1.0 / (rate * shape), size=n))
 
@@ -69,7 +69,7 @@ def gamma(
 def constant(rng: np.random.Generator, num_requests: int, rate: float) -> np.ndarray:
     """Constant rate: one arrival every 1/rate seconds, no randomness."""
     n = _check_count(num_requests)
-    rate = _check_positive("rate", rate)
+    rate = check_positive("rate", rate)
     return np.arange(1, n + 1, dtype=np.float64) / rate
 
 
@@ -97,7 +97,7 @@ def ramp(
         raise ValueError(f"rate={rate} and rate_start={rate_start} disagree; give one of them")
     if rate_end is None:
         raise ValueError("ramp arrivals need rate_end (the rate reached after the expected n arrivals)")
-    r1 = _check_positive("rate_end", rate_end)
+    r1 = check_positive("rate_end", rate_end)
     r0 = float(rate_start)
     if not math.isfinite(r0) or r0 < 0:
         raise ValueError(f"rate_start={rate_start!r} must be a finite number >= 0")
@@ -130,9 +130,9 @@ def burst(
     mapped to wall time by inserting off_s after every on_s of on-time.
     """
     n = _check_count(num_requests)
-    rate = _check_positive("rate", rate)
-    factor = _check_positive("burst_factor", burst_factor)
-    on = _check_positive("on_s", on_s)
+    rate = check_positive("rate", rate)
+    factor = check_positive("burst_factor", burst_factor)
+    on = check_positive("on_s", on_s)
     off = float(off_s)
     if not math.isfinite(off) or off < 0:
         raise ValueError(f"off_s={off_s!r} must be a finite number >= 0")

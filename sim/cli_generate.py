@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -94,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
             completions = llm.generate(prompts, progress=bar)
     finally:
         llm.close()
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
-    with out if out is not sys.stdout else _nullcontext():
+    to_stdout = args.output == "-"
+    with contextlib.nullcontext(sys.stdout) if to_stdout else open(args.output, "w", encoding="utf-8") as out:
         for c in completions:
             out.write(json.dumps({"id": c.request_id, "text": c.text, "finish_reason": c.finish_reason,
                                   "num_prompt_tokens": c.num_prompt_tokens, "num_output_tokens": c.num_output_tokens,
@@ -124,10 +125,3 @@ def summarize_completions(completions: list) -> dict[str, Any]:
                                for r in sorted({c.finish_reason for c in completions})},
             "ttft_timing": "delivered"}
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -71,6 +71,7 @@ class EngineCore:
         self.tokenizer = backend.tokenizer
         self.scheduler = Scheduler(backend.scheduler_config(**config_overrides), policy)
         self._live: dict[str, _Tracked] = {}
+        self._ended: list[Completion] = []  # finished outside a step (rejected at add, aborted): next step()
         self._clock0 = time.perf_counter()
         self._counter = 0
 
@@ -102,7 +103,7 @@ class EngineCore:
         self._live[request_id] = tracked
         out = self.scheduler.add_request(req, req.arrival_s)
         if out is not None:
-            self._deliver(tracked, out, req.arrival_s)
+            self._ended.append(self._deliver(tracked, out, req.arrival_s))
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -110,20 +111,20 @@ class EngineCore:
         if request_id in self._live:
             out = self.scheduler.abort(request_id, self.now())
             if out is not None:
-                self._deliver(self._live[request_id], out, self.now())
+                self._ended.append(self._deliver(self._live[request_id], out, self.now()))
 
     def has_work(self) -> bool:
         """True while requests are live or KV clean-up is pending."""
         return self.scheduler.has_unfinished() or self.scheduler.has_pending_kv_ops()
 
     def step(self) -> list[Completion]:
-        """Run one step; return the requests that finished in it."""
+        """Run one step; return the requests that finished in it (and any rejected or aborted since the last)."""
+        finished, self._ended = self._ended, []
         plan = self.scheduler.schedule(self.now())
         if plan.is_empty:
-            return []
+            return finished
         result = self.backend.step(plan)
         now = self.now()
-        finished = []
         for out in self.scheduler.commit(plan, result, now):
             tracked = self._live.get(out.request_id)
             if tracked is not None:
@@ -196,25 +197,15 @@ class LLM:
             tokens = self.core.encode(item.get("prompt"), item.get("messages"), item.get("prompt_token_ids"))
             ids.append(self.core.add(tokens, sp, request_id=str(item.get("id", f"gen-{i}")),
                                      priority=int(item.get("priority", 0))))
+        wanted = set(ids)
         done: dict[str, Completion] = {}
-        for comp in self._rejected_now(ids):
-            done[comp.request_id] = comp
         while len(done) < len(ids):
             for comp in self.core.step():
-                done[comp.request_id] = comp
-                if progress is not None:
-                    progress(len(done), len(ids))
+                if comp.request_id in wanted:  # not a completion left over from an earlier call
+                    done[comp.request_id] = comp
+                    if progress is not None:
+                        progress(len(done), len(ids))
         return [done[i] for i in ids]
-
-    def _rejected_now(self, ids: list[str]) -> list[Completion]:
-        # add() delivers a rejection at once; those requests are not live anymore
-        out = []
-        for rid in ids:
-            r = self.core.scheduler.requests[rid]
-            if r.is_finished and rid not in self.core._live:
-                out.append(Completion(rid, "", (), r.finish_reason.value, r.num_prompt_tokens, 0, r.arrival_s,
-                                      None, r.finish_s or r.arrival_s, 0, r.finish_detail))
-        return out
 
     def close(self) -> None:
         """Free the model and context."""

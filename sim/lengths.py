@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sim.arrivals import check_positive
 from sim.data import data_path
 
 SPEC_HELP = (
@@ -44,17 +45,6 @@ def _pos_int(name: str, value) -> int:
     if not x.is_integer() or x < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
     return int(x)
-
-
-def _pos_float(name: str, value) -> float:
-    """Parse value as a finite float > 0 or raise ValueError naming the parameter."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not a number; expected a positive float") from None
-    if not math.isfinite(x) or x <= 0:
-        raise ValueError(f"{name}={value!r} must be a finite number > 0")
-    return x
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +103,7 @@ class LogNormal:
     sigma: float
 
     def __post_init__(self):
-        _pos_float("median", self.median)
+        check_positive("median", self.median)
         if not math.isfinite(self.sigma) or self.sigma < 0:
             raise ValueError(f"sigma={self.sigma!r} must be a finite number >= 0")
         if self.p_redraw > 0.5:
@@ -125,7 +115,7 @@ class LogNormal:
     @classmethod
     def from_mean(cls, mean: float, sigma: float) -> LogNormal:
         """Lognormal whose (unrounded) mean is mean: median = mean * exp(-sigma^2 / 2)."""
-        return cls(_pos_float("mean", mean) * math.exp(-sigma * sigma / 2), sigma)
+        return cls(check_positive("mean", mean) * math.exp(-sigma * sigma / 2), sigma)
 
     @property
     def p_redraw(self) -> float:
@@ -162,7 +152,7 @@ class Zipf:
     max: int
 
     def __post_init__(self):
-        _pos_float("a", self.a)
+        check_positive("a", self.a)
         _pos_int("max", self.max)
 
     @property
@@ -255,7 +245,7 @@ def _parse_lognormal(args: str) -> LogNormal:
         raise ValueError(f"sigma={kv['sigma']!r} is not a number; expected a float >= 0") from None
     if "mean" in kv:
         return LogNormal.from_mean(float(kv["mean"]), sigma)
-    return LogNormal(_pos_float("median", kv["median"]), sigma)
+    return LogNormal(check_positive("median", kv["median"]), sigma)
 
 
 def _parse_fixed(args: str) -> Fixed:
@@ -276,7 +266,7 @@ def _parse_zipf(args: str) -> Zipf:
     kv = _split_args(args, ("a", "max"), "zipf")
     if set(kv) != {"a", "max"}:
         raise ValueError(f"zipf needs a and max; got {args!r}; {SPEC_HELP}")
-    return Zipf(_pos_float("a", kv["a"]), _pos_int("max", kv["max"]))
+    return Zipf(check_positive("a", kv["a"]), _pos_int("max", kv["max"]))
 
 
 def _parse_empirical(args: str) -> Empirical:

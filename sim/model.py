@@ -14,11 +14,13 @@ import gc
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import simpy
 import simpy.rt
 
+from backends.cost_base import StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler._fastforward import apply_decode_steps, block_additions, decode_horizon, finish_decode_steps
 from sim.records import RequestRecord, RunResult, StepSample
@@ -96,8 +98,6 @@ class Engine:
 
     def _jump(self, k: int):
         """Run up to k pure-decode steps at once: same times, tokens and samples as k plain steps."""
-        from backends.cost import StepFeatures
-
         env, sched, rec = self.env, self.scheduler, self.recorder
         running = sched.running
         n = len(running)
@@ -263,7 +263,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.finish_s for r in records if r.finish_s is not None), default=first)
-    cfg = {"policy": schedulers[0].policy.describe(), "scheduler": _config_dict(config),
+    cfg = {"policy": schedulers[0].policy.describe(), "scheduler": asdict(config),
            "num_instances": len(backends), "router": router, "realtime": realtime,
            "workload": workload.description, "wall_s": time.perf_counter() - wall_start,
            "fast_forward": skip}
@@ -279,7 +279,3 @@ class _Clock:
 
     next_arrival_s = 0.0
     router_reads_kv = False
-
-
-def _config_dict(config: SchedulerConfig) -> dict:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}

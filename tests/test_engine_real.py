@@ -19,7 +19,7 @@ def core(llama_model):
 
 def run_all(core, ids):
     done = {}
-    while len(done) < len(ids):
+    while not all(i in done for i in ids):  # step() also reports requests rejected or aborted earlier
         for c in core.step():
             done[c.request_id] = c
     return [done[i] for i in ids]
