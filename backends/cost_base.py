@@ -116,10 +116,8 @@ def floor_time(feats: StepFeatures, raw_s: float) -> float:
     return max(raw_s, MIN_STEP_S)
 
 
-def check_params(
-    kind: str, params: object, names: tuple[str, ...], source: str
-) -> dict[str, float]:
-    """Validate a params dict: exactly these names, finite non-negative numbers."""
+def require_params(kind: str, params: object, names: tuple[str, ...], source: str) -> dict:
+    """params must be a JSON object holding at least these names."""
     if not isinstance(params, dict):
         raise CostModelError(
             f"{source}: 'params' of a {kind} cost model must be an object, got {type(params).__name__}"
@@ -129,6 +127,14 @@ def check_params(
         raise CostModelError(
             f"{source}: {kind} cost model is missing params {', '.join(missing)}"
         )
+    return params
+
+
+def check_params(
+    kind: str, params: object, names: tuple[str, ...], source: str
+) -> dict[str, float]:
+    """Validate a params dict: exactly these names, finite non-negative numbers."""
+    params = require_params(kind, params, names, source)
     unknown = sorted(set(params) - set(names))
     if unknown:
         raise CostModelError(

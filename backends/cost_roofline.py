@@ -29,6 +29,7 @@ from backends.cost_base import (
     check_params,
     features,
     floor_time,
+    require_params,
 )
 from scheduler.messages import StepPlan
 
@@ -205,15 +206,7 @@ class RooflineCostModel:
         cls, params: object, meta: dict, name: str, source: str
     ) -> RooflineCostModel:
         """Build from a JSON params object; source names the file in errors."""
-        if not isinstance(params, dict):
-            raise CostModelError(
-                f"{source}: 'params' of a roofline cost model must be an object"
-            )
-        missing = [n for n in ROOFLINE_TEXT_PARAMS if n not in params]
-        if missing:
-            raise CostModelError(
-                f"{source}: roofline cost model is missing params {', '.join(missing)}"
-            )
+        params = require_params("roofline", params, ROOFLINE_TEXT_PARAMS + ROOFLINE_NUMBER_PARAMS, source)
         text = {n: params[n] for n in ROOFLINE_TEXT_PARAMS}
         for n, value in text.items():
             if not isinstance(value, str) or not value:
