@@ -96,60 +96,76 @@ class Engine:
                 if k > 0:
                     yield from self._jump(k)
 
-    def _jump(self, k: int):
-        """Run up to k pure-decode steps at once: same times, tokens and samples as k plain steps."""
-        env, sched, rec = self.env, self.scheduler, self.recorder
-        running = sched.running
-        n = len(running)
-        context = sum(r.num_computed_tokens + 1 for r in running)
+    def _pricer(self, running) -> Callable[[int], float]:
+        """price(num_context_tokens) of a pure-decode step over the running requests, as step_time_s would."""
         cost = self.backend.cost_model
-        by_slots = getattr(cost, "decode_step_time_s", None)  # cost models that price the slot layout
-        if by_slots is not None:
-            slots = sorted(r.slot for r in running)
-            price = lambda ctx: by_slots(slots, ctx)  # noqa: E731
-        else:
-            price = lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0))  # noqa: E731
+        slots = sorted(r.slot for r in running)
+        fast = getattr(cost, "decode_pricer", None)  # cost models that hoist the fixed part (and slot layout)
+        if fast is not None:
+            return fast(slots)
+        n = len(slots)
+        return lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0))
+
+    def _jump(self, k: int):
+        """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.
+
+        Each segment runs up to k steps (k from decode_horizon: to the first finish); when it ends
+        with a finish before the next arrival, the finished requests are retired at their exact time
+        and the next segment starts, without a plain step or a SimPy event in between.
+        """
+        env, sched, rec = self.env, self.scheduler, self.recorder
         limit = self.clock.next_arrival_s
-        ends: list[float] = []
-        t = env.now
         # A step that starts before an arrival is planned without it, so it may be skipped even when the
         # arrival lands while it runs -- unless the router reads the KV index, which the jump fills early.
         straddle = not self.clock.router_reads_kv
-        for j in range(k):
-            t_next = t + price(context + j * n)
-            if (t if straddle else t_next) >= limit:
-                break  # the arrival must be seen by the next plan: leave it to a plain step
-            ends.append(t_next)
-            t = t_next
-        m = len(ends)
-        if m == 0:
-            return
         pool = sched.pool
-        used = pool.num_used_blocks
-        adds = block_additions(sched, m)
-        announced = apply_decode_steps(sched, m, self.backend.take_tokens)
-        if announced:
-            self.backend.forget(announced)
-        for r in running:
-            record = rec.records[r.request_id]
-            record.token_times_s.extend(ends)
-            record.num_output_tokens += m
-        start = env.now
-        waiting = len(sched.waiting)
-        yield env.timeout(_exact_delay(env.now, ends[-1]))
-        now = env.now
-        for r, out in finish_decode_steps(sched, now):  # at the end of the last step, as its commit would
-            rec.output(out, r, now)
-        for j in range(m):
-            used += adds[j]
-            if j == m - 1:
-                waiting = len(sched.waiting)  # arrivals during the last (straddling) step count, as in a plain step
-            running_after = n
-            if j == m - 1:  # after the last step's finishes, as a plain commit would leave it
-                running_after, used = len(sched.running), pool.num_used_blocks
-            rec.steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, running_after, used,
-                                        pool.num_blocks))
-            start = ends[j]
+        t = env.now
+        while k > 0:
+            running = sched.running
+            n = len(running)
+            context = sum(r.num_computed_tokens for r in running) + n
+            price = self._pricer(running)
+            start = t
+            ends: list[float] = []
+            for j in range(k):
+                t_next = t + price(context + j * n)
+                if (t if straddle else t_next) >= limit:
+                    break  # the arrival must be seen by the next plan: leave it to a plain step
+                ends.append(t_next)
+                t = t_next
+            m = len(ends)
+            if m == 0:
+                break
+            used = pool.num_used_blocks
+            adds = block_additions(sched, m)
+            announced = apply_decode_steps(sched, m, self.backend.take_tokens)
+            if announced:
+                self.backend.forget(announced)
+            records = rec.records
+            for r in running:
+                record = records[r.request_id]
+                record.token_times_s.extend(ends)
+                record.num_output_tokens += m
+            waiting = len(sched.waiting)
+            last = ends[-1]
+            arrived = last >= limit  # an arrival lands during the last step: SimPy must deliver it first
+            if arrived:
+                yield env.timeout(_exact_delay(env.now, last))
+            for r, out in finish_decode_steps(sched, last):  # at the end of the last step, as its commit would
+                rec.output(out, r, last)
+            steps = rec.steps
+            for j in range(m - 1):
+                used += adds[j]
+                steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, n, used, pool.num_blocks))
+                start = ends[j]
+            # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
+            steps.append(StepSample(self.index, start, last, n, 0, n, len(sched.waiting), len(sched.running),
+                                    pool.num_used_blocks, pool.num_blocks))
+            if arrived or m < k:
+                break
+            k = decode_horizon(sched)
+        if t > env.now:
+            yield env.timeout(_exact_delay(env.now, t))
 
 
 def _exact_delay(now: float, target: float) -> float:
