@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 
@@ -31,6 +32,7 @@ class SyntheticBackend:
         self._seeds: dict[str, int] = {}
         self.num_steps = 0
         self.num_computed_tokens = 0
+        self._build_cycle()
 
     def _seed(self, request_id: str) -> int:
         seed = self._seeds.get(request_id)
@@ -49,7 +51,19 @@ class SyntheticBackend:
         if request_id in self.scripted_eos:
             return [self.token_for(request_id, i) for i in range(start, start + count)]
         seed, mod = self._seed(request_id), self.vocab_size - 10
-        return [10 + (seed + i * 40503) % mod for i in range(start, start + count)]
+        if count > mod or self._cycle is None:
+            return [10 + (seed + i * 40503) % mod for i in range(start, start + count)]
+        # (seed + 40503 i) % mod == cycle[(i + seed * inverse) % mod]: consecutive i are one slice
+        at = (start + seed * self._inverse) % mod
+        return self._cycle[at : at + count]
+
+    def _build_cycle(self) -> None:
+        """cycle[k] = 10 + (40503 k) % mod, twice over, when 40503 is invertible mod vocab_size - 10."""
+        mod = self.vocab_size - 10
+        self._cycle, self._inverse = None, 0
+        if math.gcd(40503, mod) == 1 and mod <= 1 << 20:
+            once = [10 + (40503 * k) % mod for k in range(mod)]
+            self._cycle, self._inverse = once + once, pow(40503, -1, mod)
 
     def forget(self, request_ids) -> None:
         """Drop per-request state, as a plan's finished_request_ids would."""

@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .messages import RequestOutput
+from .request import FinishReason, Request
+
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Scheduler
 
@@ -78,28 +81,39 @@ def block_additions(s: Scheduler, steps: int) -> list[int]:
     return adds
 
 
-def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]) -> list[str]:
+def apply_decode_steps(s: Scheduler, steps: int,
+                       take_tokens: Callable[[str, int], list[int]]) -> tuple[list[str], list[Request]]:
     """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens.
 
-    Returns the finished ids the skipped plans would have announced to the backend. Requests that
-    reach max_tokens in the last step are not finished here: call finish_decode_steps at its end time.
+    Returns the finished ids the skipped plans would have announced to the backend, and the requests
+    that reached max_tokens in the last step, in batch order. Those are not finished here: pass them
+    to finish_decode_steps at the last step's end time.
     """
     announced, s._pending_finished = s._pending_finished, []
     pool = s.pool
+    bs = pool.block_size
+    slot_blocks, slot_hashes, slot_tokens = pool.slot_blocks, pool.slot_hashes, pool.slot_tokens
+    caching = pool.enable_prefix_caching
+    done = []
     for r in s.running:
-        r.output_token_ids.extend(take_tokens(r.request_id, steps))
+        out = r.output_token_ids
+        out += take_tokens(r.request_id, steps)
+        if len(out) >= r.sampling.max_tokens:
+            done.append(r)
         end = r.num_computed_tokens + steps
         r.num_computed_tokens = end
-        pool.reserve(r.slot, end)
-        pool.computed(r.slot, end, r.token_at)
+        slot = r.slot
+        if end > len(slot_blocks[slot]) * bs:
+            pool.reserve(slot, end)
+        if caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
+            pool.computed(slot, end, r.token_at)
+        else:
+            slot_tokens[slot] = end  # pool.computed's whole effect otherwise
     s.stats.num_steps += steps
     s._step_id += steps
-    return announced
+    return announced, done
 
 
-def finish_decode_steps(s: Scheduler, now_s: float) -> list:
-    """Finish (length) the running requests that got their last token in the skipped steps, in batch order."""
-    from .request import FinishReason
-
-    done = [r for r in s.running if len(r.output_token_ids) >= r.sampling.max_tokens]
+def finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:
+    """Finish (length) the requests apply_decode_steps reported done, in batch order, as a commit at now_s would."""
     return [(r, s._finish(r, FinishReason.LENGTH, now_s)) for r in done]

@@ -14,6 +14,7 @@ evictable blocks = blocks no running slot holds.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 
 FREE, RUNNING, CACHED = 0, 1, 2
 _ROOT_HASH = hash(("tokenstep-prefix-root",))
@@ -31,25 +32,26 @@ class KVPool:
         self.slot_blocks: list[list[int]] = [[] for _ in range(num_slots)]
         self.slot_hashes: list[list[int]] = [[] for _ in range(num_slots)]  # hashes of computed full blocks
         self.slot_tokens = [0] * num_slots  # tokens whose KV is in the slot (computed)
-        self.holders: dict[int, int] = {}  # block id -> slots holding it
-        self.running_holders: dict[int, int] = {}  # block id -> RUNNING slots holding it
-        self.block_hash: dict[int, int] = {}  # block id -> chained hash (full, computed blocks)
+        # per physical block id (0 .. num_blocks - 1); lists, not dicts: a replay makes millions of blocks
+        self.holders = [0] * num_blocks  # slots holding the block (0: the block is free)
+        self.running_holders = [0] * num_blocks  # RUNNING slots holding it
+        self.block_hash: list[int | None] = [None] * num_blocks  # chained hash (full, computed blocks)
+        self._free_ids = list(range(num_blocks - 1, -1, -1))  # free block ids; pop() gives the lowest
         self.index: dict[int, int] = {}  # chained hash -> block id
         self.cached_lru: OrderedDict[int, None] = OrderedDict()  # CACHED slots, least recent first
         self.free_slots = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest slot
         self.num_evictable = 0  # live blocks with no running holder
-        self._next_block_id = 0
 
     # ---- queries -------------------------------------------------------------
     @property
     def num_used_blocks(self) -> int:
         """Live physical blocks."""
-        return len(self.holders)
+        return self.num_blocks - len(self._free_ids)
 
     @property
     def num_free_blocks(self) -> int:
         """Blocks not holding any KV."""
-        return self.num_blocks - len(self.holders)
+        return len(self._free_ids)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens positions."""
@@ -68,10 +70,12 @@ class KVPool:
         """Chained hashes of the first max_blocks full blocks of token_ids."""
         bs = self.block_size
         out = []
+        append = out.append
         parent = _ROOT_HASH
-        for j in range(min(max_blocks, len(token_ids) // bs)):
-            parent = hash((parent, token_ids[j * bs : (j + 1) * bs]))
-            out.append(parent)
+        # zip over bs references to one iterator yields the full blocks as tuples, equal to the slices
+        for block in islice(zip(*[iter(token_ids)] * bs), max(max_blocks, 0)):
+            parent = hash((parent, block))
+            append(parent)
         return out
 
     def match_prefix(self, hashes: list[int]) -> tuple[int, int | None]:
@@ -103,34 +107,45 @@ class KVPool:
         return 0, None  # index and slots disagree: never share what no slot holds
 
     # ---- mutations (the scheduler emits the matching KV operations) -------------
-    def _new_block(self) -> int:
-        b = self._next_block_id
-        self._next_block_id += 1
-        self.holders[b] = 1
-        self.running_holders[b] = 1
-        return b
+    def _new_blocks(self, n: int) -> list[int]:
+        """n free block ids, now held by one RUNNING slot."""
+        free = self._free_ids
+        if n > len(free):
+            raise RuntimeError(f"KV pool: {n} blocks asked for, {len(free)} free (reserve without can_reserve)")
+        new = free[len(free) - n:]
+        del free[len(free) - n:]
+        holders, running_holders = self.holders, self.running_holders
+        for b in new:
+            holders[b] = 1
+            running_holders[b] = 1
+        return new
 
     def _drop(self, blocks: list[int], was_running: bool) -> None:
         """One slot lets go of blocks; a block nobody holds any more dies (lookups hoisted: often many blocks)."""
         holders, running_holders, block_hash, index = self.holders, self.running_holders, self.block_hash, self.index
+        free = self._free_ids
+        evictable = self.num_evictable
         for b in blocks:
             n = holders[b] - 1
-            r = running_holders[b]
+            holders[b] = n
             if was_running:
-                r -= 1
+                r = running_holders[b] - 1
                 running_holders[b] = r
-                if r == 0 and n > 0:
-                    self.num_evictable += 1
-            elif r == 0 and n == 0:
-                self.num_evictable -= 1
-            if n:
-                holders[b] = n
-                continue
-            del holders[b]
-            del running_holders[b]
-            h = block_hash.pop(b, None)
-            if h is not None and index.get(h) == b:
-                del index[h]
+                if n:
+                    if r == 0:
+                        evictable += 1  # only cached slots hold it now
+                    continue
+            elif n:
+                continue  # a cached slot let go of a block others still hold: nothing else changes
+            else:
+                evictable -= 1  # the last holder was a cached slot: it was evictable
+            free.append(b)
+            h = block_hash[b]
+            if h is not None:
+                block_hash[b] = None
+                if index.get(h) == b:
+                    del index[h]
+        self.num_evictable = evictable
 
     def acquire_slot(self) -> tuple[int, int | None]:
         """Take a free slot, else evict the least recently used cached one.
@@ -201,15 +216,16 @@ class KVPool:
         """
         blocks = self.slot_blocks[slot]
         need = -(-num_tokens // self.block_size) - len(blocks)
-        for _ in range(need):
-            blocks.append(self._new_block())
-        return max(need, 0)
+        if need <= 0:
+            return 0
+        blocks += self._new_blocks(need)
+        return need
 
     def reserve_free_block(self, slot: int) -> bool:
         """Give a RUNNING slot one more block if one is free (never evicts); False if none is."""
-        if len(self.holders) >= self.num_blocks:
+        if not self._free_ids:
             return False
-        self.slot_blocks[slot].append(self._new_block())
+        self.slot_blocks[slot] += self._new_blocks(1)
         return True
 
     def computed(self, slot: int, num_tokens: int, token_source, known: list[int] | tuple[int, ...] = ()) -> None:
@@ -284,11 +300,13 @@ class KVPool:
             for b in blocks:
                 holders[b] = holders.get(b, 0) + 1
                 running[b] = running.get(b, 0) + (state == RUNNING)
-        assert holders == self.holders, "block reference counts disagree with the slots"
-        assert running == self.running_holders, "running reference counts disagree with the slots"
-        assert all(n > 0 for n in holders.values()), "a block has a non-positive reference count"
+        live = {b: n for b, n in enumerate(self.holders) if n}
+        assert holders == live, "block reference counts disagree with the slots"
+        assert running == {b: self.running_holders[b] for b in live}, "running reference counts disagree"
+        assert all(self.running_holders[b] == 0 and self.block_hash[b] is None
+                   for b in range(self.num_blocks) if b not in live), "a free block keeps counts or a hash"
+        assert sorted(self._free_ids) == [b for b in range(self.num_blocks) if b not in live], "free list is off"
         assert self.num_evictable == sum(1 for b in holders if running[b] == 0), "evictable count is off"
-        assert len(holders) <= self.num_blocks, "more blocks in use than exist"
         assert len(self.free_slots) == len(set(self.free_slots))
         for h, b in self.index.items():
-            assert b in holders and self.block_hash.get(b) == h, "prefix index points at a dead block"
+            assert b in holders and self.block_hash[b] == h, "prefix index points at a dead block"

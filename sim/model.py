@@ -138,7 +138,7 @@ class Engine:
                 break
             used = pool.num_used_blocks
             adds = block_additions(sched, m)
-            announced = apply_decode_steps(sched, m, self.backend.take_tokens)
+            announced, done = apply_decode_steps(sched, m, self.backend.take_tokens)
             if announced:
                 self.backend.forget(announced)
             records = rec.records
@@ -151,7 +151,7 @@ class Engine:
             arrived = last >= limit  # an arrival lands during the last step: SimPy must deliver it first
             if arrived:
                 yield env.timeout(_exact_delay(env.now, last))
-            for r, out in finish_decode_steps(sched, last):  # at the end of the last step, as its commit would
+            for r, out in finish_decode_steps(sched, done, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
             steps = rec.steps
             for j in range(m - 1):
