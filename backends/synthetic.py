@@ -73,8 +73,9 @@ class SyntheticBackend:
 
     def take_tokens(self, request_id: str, count: int) -> list[int]:
         """The next count sampled tokens of a request, as count decode steps would give them."""
-        start = self._num_sampled.get(request_id, 0)
-        self._num_sampled[request_id] = start + count
+        counts = self._num_sampled
+        start = counts.get(request_id, 0)
+        counts[request_id] = start + count
         return self.tokens_for(request_id, start, count)
 
     @property

@@ -43,7 +43,9 @@ def decode_horizon(s: Scheduler) -> int:
         out = len(r.output_token_ids)
         if out == 0 or r.num_computed_tokens != len(r.prompt_token_ids) + out - 1:
             return 0  # a prefill (chunk or recompute) is still pending
-        k = min(k, r.sampling.max_tokens - out)  # up to and including the step where the first one finishes
+        left = sp.max_tokens - out
+        if left < k:
+            k = left  # up to and including the step where the first one finishes
     # KV: the jump may not need more blocks than are free (eviction or preemption would change the plan)
     free = s.pool.num_free_blocks
     if _new_blocks(s, k) <= free:
@@ -61,33 +63,25 @@ def decode_horizon(s: Scheduler) -> int:
 def _new_blocks(s: Scheduler, steps: int) -> int:
     """Blocks the running requests need to run `steps` more decode steps."""
     pool = s.pool
+    bs = pool.block_size
+    slot_blocks = pool.slot_blocks
     total = 0
     for r in s.running:
-        total += max(0, pool.blocks_for(r.num_computed_tokens + steps) - len(pool.slot_blocks[r.slot]))
+        # positions num_computed + steps must fit: ceil((num_computed + steps) / bs) blocks
+        need = -(-(r.num_computed_tokens + steps) // bs) - len(slot_blocks[r.slot])
+        if need > 0:
+            total += need
     return total
 
 
-def block_additions(s: Scheduler, steps: int) -> list[int]:
-    """adds[j]: blocks newly reserved by decode step j (0-based) of a jump of `steps` steps."""
-    adds = [0] * steps
-    pool = s.pool
-    bs = pool.block_size
-    for r in s.running:
-        capacity = len(pool.slot_blocks[r.slot]) * bs
-        # step j computes position num_computed + j, so it needs num_computed + j + 1 positions
-        first = capacity - r.num_computed_tokens  # the first step index that needs a new block
-        for j in range(max(first, 0), steps, bs):
-            adds[j] += 1
-    return adds
-
-
 def apply_decode_steps(s: Scheduler, steps: int,
-                       take_tokens: Callable[[str, int], list[int]]) -> tuple[list[str], list[Request]]:
+                       take_tokens: Callable[[str, int], list[int]]) -> tuple[list[str], list[Request], list[int]]:
     """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens.
 
-    Returns the finished ids the skipped plans would have announced to the backend, and the requests
-    that reached max_tokens in the last step, in batch order. Those are not finished here: pass them
-    to finish_decode_steps at the last step's end time.
+    Returns (announced, done, adds): the finished ids the skipped plans would have announced to the
+    backend; the requests that reached max_tokens in the last step, in batch order (not finished here:
+    pass them to finish_decode_steps at the last step's end time); and adds[j], the blocks newly
+    reserved by step j (0-based), for per-step KV samples.
     """
     announced, s._pending_finished = s._pending_finished, []
     pool = s.pool
@@ -95,15 +89,21 @@ def apply_decode_steps(s: Scheduler, steps: int,
     slot_blocks, slot_hashes, slot_tokens = pool.slot_blocks, pool.slot_hashes, pool.slot_tokens
     caching = pool.enable_prefix_caching
     done = []
+    adds = [0] * steps
     for r in s.running:
         out = r.output_token_ids
         out += take_tokens(r.request_id, steps)
         if len(out) >= r.sampling.max_tokens:
             done.append(r)
-        end = r.num_computed_tokens + steps
+        computed = r.num_computed_tokens
+        end = computed + steps
         r.num_computed_tokens = end
         slot = r.slot
-        if end > len(slot_blocks[slot]) * bs:
+        capacity = len(slot_blocks[slot]) * bs
+        if end > capacity:
+            # step j computes position computed + j, so it needs a new block from j = capacity - computed on
+            for j in range(max(capacity - computed, 0), steps, bs):
+                adds[j] += 1
             pool.reserve(slot, end)
         if caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
             pool.computed(slot, end, r.token_at)
@@ -111,7 +111,7 @@ def apply_decode_steps(s: Scheduler, steps: int,
             slot_tokens[slot] = end  # pool.computed's whole effect otherwise
     s.stats.num_steps += steps
     s._step_id += steps
-    return announced, done
+    return announced, done, adds
 
 
 def finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:

@@ -33,9 +33,8 @@ class KVPool:
         self.slot_hashes: list[list[int]] = [[] for _ in range(num_slots)]  # hashes of computed full blocks
         self.slot_tokens = [0] * num_slots  # tokens whose KV is in the slot (computed)
         # per physical block id (0 .. num_blocks - 1); lists, not dicts: a replay makes millions of blocks
-        self.holders = [0] * num_blocks  # slots holding the block (0: the block is free)
+        self.holders = [0] * num_blocks  # slots holding the block (stale while it is free)
         self.running_holders = [0] * num_blocks  # RUNNING slots holding it
-        self.block_hash: list[int | None] = [None] * num_blocks  # chained hash (full, computed blocks)
         self._free_ids = list(range(num_blocks - 1, -1, -1))  # free block ids; pop() gives the lowest
         self.index: dict[int, int] = {}  # chained hash -> block id
         self.cached_lru: OrderedDict[int, None] = OrderedDict()  # CACHED slots, least recent first
@@ -120,12 +119,30 @@ class KVPool:
             running_holders[b] = 1
         return new
 
-    def _drop(self, blocks: list[int], was_running: bool) -> None:
-        """One slot lets go of blocks; a block nobody holds any more dies (lookups hoisted: often many blocks)."""
-        holders, running_holders, block_hash, index = self.holders, self.running_holders, self.block_hash, self.index
+    def _drop(self, blocks: list[int], hashes: list[int], was_running: bool) -> None:
+        """One slot lets go of blocks; a block nobody holds any more dies (lookups hoisted: often many blocks).
+
+        hashes are the slot's chained hashes of those blocks, aligned with them (shorter when the last
+        blocks are not full): a dying block leaves the prefix index if the index points at it.
+        """
+        holders, running_holders, index = self.holders, self.running_holders, self.index
         free = self._free_ids
+        if not was_running and blocks and max(map(holders.__getitem__, blocks)) == 1:
+            # the common eviction: a cached slot that shares nothing, so every block dies; bulk, in C loops
+            # (a free block's holder count is never read again before _new_blocks sets it)
+            free += blocks
+            self.num_evictable -= len(blocks)
+            if list(map(index.get, hashes)) == blocks[: len(hashes)]:
+                for h in hashes:
+                    del index[h]
+            else:
+                for h, b in zip(hashes, blocks):
+                    if index.get(h) == b:
+                        del index[h]
+            return
         evictable = self.num_evictable
-        for b in blocks:
+        num_hashed = len(hashes)
+        for j, b in enumerate(blocks):
             n = holders[b] - 1
             holders[b] = n
             if was_running:
@@ -140,11 +157,8 @@ class KVPool:
             else:
                 evictable -= 1  # the last holder was a cached slot: it was evictable
             free.append(b)
-            h = block_hash[b]
-            if h is not None:
-                block_hash[b] = None
-                if index.get(h) == b:
-                    del index[h]
+            if j < num_hashed and index.get(hashes[j]) == b:
+                del index[hashes[j]]
         self.num_evictable = evictable
 
     def acquire_slot(self) -> tuple[int, int | None]:
@@ -172,7 +186,7 @@ class KVPool:
 
     def _evict(self, slot: int) -> None:
         del self.cached_lru[slot]
-        self._drop(self.slot_blocks[slot], was_running=False)
+        self._drop(self.slot_blocks[slot], self.slot_hashes[slot], was_running=False)
         self.slot_blocks[slot] = []
         self.slot_hashes[slot] = []
         self.slot_tokens[slot] = 0
@@ -183,13 +197,14 @@ class KVPool:
         """Take over a CACHED slot for a new request, keeping its first num_blocks blocks."""
         del self.cached_lru[slot]
         blocks = self.slot_blocks[slot]
-        self._drop(blocks[num_blocks:], was_running=False)
+        self._drop(blocks[num_blocks:], self.slot_hashes[slot][num_blocks:], was_running=False)
         kept = blocks[:num_blocks]
+        running_holders = self.running_holders
         for b in kept:
-            r = self.running_holders[b]
+            r = running_holders[b]
             if r == 0:
                 self.num_evictable -= 1
-            self.running_holders[b] = r + 1
+            running_holders[b] = r + 1
         self.slot_blocks[slot] = kept
         self.slot_hashes[slot] = self.slot_hashes[slot][:num_blocks]
         self.slot_tokens[slot] = num_blocks * self.block_size
@@ -247,13 +262,20 @@ class KVPool:
         if done and (len(known) < done or known[done - 1] != parent):
             known = ()  # not this slot's chain: hash from the tokens
         blocks = self.slot_blocks[slot]
-        block_hash, index = self.block_hash, self.index
+        index = self.index
+        if len(known) >= full:  # a prefill of known prompt blocks: index them in bulk when none is there yet
+            new = dict(zip(known[done:full], blocks[done:full]))
+            hashes += known[done:full]
+            if index.keys().isdisjoint(new):
+                index.update(new)
+            else:
+                for h, b in zip(known[done:full], blocks[done:full]):
+                    index.setdefault(h, b)
+            return
         for j in range(done, full):
             parent = known[j] if j < len(known) else hash((parent, tuple(token_source(j * bs, (j + 1) * bs))))
             hashes.append(parent)
-            b = blocks[j]
-            block_hash[b] = parent
-            index.setdefault(parent, b)
+            index.setdefault(parent, blocks[j])
 
     def release(self, slot: int, keep_cached: bool) -> bool:
         """A RUNNING slot's request left: keep its computed KV as cache, or free it.
@@ -263,13 +285,19 @@ class KVPool:
         """
         blocks = self.slot_blocks[slot]
         keep = self.blocks_for(self.slot_tokens[slot]) if keep_cached and self.enable_prefix_caching else 0
-        self._drop(blocks[keep:], was_running=True)
+        self._drop(blocks[keep:], self.slot_hashes[slot][keep:], was_running=True)
         kept = blocks[:keep]
-        for b in kept:
-            r = self.running_holders[b] - 1
-            self.running_holders[b] = r
-            if r == 0:
-                self.num_evictable += 1
+        running_holders = self.running_holders
+        if kept and max(map(running_holders.__getitem__, kept)) == 1:  # common: no other running slot shares them
+            for b in kept:
+                running_holders[b] = 0
+            self.num_evictable += len(kept)
+        else:
+            for b in kept:
+                r = running_holders[b] - 1
+                running_holders[b] = r
+                if r == 0:
+                    self.num_evictable += 1
         if keep:
             self.slot_blocks[slot] = kept
             self.slot_state[slot] = CACHED
@@ -300,13 +328,18 @@ class KVPool:
             for b in blocks:
                 holders[b] = holders.get(b, 0) + 1
                 running[b] = running.get(b, 0) + (state == RUNNING)
-        live = {b: n for b, n in enumerate(self.holders) if n}
+        free_ids = set(self._free_ids)
+        assert len(free_ids) == len(self._free_ids), "a block id is free twice"
+        live = {b: n for b, n in enumerate(self.holders) if b not in free_ids}  # a free block's count is stale
         assert holders == live, "block reference counts disagree with the slots"
         assert running == {b: self.running_holders[b] for b in live}, "running reference counts disagree"
-        assert all(self.running_holders[b] == 0 and self.block_hash[b] is None
-                   for b in range(self.num_blocks) if b not in live), "a free block keeps counts or a hash"
-        assert sorted(self._free_ids) == [b for b in range(self.num_blocks) if b not in live], "free list is off"
+        assert all(self.running_holders[b] == 0 for b in range(self.num_blocks) if b not in live), \
+            "a free block keeps a running count"
         assert self.num_evictable == sum(1 for b in holders if running[b] == 0), "evictable count is off"
         assert len(self.free_slots) == len(set(self.free_slots))
+        block_hash: dict[int, int] = {}
+        for slot in range(self.num_slots):
+            for b, h in zip(self.slot_blocks[slot], self.slot_hashes[slot]):
+                assert block_hash.setdefault(b, h) == h, f"slots disagree on the hash of block {b}"
         for h, b in self.index.items():
-            assert b in holders and self.block_hash[b] == h, "prefix index points at a dead block"
+            assert b in holders and block_hash.get(b) == h, "prefix index points at a dead or unhashed block"

@@ -22,7 +22,7 @@ import simpy.rt
 
 from backends.cost_base import StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
-from scheduler._fastforward import apply_decode_steps, block_additions, decode_horizon, finish_decode_steps
+from scheduler._fastforward import apply_decode_steps, decode_horizon, finish_decode_steps
 from sim.records import RequestRecord, RunResult, StepSample
 from sim.workload import Workload, WorkloadRequest
 
@@ -137,14 +137,13 @@ class Engine:
             if m == 0:
                 break
             used = pool.num_used_blocks
-            adds = block_additions(sched, m)
-            announced, done = apply_decode_steps(sched, m, self.backend.take_tokens)
+            announced, done, adds = apply_decode_steps(sched, m, self.backend.take_tokens)
             if announced:
                 self.backend.forget(announced)
             records = rec.records
             for r in running:
                 record = records[r.request_id]
-                record.token_times_s.extend(ends)
+                record.token_times_s += ends
                 record.num_output_tokens += m
             waiting = len(sched.waiting)
             last = ends[-1]
