@@ -104,11 +104,11 @@ def apply_decode_steps(s: Scheduler, steps: int,
             # step j computes position computed + j, so it needs a new block from j = capacity - computed on
             for j in range(max(capacity - computed, 0), steps, bs):
                 adds[j] += 1
-            pool.reserve(slot, end)
-        if caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
-            pool.computed(slot, end, r.token_at)
+            pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
+        elif caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
+            pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
         else:
-            slot_tokens[slot] = end  # pool.computed's whole effect otherwise
+            slot_tokens[slot] = end  # pool.decoded's whole effect otherwise
     s.stats.num_steps += steps
     s._step_id += steps
     return announced, done, adds

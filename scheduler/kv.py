@@ -72,7 +72,7 @@ class KVPool:
         append = out.append
         parent = _ROOT_HASH
         # zip over bs references to one iterator yields the full blocks as tuples, equal to the slices
-        for block in islice(zip(*[iter(token_ids)] * bs), max(max_blocks, 0)):
+        for block in islice(zip(*[iter(token_ids)] * bs, strict=False), max(max_blocks, 0)):
             parent = hash((parent, block))
             append(parent)
         return out
@@ -136,7 +136,7 @@ class KVPool:
                 for h in hashes:
                     del index[h]
             else:
-                for h, b in zip(hashes, blocks):
+                for h, b in zip(hashes, blocks, strict=False):
                     if index.get(h) == b:
                         del index[h]
             return
@@ -264,16 +264,45 @@ class KVPool:
         blocks = self.slot_blocks[slot]
         index = self.index
         if len(known) >= full:  # a prefill of known prompt blocks: index them in bulk when none is there yet
-            new = dict(zip(known[done:full], blocks[done:full]))
+            new = dict(zip(known[done:full], blocks[done:full], strict=True))
             hashes += known[done:full]
             if index.keys().isdisjoint(new):
                 index.update(new)
             else:
-                for h, b in zip(known[done:full], blocks[done:full]):
+                for h, b in zip(known[done:full], blocks[done:full], strict=True):
                     index.setdefault(h, b)
             return
         for j in range(done, full):
             parent = known[j] if j < len(known) else hash((parent, tuple(token_source(j * bs, (j + 1) * bs))))
+            hashes.append(parent)
+            index.setdefault(parent, blocks[j])
+
+    def decoded(self, slot: int, num_tokens: int, num_prompt_tokens: int, output_token_ids: list[int],
+                token_source) -> None:
+        """reserve(slot, num_tokens) and computed(slot, num_tokens, token_source) after decode steps, in one call.
+
+        Decode steps only add generated tokens, so a new full block is hashed from output_token_ids
+        directly (token_source, for positions [start, stop), serves a block that still holds prompt tokens).
+        """
+        bs = self.block_size
+        blocks = self.slot_blocks[slot]
+        need = -(-num_tokens // bs) - len(blocks)
+        if need > 0:
+            blocks += self._new_blocks(need)
+        self.slot_tokens[slot] = num_tokens
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.slot_hashes[slot]
+        done = len(hashes)
+        full = num_tokens // bs
+        if done >= full:
+            return
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        index = self.index
+        for j in range(done, full):
+            lo = j * bs - num_prompt_tokens
+            block = tuple(output_token_ids[lo : lo + bs]) if lo >= 0 else tuple(token_source(j * bs, (j + 1) * bs))
+            parent = hash((parent, block))
             hashes.append(parent)
             index.setdefault(parent, blocks[j])
 
@@ -339,7 +368,7 @@ class KVPool:
         assert len(self.free_slots) == len(set(self.free_slots))
         block_hash: dict[int, int] = {}
         for slot in range(self.num_slots):
-            for b, h in zip(self.slot_blocks[slot], self.slot_hashes[slot]):
+            for b, h in zip(self.slot_blocks[slot], self.slot_hashes[slot], strict=False):
                 assert block_hash.setdefault(b, h) == h, f"slots disagree on the hash of block {b}"
         for h, b in self.index.items():
             assert b in holders and block_hash.get(b) == h, "prefix index points at a dead or unhashed block"

@@ -137,6 +137,10 @@ def check_invariants(sched: Scheduler) -> None:
         if not r.padding and pool.slot_tokens[r.slot] != r.num_computed_tokens:
             _fail(f"slot {r.slot} holds {pool.slot_tokens[r.slot]} tokens, "
                   f"{r.request_id} computed {r.num_computed_tokens}")
+        if pool.enable_prefix_caching and not r.padding:
+            n = r.num_computed_tokens
+            if pool.slot_hashes[r.slot] != pool.chain_hashes(r.token_at(0, n), n // pool.block_size):
+                _fail(f"slot {r.slot}: the prefix index hashes are not those of {r.request_id}'s computed tokens")
     try:
         pool.check()
     except AssertionError as exc:

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from itertools import accumulate
 from typing import Any
 
 import simpy
@@ -153,10 +154,14 @@ class Engine:
             for r, out in finish_decode_steps(sched, done, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
             steps = rec.steps
-            for j in range(m - 1):
-                used += adds[j]
-                steps.append(StepSample(self.index, start, ends[j], n, 0, n, waiting, n, used, pool.num_blocks))
-                start = ends[j]
+            if m > 1:
+                index, total = self.index, pool.num_blocks
+                starts = [start, *ends[: m - 2]]
+                useds = accumulate(adds[: m - 1], initial=used)
+                next(useds)  # the running total after each step, not before the first
+                steps += [StepSample(index, a, b, n, 0, n, waiting, n, u, total)
+                          for a, b, u in zip(starts, ends, useds, strict=False)]
+                start = ends[m - 2]
             # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
             steps.append(StepSample(self.index, start, last, n, 0, n, len(sched.waiting), len(sched.running),
                                     pool.num_used_blocks, pool.num_blocks))
@@ -196,11 +201,16 @@ class Recorder:
     def output(self, out, r: Request, now: float) -> None:
         """Apply one RequestOutput."""
         rec = self.records[out.request_id]
-        if out.new_token_ids:
+        new = out.new_token_ids
+        if new:
             if rec.first_token_s is None:
                 rec.first_token_s = now
-            rec.token_times_s.extend([now] * len(out.new_token_ids))
-            rec.num_output_tokens += len(out.new_token_ids)
+            if len(new) == 1:
+                rec.token_times_s.append(now)
+                rec.num_output_tokens += 1
+            else:
+                rec.token_times_s += [now] * len(new)
+                rec.num_output_tokens += len(new)
         if out.finished:
             rec.finish_s = now
             rec.finish_reason = out.finish_reason
