@@ -4,8 +4,11 @@ Between two events (an arrival, a finish, an abort, a KV shortfall, an admission
 a continuous-batching engine repeats the same pure-decode step with every context
 one token longer. A driver that knows the tokens in advance (a simulated backend
 that never stops early) can apply K such steps at once: ``decode_horizon`` says
-how many steps are certain to be pure decode, ``apply_decode_steps`` applies them.
-The result is the state K plain schedule/commit rounds would leave (tests prove it).
+how many steps are certain to be pure decode up to the first finish,
+``decode_run_horizon`` how many when finishes change nothing but the batch (no
+request waits, finished KV stays cached), and ``apply_decode_steps`` applies them;
+``finish_decode_steps`` retires the requests that got their last token. The
+result is the state K plain schedule/commit rounds would leave (tests prove it).
 """
 
 from __future__ import annotations
@@ -74,14 +77,52 @@ def _new_blocks(s: Scheduler, steps: int) -> int:
     return total
 
 
-def apply_decode_steps(s: Scheduler, steps: int,
-                       take_tokens: Callable[[str, int], list[int]]) -> tuple[list[str], list[Request], list[int]]:
-    """Apply `steps` pure-decode steps at once; take_tokens(request_id, k) gives each request's next k tokens.
+def decode_run_horizon(s: Scheduler) -> int:
+    """Steps a decode run may take across finishes (each request stops at its own max_tokens), or 0.
 
-    Returns (announced, done, adds): the finished ids the skipped plans would have announced to the
-    backend; the requests that reached max_tokens in the last step, in batch order (not finished here:
-    pass them to finish_decode_steps at the last step's end time); and adds[j], the blocks newly
-    reserved by step j (0-based), for per-step KV samples.
+    Finishes may be skipped over only when nothing else changes at them: no request waits (none can
+    be admitted into the freed slot) and finished KV stays cached (no KVRemove joins the next plan).
+    The run is bounded by the last finish and by the free blocks: it may never need an eviction.
+    Call after decode_horizon(s) > 0.
+    """
+    if s.waiting or not s.pool.enable_prefix_caching:
+        return 0
+    running = s.running
+    pool = s.pool
+    bs = pool.block_size
+    slot_blocks = pool.slot_blocks
+    free = pool.num_free_blocks
+
+    def need(steps: int) -> int:
+        total = 0
+        for r in running:
+            left = r.sampling.max_tokens - len(r.output_token_ids)
+            extra = -(-(r.num_computed_tokens + (left if left < steps else steps)) // bs) - len(slot_blocks[r.slot])
+            if extra > 0:
+                total += extra
+        return total
+
+    k = max(r.sampling.max_tokens - len(r.output_token_ids) for r in running)
+    if need(k) <= free:
+        return k
+    lo, hi = 0, k  # need() is monotone in the number of steps
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if need(mid) <= free:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]
+                       ) -> tuple[list[str], list[tuple[int, Request]], list[int]]:
+    """Apply up to `steps` pure-decode steps at once; each request stops at its max_tokens.
+
+    take_tokens(request_id, k) gives a request's next k tokens. Returns (announced, done, adds): the
+    finished ids the next plan would have announced to the backend; (step, request) for each request
+    that got its last token at that step (0-based), by step then batch order (not finished here: pass
+    them to finish_decode_steps); and adds[j], the blocks newly reserved by step j.
     """
     announced, s._pending_finished = s._pending_finished, []
     pool = s.pool
@@ -92,28 +133,37 @@ def apply_decode_steps(s: Scheduler, steps: int,
     adds = [0] * steps
     for r in s.running:
         out = r.output_token_ids
-        out += take_tokens(r.request_id, steps)
-        if len(out) >= r.sampling.max_tokens:
-            done.append(r)
+        left = r.sampling.max_tokens - len(out)
+        n = left if left < steps else steps
+        out += take_tokens(r.request_id, n)
+        if n == left:
+            done.append((n - 1, r))
         computed = r.num_computed_tokens
-        end = computed + steps
+        end = computed + n
         r.num_computed_tokens = end
         slot = r.slot
         capacity = len(slot_blocks[slot]) * bs
         if end > capacity:
             # step j computes position computed + j, so it needs a new block from j = capacity - computed on
-            for j in range(max(capacity - computed, 0), steps, bs):
+            for j in range(max(capacity - computed, 0), n, bs):
                 adds[j] += 1
             pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
         elif caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
             pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
         else:
             slot_tokens[slot] = end  # pool.decoded's whole effect otherwise
+    done.sort(key=lambda x: x[0])  # stable: batch order within a step
     s.stats.num_steps += steps
     s._step_id += steps
     return announced, done, adds
 
 
 def finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:
-    """Finish (length) the requests apply_decode_steps reported done, in batch order, as a commit at now_s would."""
+    """Finish (length) requests that got their last token in a skipped step ending at now_s, in batch order."""
     return [(r, s._finish(r, FinishReason.LENGTH, now_s)) for r in done]
+
+
+def take_announced(s: Scheduler) -> list[str]:
+    """Finished ids pending for the next plan, taken now: a skipped step's plan announced them."""
+    announced, s._pending_finished = s._pending_finished, []
+    return announced

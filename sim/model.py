@@ -15,7 +15,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from itertools import accumulate
 from typing import Any
 
 import simpy
@@ -23,7 +22,13 @@ import simpy.rt
 
 from backends.cost_base import StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
-from scheduler._fastforward import apply_decode_steps, decode_horizon, finish_decode_steps
+from scheduler._fastforward import (
+    apply_decode_steps,
+    decode_horizon,
+    decode_run_horizon,
+    finish_decode_steps,
+    take_announced,
+)
 from sim.records import RequestRecord, RunResult, StepSample
 from sim.workload import Workload, WorkloadRequest
 
@@ -110,9 +115,10 @@ class Engine:
     def _jump(self, k: int):
         """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.
 
-        Each segment runs up to k steps (k from decode_horizon: to the first finish); when it ends
-        with a finish before the next arrival, the finished requests are retired at their exact time
-        and the next segment starts, without a plain step or a SimPy event in between.
+        A run covers up to k steps (decode_horizon: to the first finish), or, when finishes change
+        nothing but the batch (decode_run_horizon), every step to the last finish. Requests that
+        finish inside the run are retired at their exact times; no plain step or SimPy event is
+        needed until the next arrival.
         """
         env, sched, rec = self.env, self.scheduler, self.recorder
         limit = self.clock.next_arrival_s
@@ -122,18 +128,40 @@ class Engine:
         pool = sched.pool
         t = env.now
         while k > 0:
-            running = sched.running
-            n = len(running)
-            context = sum(r.num_computed_tokens for r in running) + n
-            price = self._pricer(running)
-            start = t
+            running = list(sched.running)
+            horizon = decode_run_horizon(sched) or k
+            # the timeline: steps of the shrinking batch, priced per stretch between finishes
+            left = sorted((r.sampling.max_tokens - len(r.output_token_ids), i) for i, r in enumerate(running))
+            alive = list(running)
+            run_start = t
+            base = sum(r.num_computed_tokens for r in running) + len(running)  # context at step 0
             ends: list[float] = []
-            for j in range(k):
-                t_next = t + price(context + j * n)
-                if (t if straddle else t_next) >= limit:
-                    break  # the arrival must be seen by the next plan: leave it to a plain step
-                ends.append(t_next)
-                t = t_next
+            sizes: list[int] = []
+            j = 0
+            f = 0  # index into left: the next requests to finish
+            stop = False
+            while j < horizon and not stop:
+                n = len(alive)
+                price = self._pricer(alive)
+                stretch_end = min(left[f][0], horizon)  # steps j .. stretch_end - 1 have this batch
+                while j < stretch_end:
+                    t_next = t + price(base + j * n)
+                    if (t if straddle else t_next) >= limit:
+                        stop = True  # the arrival must be seen by the next plan: leave it to a plain step
+                        break
+                    ends.append(t_next)
+                    sizes.append(n)
+                    t = t_next
+                    j += 1
+                if stop or j >= horizon:
+                    break
+                gone = set()
+                while f < len(left) and left[f][0] == j:  # these got their last token at step j - 1
+                    r = running[left[f][1]]
+                    gone.add(r.request_id)
+                    base -= r.num_computed_tokens + 1
+                    f += 1
+                alive = [r for r in alive if r.request_id not in gone]
             m = len(ends)
             if m == 0:
                 break
@@ -142,30 +170,44 @@ class Engine:
             if announced:
                 self.backend.forget(announced)
             records = rec.records
+            last_step = {r.request_id: step for step, r in done}  # requests that got their last token
             for r in running:
                 record = records[r.request_id]
-                record.token_times_s += ends
-                record.num_output_tokens += m
-            waiting = len(sched.waiting)
+                got = last_step.get(r.request_id, m - 1) + 1  # tokens, one at the end of each step it was in
+                record.token_times_s += ends if got == m else ends[:got]
+                record.num_output_tokens += got
             last = ends[-1]
+            # requests that finished before the last step: retired at their step's end, and announced to
+            # the backend by the later skipped plans, as plain steps would
+            finals = [r for step, r in done if step == m - 1]
+            early = [(step, r) for step, r in done if step < m - 1]
+            for step, r in early:
+                for x, out in finish_decode_steps(sched, [r], ends[step]):
+                    rec.output(out, x, ends[step])
+            if early:
+                self.backend.forget(take_announced(sched))
+            waiting = len(sched.waiting)
             arrived = last >= limit  # an arrival lands during the last step: SimPy must deliver it first
             if arrived:
                 yield env.timeout(_exact_delay(env.now, last))
-            for r, out in finish_decode_steps(sched, done, last):  # at the end of the last step, as its commit would
+            for r, out in finish_decode_steps(sched, finals, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
             steps = rec.steps
-            if m > 1:
-                index, total = self.index, pool.num_blocks
-                starts = [start, *ends[: m - 2]]
-                useds = accumulate(adds[: m - 1], initial=used)
-                next(useds)  # the running total after each step, not before the first
-                steps += [StepSample(index, a, b, n, 0, n, waiting, n, u, total)
-                          for a, b, u in zip(starts, ends, useds, strict=False)]
-                start = ends[m - 2]
+            index, total = self.index, pool.num_blocks
+            finished_at = [0] * m
+            for step, _ in done:
+                finished_at[step] += 1
+            u = used
+            s0 = run_start
+            for j in range(m - 1):
+                u += adds[j]
+                steps.append(StepSample(index, s0, ends[j], sizes[j], 0, sizes[j], waiting,
+                                        sizes[j] - finished_at[j], u, total))
+                s0 = ends[j]
             # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
-            steps.append(StepSample(self.index, start, last, n, 0, n, len(sched.waiting), len(sched.running),
-                                    pool.num_used_blocks, pool.num_blocks))
-            if arrived or m < k:
+            steps.append(StepSample(index, s0, last, sizes[-1], 0, sizes[-1], len(sched.waiting),
+                                    len(sched.running), pool.num_used_blocks, total))
+            if arrived or m < horizon:
                 break
             k = decode_horizon(sched)
         if t > env.now:
@@ -279,6 +321,11 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
         env.run(until=simpy.AllOf(env, procs))
     finally:
         if collecting:
+            if gc.get_freeze_count() == 0:
+                # the run's survivors would make the first young collection scan all of them (~0.15 s for a
+                # full trace); promote them to the oldest generation unscanned, as if they had aged there
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
     for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
         s.release_cache()
