@@ -15,6 +15,7 @@ per KV op and copied token.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from scheduler.messages import StepPlan
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
            "idle_wakeup_s")
 SPLIT = ("n_batch", "n_ubatch", "kv_unified")
+OPTIONAL = ("run_factor",)  # params a profile may omit (older profiles): their defaults apply
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 
 
@@ -202,6 +204,9 @@ class TableCostModel:
     per_copied_token_s: float = 0.0
     per_attention_pair_s: float = 0.0
     idle_wakeup_s: float = 0.0  # extra time of the first step after the engine idled (threads and caches wake)
+    # every step's price times this: what a real-time serving run adds to the calibration grid's step times
+    # (the driver's own work between steps, occasional slow steps), fitted on a short real-time probe run
+    run_factor: float = 1.0
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -210,6 +215,9 @@ class TableCostModel:
 
     def __post_init__(self) -> None:
         check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
+        f = self.run_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0:
+            raise CostModelError(f"TableCostModel: run_factor must be a number in [0.5, 2], got {f!r}")
         for n in ("n_batch", "n_ubatch"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -245,7 +253,7 @@ class TableCostModel:
                   + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
             pairs += u.attention_pairs
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
-        return 0.0 if shape.is_empty else max(t, 1e-6)
+        return 0.0 if shape.is_empty else max(t * self.run_factor, 1e-6)
 
     def step_time_s(self, plan: StepPlan) -> float:
         """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
@@ -286,8 +294,8 @@ class TableCostModel:
         for u in ubatches:
             t0 += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
                    + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
-        k = self.per_attention_pair_s
-        return lambda ctx: max(t0 + k * ctx, 1e-6)
+        k, f = self.per_attention_pair_s, self.run_factor
+        return lambda ctx: max((t0 + k * ctx) * f, 1e-6)
 
     def predict_s(self, feats: StepFeatures) -> float:
         """Seconds from counters alone (no slots): decodes as one ubatch, each prefill chunk as its own."""
@@ -307,7 +315,7 @@ class TableCostModel:
     # -- JSON ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         """{"kind": "table", "params", "meta"}."""
-        params = {n: getattr(self, n) for n in SCALARS + SPLIT}
+        params = {n: getattr(self, n) for n in SCALARS + SPLIT + OPTIONAL}
         for knots_name, values_name in TABLES:
             params[knots_name] = list(getattr(self, knots_name))
             params[values_name] = list(getattr(self, values_name))
@@ -319,11 +327,11 @@ class TableCostModel:
         if not isinstance(params, dict):
             raise CostModelError(f"{source}: 'params' of a table cost model must be an object")
         expected = set(SCALARS + SPLIT) | {n for pair in TABLES for n in pair}
-        missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected)
+        missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected - set(OPTIONAL))
         if missing or unknown:
             raise CostModelError(f"{source}: table cost model params: missing {', '.join(missing) or 'none'}; "
                                  f"unknown {', '.join(unknown) or 'none'}")
-        kw = {n: params[n] for n in SCALARS + SPLIT}
+        kw = {n: params[n] for n in SCALARS + SPLIT + OPTIONAL if n in params}
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):
@@ -341,7 +349,7 @@ class TableCostModel:
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
         return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
                 f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk, "
-                f"kv_unified={self.kv_unified}{quality}")
+                f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{quality}")
 
 
 @dataclass(frozen=True, slots=True)

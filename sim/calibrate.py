@@ -24,6 +24,7 @@ import numpy as np
 from backends.cost_table import TableCostModel, fit_table, percent_errors
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
+from sim.model import run_workload
 from sim.validate import build_info, load_snapshot, machine_info, model_fingerprint, step_kind
 
 HOLD_OUT_EVERY = 4
@@ -302,9 +303,58 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
         cal = fit_and_score(samples, split, name, meta)
         cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
+        factor, probe = probe_run_factor(b, config, cal.model, quick, seed, say)
+        cal.model = replace(cal.model, run_factor=factor, meta={**cal.model.meta, "run_probe": probe})
+        cal.meta, cal.stats["run_probe"] = cal.model.meta, probe
         return cal
     finally:
         close_instances(backends)
+
+
+# -- the real-time run factor ---------------------------------------------------------------
+PROBE = {"requests": 48, "quick_requests": 16, "prompt": "uniform:16,240", "output": "uniform:4,40",
+         "shared_prefix_tokens": 32, "prefix_groups": 4, "load": 0.7, "policy": "continuous"}
+
+
+def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
+                     say: Callable[[str], None]) -> tuple[float, dict]:
+    """Fit run_factor: sum of measured / sum of priced step times over a short real-time serving run.
+
+    The grid times steps back to back in a plain loop. A serving run also spends the driver's own work
+    between steps (SimPy, records; about 0.1-0.25 ms a step here) and meets occasional slow steps that
+    the grid's median of repeats leaves out; both land on every latency. The probe is a synthetic
+    workload (uniform prompts and outputs, shared prefixes, Poisson arrivals at 0.7x the capacity the
+    fitted model predicts), run by the same real-time driver `tokenstep validate` measures with, so
+    the factor is fitted on other requests than any validation workload.
+    """
+    from sim.validate import TimedBackend, estimate_capacity, retime
+    from sim.workload import synthetic_workload
+
+    n = PROBE["quick_requests"] if quick else PROBE["requests"]
+    base = synthetic_workload("poisson", 1.0, n, PROBE["prompt"], PROBE["output"], seed + 7919,
+                              shared_prefix_tokens=PROBE["shared_prefix_tokens"],
+                              num_prefix_groups=PROBE["prefix_groups"])
+    rate = PROBE["load"] * estimate_capacity(model, base, PROBE["policy"], config)
+    say(f"calibrate: real-time probe: {n} requests at {rate:.2f} req/s ({PROBE['load']}x the fitted capacity)")
+    timed = TimedBackend(backend)
+    t0 = time.perf_counter()
+    run_workload(retime(base, rate, seed + 7919), PROBE["policy"], config, [timed], realtime=True)
+    backend.clear_kv()
+    priced = [(model.time_s(plan, idle), t) for plan, t, _gap, idle in timed.samples if plan.chunks]
+    if not priced:
+        raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
+    measured, predicted = sum(t for _, t in priced), sum(p for p, _ in priced)
+    factor = min(max(measured / predicted, 0.5), 2.0)
+    gaps = [g for _plan, _t, g, _idle in timed.samples]
+    probe = {**PROBE, "requests": n, "rate_rps": rate, "steps": len(priced),
+             "wall_s": round(time.perf_counter() - t0, 1),
+             "measured_s": measured, "predicted_s": predicted, "run_factor": factor,
+             "driver_ms_per_step": float(np.mean(gaps)) * 1e3 if gaps else None,
+             "note": "run_factor = sum of measured / sum of grid-priced step times of this real-time run"}
+    probe.pop("quick_requests")
+    say(f"calibrate: probe: {len(priced)} steps, measured/priced {factor:.4f}, driver "
+        f"{probe['driver_ms_per_step']:.2f} ms/step, {probe['wall_s']} s")
+    return factor, probe
 
 
 # -- the measured steps as a file (for audits, re-fits and tests) -------------------------
@@ -368,4 +418,10 @@ def refit(path: str | os.PathLike, name: str) -> Calibration:
     samples = [(r["plan"], step_time(r["repeats_s"]), bool(r.get("after_idle"))) for r in rows]
     cal = fit_and_score(samples, header["split"], name, meta)
     cal.labels, cal.repeat_times = [r["scenario"] for r in rows], [r["repeats_s"] for r in rows]
+    probe = header["meta"].get("run_probe")
+    if isinstance(probe, dict) and "run_factor" in probe:
+        # kept: the probe's factor was fitted against the original grid fit; a refit of the same samples
+        # gives the same fit, so the factor still applies
+        cal.model = replace(cal.model, run_factor=float(probe["run_factor"]))
+        cal.stats["run_probe"] = probe
     return cal

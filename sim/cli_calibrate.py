@@ -82,6 +82,12 @@ def report(meta: dict, stats: dict, path: Path) -> str:
         lines.append(f"  {kind:<18} {_pct(s)}")
     lines.append(f"table model on the steps it was fitted on: {_pct(stats['train'])}")
     lines.append(f"linear 'fitted' form on the same held-out steps: {_pct(stats['linear_fitted_held_out'])}")
+    probe = stats.get("run_probe")
+    if probe:
+        lines.append(f"run factor x{probe['run_factor']:.4f}: a real-time serving run of {probe['requests']} synthetic "
+                     f"requests at {probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps "
+                     f"priced by the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow "
+                     "steps); every price is multiplied by it")
     lines.append(f"profile written to {path}")
     return "\n".join(lines)
 

@@ -6,7 +6,7 @@ SimPy real time; the predicted side runs SyntheticBackend(profile) in virtual ti
 load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts for the
 workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
 the workload's lengths. Default workload: the bundled default trace slice at length
-scale 0.1 with its 32-token shared prefixes, first 40 requests.
+scale 0.1 with its 32-token shared prefixes, all 200 requests (about 6 minutes here).
 
 Prints measured vs predicted TTFT, TPOT, E2E (mean, p50, p90, p99) and throughput with
 (predicted - measured) / measured, against the targets (means and throughput within 5%,
@@ -37,7 +37,7 @@ from sim.cli_output import out_dir
 from sim.report import _plain as plain
 from sim.validate import STATS, TARGET_PCT, misses
 
-DEFAULT_LIMIT = 40
+DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +197,8 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
             "machine": meta.get("machine")}
     doc = {"profile": prof, "ttft_timing": TTFT_NOTE, "setup": setup, "warnings": warnings, "out_dir": str(out),
            "loads": [{"rate": ld["rate"], "policy": policy, "label": ld["factor_label"], "measured": ld["measured"],
-                      "predicted": ld["predicted"], "rel_error": ld["rel_error"], "steps": ld["steps"],
+                      "predicted": ld["predicted"], "rel_error": ld["rel_error"],
+                      "sampling_noise": ld.get("sampling_noise"), "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
     text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
                        + [format_load(ld, policy) for ld in loads])
@@ -231,16 +232,19 @@ def _fmt_rel(v: float | None, target: float | None) -> str:
 def format_load(load: dict, policy: str) -> str:
     """The measured-vs-predicted table of one load, its misses and the step-kind breakdown."""
     m, p, r = load["measured"], load["predicted"], load["rel_error"]
-    rows = [("metric", "measured", "predicted", "rel. error")]
+    noise = load.get("sampling_noise") or {}
+    rows = [("metric", "measured", "predicted", "rel. error", "sampling 95%")]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
-            rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s))))
+            ci = (noise.get(k) or {}).get(s)
+            rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
+                         f"{ci[0] * 100:+.0f}..{ci[1] * 100:+.0f}%" if ci else ""))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
-                 _fmt_rel(tp, TARGET_PCT["throughput_rps"])))
-    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+                 _fmt_rel(tp, TARGET_PCT["throughput_rps"]), ""))
+    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
              f"{m['num_requests']} requests"]
     for i, row in enumerate(rows):
@@ -251,6 +255,9 @@ def format_load(load: dict, policy: str) -> str:
     bad = misses(r)
     lines.append("targets (means and throughput within 5%, p90/p99 within 10%): "
                  + ("all met" if not bad else "missed " + ", ".join(bad)))
+    if noise:
+        lines.append("sampling 95%: bootstrap interval of the measured statistic over its requests (how far another "
+                     "draw of as many requests could move it)")
     cpu = load["cpu_load"]
     if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
         psi = cpu["before"]["cpu_pressure_some_avg10_pct"]

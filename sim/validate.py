@@ -152,6 +152,36 @@ def rel_errors(measured: dict, predicted: dict) -> dict:
     return out
 
 
+BOOTSTRAP = 2000  # resamples for the measured statistics' sampling intervals
+
+
+def sampling_noise(run: RunResult, seed: int = 0) -> dict:
+    """95% bootstrap interval of each measured statistic, relative to its value: how far the same statistic
+    could land on another draw of this many requests from the same system.
+
+    A p99 of 200 requests is about the second largest value; when the largest values are requests of
+    a few tokens whose inter-token gap did or did not coincide with a long prefill step, another draw
+    moves it by tens of percent. This says whether a prediction error is larger than that.
+    """
+    from sim.metrics import is_finished, request_latencies
+
+    lat = [request_latencies(r) for r in run.records if is_finished(r)]
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    qs = {"p50": 50, "p90": 90, "p99": 99}
+    for k in METRICS:
+        v = np.asarray([x[k] for x in lat if x[k] is not None], dtype=float)
+        if v.size < 2:
+            out[k] = {s: None for s in STATS}
+            continue
+        draws = v[rng.integers(0, v.size, size=(BOOTSTRAP, v.size))]
+        point = {"mean": v.mean(), **{s: np.percentile(v, q) for s, q in qs.items()}}
+        boot = {"mean": draws.mean(axis=1), **{s: np.percentile(draws, q, axis=1) for s, q in qs.items()}}
+        out[k] = {s: [float(np.percentile(boot[s], q) / point[s] - 1) for q in (2.5, 97.5)] if point[s] else None
+                  for s in STATS}
+    return out
+
+
 def misses(rel: dict) -> list[str]:
     """Cells outside the targets (means and throughput within 5 %, p90/p99 within 10 %)."""
     out = []
@@ -206,6 +236,7 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
     step_s = [s[1] for s in samples]
     return {"rate": rate, "workload": w, "measured_run": measured, "predicted_run": predicted,
             "measured": sm, "predicted": sp, "rel_error": rel_errors(sm, sp), "steps": step_breakdown(samples, profile),
+            "sampling_noise": sampling_noise(measured, seed),
             "cpu_load": {"before": before, "after": after},
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}

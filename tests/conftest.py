@@ -28,12 +28,15 @@ def llama_model(default_model_path):
 
 @pytest.fixture(scope="session")
 def llama_backend(llama_model):
-    """A LlamaCppBackend (16 slots, n_ctx 4096, 2 threads, logits kept) shared by the session.
+    """A LlamaCppBackend (16 slots, n_ctx 4096, 2 threads, logits kept, a KV stream per slot) shared by the session.
 
-    Tests that use it start from clear_kv() themselves; they must not close it.
+    A stream per slot (kv_unified=False, not the default) makes llama.cpp batch only consecutive slots with
+    equal token counts, which the bit-exact batching tests rely on; the default unified layout is covered by
+    the engine and KV tests. Tests that use it start from clear_kv() themselves; they must not close it.
     """
     from backends.llamacpp import LlamaCppBackend
 
-    backend = LlamaCppBackend(llama_model, n_ctx=4096, n_seq_max=16, n_threads=2, return_logits=True)
+    backend = LlamaCppBackend(llama_model, n_ctx=4096, n_seq_max=16, n_threads=2, return_logits=True,
+                              kv_unified=False)
     yield backend
     backend.close()

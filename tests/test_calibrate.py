@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -70,12 +71,19 @@ def test_table_model_fits_a_concave_decode_cost_and_round_trips(tmp_path):
         load_cost_model(tmp_path / "bad.json")
 
 
-def test_decode_hook_prices_exactly_like_the_plan():
+@pytest.mark.parametrize("run_factor", [None, 1.0123])
+def test_decode_hook_prices_exactly_like_the_plan(run_factor):
     model = load_cost_model("cpu-gemma3-270m")
+    if run_factor is not None:
+        grid = dataclasses.replace(model, run_factor=1.0)
+        model = dataclasses.replace(model, run_factor=run_factor)
     for slots in ((0,), (0, 1, 2, 3), (1, 3, 4, 6, 9, 12, 14, 15), tuple(range(16))):
         chunks = tuple(_decode(s, pos=40 + 7 * s) for s in slots)
         plan = StepPlan(0, 0.0, chunks, num_decode_seqs=len(slots), num_context_tokens=sum(41 + 7 * s for s in slots))
         assert model.decode_step_time_s(slots, plan.num_context_tokens) == model.step_time_s(plan)
+        assert model.decode_pricer(slots)(plan.num_context_tokens) == model.step_time_s(plan)  # the hoisted pricer
+        if run_factor is not None:
+            assert model.step_time_s(plan) == pytest.approx(run_factor * grid.step_time_s(plan), rel=1e-12)
     fragmented = model.decode_step_time_s(tuple(range(0, 16, 2)), 800)
     assert fragmented > 1.5 * model.decode_step_time_s(tuple(range(8)), 800)  # 8 passes instead of one
 
@@ -136,6 +144,11 @@ def test_quick_calibration_writes_a_profile_that_loads_and_says_where_it_came_fr
     assert {"n_threads", "n_ctx", "n_seq_max", "kv_unified"} <= set(meta["context"]) and meta["date"]
     assert doc["profile"] == str(profile) and doc["fit"]["held_out"]["n"] > 0
     assert "decode B=1" in doc["fit"]["by_kind_held_out"]
+    # the run factor: fitted on a real-time probe run of its own, recorded, and applied to every price
+    probe = meta["run_probe"]
+    assert probe["steps"] > 20 and probe["measured_s"] > 0 and probe["requests"] == 16
+    assert model.run_factor == probe["run_factor"] == pytest.approx(probe["measured_s"] / probe["predicted_s"])
+    assert 0.9 < model.run_factor < 1.2  # a serving run costs a little more than back-to-back grid steps, not 20 %
 
 
 def test_quick_profile_predicts_held_out_steps_of_every_kind_it_saw(quick):
@@ -146,10 +159,11 @@ def test_quick_profile_predicts_held_out_steps_of_every_kind_it_saw(quick):
     assert {"decode B=1", "decode B>8", "prefill", "mixed"} <= kinds or {"decode B=1", "prefill"} <= kinds
     spread = doc["meta"]["noise"]["median_repeat_spread_pct"] or 0.0
     bound = max(TOLERANCE_PCT, 1.5 * spread)
+    grid = dataclasses.replace(model, run_factor=1.0)  # grid steps ran back to back, without a serving run's extras
     by_kind: dict[str, list[float]] = {}
     for r in rows:
         if r["held_out"]:
-            err = abs(model.step_time_s(r["plan"]) - r["measured_s"]) / r["measured_s"] * 100
+            err = abs(grid.step_time_s(r["plan"]) - r["measured_s"]) / r["measured_s"] * 100
             by_kind.setdefault(r["kind"], []).append(err)
     assert sum(len(v) for v in by_kind.values()) >= 10
     for kind, errs in by_kind.items():

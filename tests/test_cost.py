@@ -356,3 +356,12 @@ def test_roofline_capacity_sizes_a_scheduler():
         "16-bit",
     ):
         assert fact in big.describe(), fact
+
+
+def test_roofline_decode_pricer_gives_the_same_floats_as_pricing_the_plan():
+    # the simulator's fast-forward prices skipped decode steps with decode_pricer; results must be bit-identical
+    for name, m in ROOFLINE_PRESETS.items():
+        for contexts in ([5], [100, 2000, 37], [4096] * 64, list(range(1, 257))):
+            plan = make_plan(decode=contexts)
+            price = m.decode_pricer(list(range(len(contexts))))
+            assert price(plan.num_context_tokens) == m.step_time_s(plan), (name, len(contexts))
