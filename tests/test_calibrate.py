@@ -253,3 +253,25 @@ def test_the_bundled_profile_was_calibrated_on_the_installed_model_and_build():
     with LlamaModel() as model:
         fp = model_fingerprint(model)
     assert check_profile(profile, "cpu-gemma3-270m", fp, build_info(), machine_info()) is not None
+
+
+def test_sampling_noise_brackets_each_statistic_and_narrows_with_more_requests():
+    from backends.synthetic import SyntheticBackend
+    from scheduler import SchedulerConfig
+    from sim.model import run_workload
+    from sim.validate import sampling_noise
+    from sim.workload import synthetic_workload
+
+    w = synthetic_workload("poisson", 2.0, 400, "lognormal:60,0.8", "lognormal:20,0.9", 1)
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=400, block_size=16,
+                          max_model_len=1024)
+    run = run_workload(w, "continuous", cfg, [SyntheticBackend(load_cost_model("cpu-gemma3-270m"))])
+    many, few = sampling_noise(run), sampling_noise(dataclasses.replace(run, records=run.records[:50]))
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+        for stat in ("mean", "p50", "p90", "p99"):
+            lo, hi = many[metric][stat]
+            assert lo <= 0.0 <= hi, (metric, stat, lo, hi)  # the interval holds the statistic itself
+        # bootstrap spread shrinks like 1/sqrt(n): 50 requests give a wider interval of the mean than 400
+        wide_many = many[metric]["mean"][1] - many[metric]["mean"][0]
+        wide_few = few[metric]["mean"][1] - few[metric]["mean"][0]
+        assert 0 < wide_many < wide_few, (metric, wide_many, wide_few)
