@@ -14,6 +14,7 @@ evictable blocks = blocks no running slot holds.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import islice
 
 FREE, RUNNING, CACHED = 0, 1, 2
@@ -161,11 +162,35 @@ class KVPool:
                 del index[hashes[j]]
         self.num_evictable = evictable
 
-    def acquire_slot(self) -> tuple[int, int | None]:
-        """Take a free slot, else evict the least recently used cached one.
+    def acquire_slot(self, near: Sequence[int] = ()) -> tuple[int, int | None]:
+        """Take a slot next to the running slots `near` if one is free or cached, else any free slot, else
+        evict the least recently used cached one.
 
-        Returns (slot, evicted slot or None); the caller emits a KVRemove for an eviction.
+        llama.cpp with a KV stream per slot batches only runs of consecutive slot ids, one forward pass per
+        run: a slot that closes a gap between two running slots (or extends a run) saves passes on every
+        decode step the request shares with them. So the slot next to the most running slots wins; a free
+        one before a cached one (a cached slot is evicted only when it joins more running slots than any
+        free slot does); then the lowest id. Returns (slot, evicted slot or None); the caller emits a
+        KVRemove for an eviction.
         """
+        if near:
+            state, n = self.slot_state, self.num_slots
+            occupied = set(near)
+            best, best_key = -1, (0, False, 0)
+            for s in occupied:
+                for c in (s - 1, s + 1):
+                    if 0 <= c < n and c not in occupied and state[c] != RUNNING:
+                        key = ((c - 1 in occupied) + (c + 1 in occupied), state[c] == FREE, -c)
+                        if key > best_key:
+                            best, best_key = c, key
+            if best >= 0:
+                evicted = None
+                if state[best] == CACHED:
+                    self._evict(best)
+                    evicted = best
+                self.free_slots.remove(best)
+                state[best] = RUNNING
+                return best, evicted
         if self.free_slots:
             slot = self.free_slots.pop()
             self.slot_state[slot] = RUNNING
