@@ -211,7 +211,7 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
             if held > m:
                 b.removes.append(KVRemove(slot, m))
         else:
-            slot, evicted = pool.acquire_slot([o.slot for o in s.running])
+            slot, evicted = pool.acquire_slot([o.slot for o in s.running] if c.slot_choice == "adjacent" else ())
             if evicted is not None:
                 b.removes.append(KVRemove(evicted))
                 s.stats.num_evictions += 1

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VICTIM_RULES = ("newest", "lowest_priority", "fewest_computed")
+# adjacent: a new request takes the free (else cached) slot next to the most running ones, since llama.cpp with a
+# KV stream per slot runs one forward pass per run of consecutive slots; any: a free slot, else the LRU cached one
+SLOT_CHOICES = ("adjacent", "any")
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +22,7 @@ class SchedulerConfig:
     max_prefill_chunk_tokens: int | None = None  # per-request chunk cap; None: the budget
     enable_prefix_caching: bool = True
     preemption_victim: str = "newest"
+    slot_choice: str = "adjacent"
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -35,6 +39,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"unknown preemption_victim {self.preemption_victim!r}; choose one of {', '.join(VICTIM_RULES)}"
             )
+        if self.slot_choice not in SLOT_CHOICES:
+            raise ValueError(f"unknown slot_choice {self.slot_choice!r}; choose one of {', '.join(SLOT_CHOICES)}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     @property

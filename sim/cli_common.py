@@ -19,7 +19,7 @@ from dataclasses import fields, replace
 import numpy as np
 
 from scheduler import ROUTERS, SchedulerConfig
-from scheduler.config import VICTIM_RULES
+from scheduler.config import SLOT_CHOICES, VICTIM_RULES
 from sim.arrivals import ARRIVALS
 from sim.traces import FORMATS, default_workload, load_trace
 from sim.workload import MIN_TOKEN_ID, Workload, scale_workload, synthetic_workload
@@ -141,6 +141,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prefill-chunk-tokens", type=positive_int, metavar="N", help="per-request prefill chunk cap")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn shared-prefix KV reuse off for every run")
     g.add_argument("--preemption-victim", choices=list(VICTIM_RULES), help="which request to preempt")
+    g.add_argument("--slot-choice", choices=list(SLOT_CHOICES),
+                   help="slot of a new request: adjacent (default; next to running slots) or any")
     g.add_argument("--instances", type=positive_int, default=1, metavar="N", help="independent engines (default 1)")
     g.add_argument("--router", choices=list(ROUTERS), default="least_outstanding",
                    help="how requests are spread over instances (default least_outstanding)")
@@ -283,7 +285,7 @@ def resolve_cost_model(args: argparse.Namespace):
 
 
 _LIMITS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "max_prefill_chunk_tokens",
-           "preemption_victim")
+           "preemption_victim", "slot_choice")
 
 
 def build_config(args: argparse.Namespace, cost_model=None, base: SchedulerConfig | None = None) -> SchedulerConfig:

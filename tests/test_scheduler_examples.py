@@ -274,3 +274,31 @@ def test_scheduler_import_loads_no_heavy_packages():
     code = "import sys, scheduler; bad = {'simpy', 'numpy', 'llama_cpp', 'hypothesis'} & set(sys.modules); print(bad)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "set()"
+
+
+@pytest.mark.parametrize("choice", ["adjacent", "any"])
+def test_a_new_request_takes_the_slot_between_running_ones(choice):
+    # slots 0, 1, 2 run; the request in slot 1 finishes first and its KV stays cached; then a request arrives.
+    # adjacent: it takes slot 1 (evicting that cache), so slots 0-2 stay one run of consecutive ids, which
+    # llama.cpp decodes in one forward pass; any: it takes free slot 3, leaving a gap (two passes per step).
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=256, block_size=4,
+                          max_model_len=512, slot_choice=choice)
+    s = Scheduler(cfg, "continuous")
+    be = SyntheticBackend()
+    for i, m in enumerate((20, 2, 20)):
+        s.add_request(req(i, max_tokens=m))
+    step(s, be)
+    while s.requests["r1"].status.value == "running":
+        step(s, be)
+    assert s.pool.slot_state[1] == 2  # CACHED
+    s.add_request(req(3, max_tokens=4))
+    p = step(s, be)
+    new = next(c for c in p.chunks if c.request_id == "r3")
+    assert sorted(r.slot for r in s.running) == ([0, 1, 2] if choice == "adjacent" else [0, 2, 3])
+    assert new.slot == (1 if choice == "adjacent" else 3)
+    assert [rm.slot for rm in p.removes] == ([1] if choice == "adjacent" else [])  # the evicted cache goes
+
+
+def test_slot_choice_is_checked():
+    with pytest.raises(ValueError, match="slot_choice"):
+        SchedulerConfig(slot_choice="nearest")

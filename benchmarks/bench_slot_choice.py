@@ -1,0 +1,119 @@
+"""Slot choice in the simulator: `adjacent` (the default) vs `any`, on the validation workload.
+
+    python benchmarks/bench_slot_choice.py [--profile NAME|FILE] [--json]
+
+The bundled Azure slice (200 requests, lengths x0.1, 32-token shared prefixes from 4 groups), arrivals
+re-timed as Poisson at 1.11, 2.6 and 4.45 req/s (about 0.3x, 0.7x and 1.2x of capacity), `continuous` and
+`chunked` (budget 128), on the calibrated profile, which prices llama.cpp's micro-batches from the slots
+(a KV stream per slot: one forward pass per run of consecutive slot ids). Both choices run on the same
+workload in one process; the table gives TPOT and E2E means, prefix hit rate, forward passes per step and
+the ratios adjacent / any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from backends.cost import load_cost_model  # noqa: E402
+from backends.cost_table import split_ubatches  # noqa: E402
+from backends.synthetic import SyntheticBackend  # noqa: E402
+from scheduler import SchedulerConfig  # noqa: E402
+from sim.metrics import summarize  # noqa: E402
+from sim.model import run_workload  # noqa: E402
+from sim.validate import IdleAwareBackend, retime  # noqa: E402
+
+RATES = (1.11, 2.6, 4.45)
+POLICIES = {"continuous": {}, "chunked": {"max_num_batched_tokens": 128}}
+
+
+class PassCounter(IdleAwareBackend):
+    """Counts llama.cpp forward passes (micro-batches) per step, as the profile splits them."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.passes: list[int] = []
+
+    def step(self, plan):
+        """The inner step; records the plan's micro-batch count."""
+        if plan.chunks:
+            m = self.cost_model
+            self.passes.append(len(split_ubatches(plan, m.n_batch, m.n_ubatch, m.kv_unified)))
+        return super().step(plan)
+
+
+def run_real(workload, profile, base: SchedulerConfig, rate: float) -> list[dict]:
+    """Continuous at `rate` on the real backend, slot choices alternating any, adjacent, any, adjacent."""
+    from sim.cli_validate import _llama_options
+    from sim.real import close_instances, make_llama_instances
+    from sim.validate import TimedBackend
+
+    backends, real = make_llama_instances(None, 1, _llama_options(profile))
+    out = []
+    try:
+        w = retime(workload, rate, 0)
+        for choice in ("any", "adjacent", "any", "adjacent"):
+            cfg = dataclasses.replace(real, slot_choice=choice)
+            s = summarize(run_workload(w, "continuous", cfg, [TimedBackend(backends[0])], realtime=True))
+            out.append({"slot_choice": choice, "tpot_mean_s": s["tpot_s"]["mean"], "e2e_mean_s": s["e2e_s"]["mean"],
+                        "ttft_mean_s": s["ttft_s"]["mean"], "throughput_rps": s["throughput_rps"],
+                        "prefix_hit_rate": s["prefix_hit_rate"]})
+    finally:
+        close_instances(backends)
+    return out
+
+
+def main() -> int:
+    """Run both slot choices; print a table (or --json)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu-gemma3-270m")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--real", type=float, metavar="RATE",
+                    help="also run continuous at RATE req/s on the real backend (gemma3-270m, the profile's context) "
+                         "with each slot choice, alternating any/adjacent twice, in real time")
+    args = ap.parse_args()
+    profile = load_cost_model(args.profile)
+    from sim import cli_validate
+    from sim.cli import _parse
+
+    workload = cli_validate._workload(_parse(["validate", "--quiet"]))  # validate's default workload
+    base = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512,
+                           block_size=16)
+    rows = []
+    for policy, limits in POLICIES.items():
+        for rate in RATES:
+            w = retime(workload, rate, 0)
+            row = {"policy": policy, "rate": rate}
+            for choice in ("any", "adjacent"):
+                backend = PassCounter(SyntheticBackend(profile))
+                cfg = dataclasses.replace(base, slot_choice=choice, **limits)
+                s = summarize(run_workload(w, policy, cfg, [backend]))
+                row[choice] = {"tpot_mean_s": s["tpot_s"]["mean"], "e2e_mean_s": s["e2e_s"]["mean"],
+                               "throughput_rps": s["throughput_rps"], "prefix_hit_rate": s["prefix_hit_rate"],
+                               "passes_per_step": sum(backend.passes) / len(backend.passes)}
+            rows.append(row)
+    real = run_real(workload, profile, base, args.real) if args.real else []
+    if args.json:
+        print(json.dumps({"profile": args.profile, "rows": rows, "real": real}))
+        return 0
+    for r in real:
+        print(f"real continuous {args.real} req/s, {r['slot_choice']:>8}: TPOT mean {r['tpot_mean_s'] * 1e3:.1f} ms, "
+              f"E2E mean {r['e2e_mean_s']:.2f} s, TTFT mean {r['ttft_mean_s'] * 1e3:.0f} ms, "
+              f"throughput {r['throughput_rps']:.2f} req/s, hit rate {r['prefix_hit_rate'] * 100:.0f}%")
+    print("policy     rate | TPOT mean any -> adjacent | E2E mean any -> adjacent | passes/step | hit rate")
+    for r in rows:
+        a, b = r["any"], r["adjacent"]
+        print(f"{r['policy']:<10} {r['rate']:4.2f} | {a['tpot_mean_s'] * 1e3:5.1f} -> {b['tpot_mean_s'] * 1e3:5.1f} ms "
+              f"({b['tpot_mean_s'] / a['tpot_mean_s']:.2f}x) | {a['e2e_mean_s']:4.2f} -> {b['e2e_mean_s']:4.2f} s "
+              f"({b['e2e_mean_s'] / a['e2e_mean_s']:.2f}x) | {a['passes_per_step']:.2f} -> "
+              f"{b['passes_per_step']:.2f} | {a['prefix_hit_rate'] * 100:.0f}% -> {b['prefix_hit_rate'] * 100:.0f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
