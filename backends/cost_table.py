@@ -269,15 +269,7 @@ class TableCostModel:
         For drivers that skip ahead over decode-only stretches knowing the running slots and the
         summed context (the plan's num_context_tokens) but not building each plan.
         """
-        chunks = tuple(_DecodeChunk(s) for s in slots)
-        ubatches = list(split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified))
-        if not ubatches:
-            return 0.0
-        # price() uses only the total of the attention pairs, which for decodes is the summed context
-        extra = num_context_tokens - sum(u.attention_pairs for u in ubatches)
-        ubatches[0] = Ubatch(ubatches[0].n_tokens, ubatches[0].n_seqs, ubatches[0].n_outputs,
-                             ubatches[0].attention_pairs + extra)
-        return self.price(StepShape(tuple(ubatches), len(chunks)))
+        return self.decode_pricer(slots)(num_context_tokens)
 
     def decode_pricer(self, slots: Sequence[int]) -> Callable[[int], float]:
         """price(num_context_tokens) == decode_step_time_s(slots, num_context_tokens), bit for bit, faster.

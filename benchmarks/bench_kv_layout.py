@@ -32,16 +32,21 @@ LAYOUTS = {"B=1": [0], "B=8 consecutive": list(range(8)), "B=8 every other slot"
 FILLS = (0, 200, 450)  # tokens cached in each of slots 8-15 before the B=1 and B=8 decodes
 
 
+def fill_others(backend, fill: int, rng) -> None:
+    """Empty the KV cache, then prefill `fill` tokens in each of slots 8-15 (200 at a time)."""
+    backend.clear_kv()
+    for s in range(8, 16) if fill else ():
+        for off in range(0, fill, 200):
+            n = min(200, fill - off)
+            chunk = ScheduledChunk(f"f{s}", s, off, tuple(rng.integers(10, 32000, n).tolist()), False)
+            backend.step(StepPlan(0, 0.0, (chunk,), num_prefill_tokens=n))
+
+
 def decode_times(backend, slots: list[int], steps: int, repeats: int, fill: int, rng) -> float:
     """Median seconds of a decode step over `slots` (after a 40-token prompt in each)."""
     times = []
     for _ in range(repeats):
-        backend.clear_kv()
-        for s in range(8, 16) if fill else ():
-            for off in range(0, fill, 200):
-                n = min(200, fill - off)
-                chunk = ScheduledChunk(f"f{s}", s, off, tuple(rng.integers(10, 32000, n).tolist()), False)
-                backend.step(StepPlan(0, 0.0, (chunk,), num_prefill_tokens=n))
+        fill_others(backend, fill, rng)
         prompts = tuple(ScheduledChunk(f"r{s}", s, 0, tuple(rng.integers(10, 32000, 40).tolist()), True)
                         for s in slots)
         backend.step(StepPlan(0, 0.0, prompts, num_prefill_tokens=40 * len(slots)))
@@ -58,12 +63,7 @@ def mixed_times(backend, repeats: int, fill: int, rng) -> float:
     """Median seconds of a mixed step: 7 decodes (slots 0-6) plus a 128-token prompt chunk in slot 7."""
     times = []
     for _ in range(repeats):
-        backend.clear_kv()
-        for s in range(8, 16) if fill else ():
-            for off in range(0, fill, 200):
-                n = min(200, fill - off)
-                chunk = ScheduledChunk(f"f{s}", s, off, tuple(rng.integers(10, 32000, n).tolist()), False)
-                backend.step(StepPlan(0, 0.0, (chunk,), num_prefill_tokens=n))
+        fill_others(backend, fill, rng)
         prompts = tuple(ScheduledChunk(f"r{s}", s, 0, tuple(rng.integers(10, 32000, 40).tolist()), True)
                         for s in range(7))
         backend.step(StepPlan(0, 0.0, prompts, num_prefill_tokens=280))

@@ -49,7 +49,26 @@ def decode_horizon(s: Scheduler) -> int:
         left = sp.max_tokens - out
         if left < k:
             k = left  # up to and including the step where the first one finishes
-    # KV: the jump may not need more blocks than are free (eviction or preemption would change the plan)
+    return _kv_capped(s, k)
+
+
+def _new_blocks(s: Scheduler, steps: int) -> int:
+    """Blocks the running requests need to run up to `steps` more decode steps, each to its max_tokens."""
+    pool = s.pool
+    bs = pool.block_size
+    slot_blocks = pool.slot_blocks
+    total = 0
+    for r in s.running:
+        left = r.sampling.max_tokens - len(r.output_token_ids)
+        # positions num_computed + its steps must fit: ceil((num_computed + steps) / bs) blocks
+        need = -(-(r.num_computed_tokens + (left if left < steps else steps)) // bs) - len(slot_blocks[r.slot])
+        if need > 0:
+            total += need
+    return total
+
+
+def _kv_capped(s: Scheduler, k: int) -> int:
+    """The most steps, up to k, whose new blocks are all free (an eviction or preemption would change the plan)."""
     free = s.pool.num_free_blocks
     if _new_blocks(s, k) <= free:
         return k
@@ -63,20 +82,6 @@ def decode_horizon(s: Scheduler) -> int:
     return lo
 
 
-def _new_blocks(s: Scheduler, steps: int) -> int:
-    """Blocks the running requests need to run `steps` more decode steps."""
-    pool = s.pool
-    bs = pool.block_size
-    slot_blocks = pool.slot_blocks
-    total = 0
-    for r in s.running:
-        # positions num_computed + steps must fit: ceil((num_computed + steps) / bs) blocks
-        need = -(-(r.num_computed_tokens + steps) // bs) - len(slot_blocks[r.slot])
-        if need > 0:
-            total += need
-    return total
-
-
 def decode_run_horizon(s: Scheduler) -> int:
     """Steps a decode run may take across finishes (each request stops at its own max_tokens), or 0.
 
@@ -87,32 +92,7 @@ def decode_run_horizon(s: Scheduler) -> int:
     """
     if s.waiting or not s.pool.enable_prefix_caching:
         return 0
-    running = s.running
-    pool = s.pool
-    bs = pool.block_size
-    slot_blocks = pool.slot_blocks
-    free = pool.num_free_blocks
-
-    def need(steps: int) -> int:
-        total = 0
-        for r in running:
-            left = r.sampling.max_tokens - len(r.output_token_ids)
-            extra = -(-(r.num_computed_tokens + (left if left < steps else steps)) // bs) - len(slot_blocks[r.slot])
-            if extra > 0:
-                total += extra
-        return total
-
-    k = max(r.sampling.max_tokens - len(r.output_token_ids) for r in running)
-    if need(k) <= free:
-        return k
-    lo, hi = 0, k  # need() is monotone in the number of steps
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if need(mid) <= free:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return _kv_capped(s, max(r.sampling.max_tokens - len(r.output_token_ids) for r in s.running))
 
 
 def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]
@@ -147,8 +127,7 @@ def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int
             # step j computes position computed + j, so it needs a new block from j = capacity - computed on
             for j in range(max(capacity - computed, 0), n, bs):
                 adds[j] += 1
-            pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
-        elif caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
+        if end > capacity or (caching and end >= (len(slot_hashes[slot]) + 1) * bs):  # new block or a full one
             pool.decoded(slot, end, len(r.prompt_token_ids), out, r.token_at)
         else:
             slot_tokens[slot] = end  # pool.decoded's whole effect otherwise

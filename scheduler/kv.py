@@ -309,21 +309,18 @@ class KVPool:
         Decode steps only add generated tokens, so a new full block is hashed from output_token_ids
         directly (token_source, for positions [start, stop), serves a block that still holds prompt tokens).
         """
-        bs = self.block_size
-        blocks = self.slot_blocks[slot]
-        need = -(-num_tokens // bs) - len(blocks)
-        if need > 0:
-            blocks += self._new_blocks(need)
+        self.reserve(slot, num_tokens)
         self.slot_tokens[slot] = num_tokens
         if not self.enable_prefix_caching:
             return
+        bs = self.block_size
         hashes = self.slot_hashes[slot]
         done = len(hashes)
         full = num_tokens // bs
         if done >= full:
             return
         parent = hashes[-1] if hashes else _ROOT_HASH
-        index = self.index
+        blocks, index = self.slot_blocks[slot], self.index
         for j in range(done, full):
             lo = j * bs - num_prompt_tokens
             block = tuple(output_token_ids[lo : lo + bs]) if lo >= 0 else tuple(token_source(j * bs, (j + 1) * bs))
