@@ -198,7 +198,8 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
     doc = {"profile": prof, "ttft_timing": TTFT_NOTE, "setup": setup, "warnings": warnings, "out_dir": str(out),
            "loads": [{"rate": ld["rate"], "policy": policy, "label": ld["factor_label"], "measured": ld["measured"],
                       "predicted": ld["predicted"], "rel_error": ld["rel_error"],
-                      "sampling_noise": ld.get("sampling_noise"), "steps": ld["steps"],
+                      "sampling_noise": ld.get("sampling_noise"),
+                      "rel_error_interval": ld.get("rel_error_interval"), "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
     text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
                        + [format_load(ld, policy) for ld in loads])
@@ -233,18 +234,23 @@ def format_load(load: dict, policy: str) -> str:
     """The measured-vs-predicted table of one load, its misses and the step-kind breakdown."""
     m, p, r = load["measured"], load["predicted"], load["rel_error"]
     noise = load.get("sampling_noise") or {}
-    rows = [("metric", "measured", "predicted", "rel. error", "sampling 95%")]
+    paired = load.get("rel_error_interval") or {}
+
+    def ci(d: dict, k: str, s: str) -> str:
+        v = (d.get(k) or {}).get(s)
+        return f"{v[0] * 100:+.0f}..{v[1] * 100:+.0f}%" if v else ""
+
+    rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
-            ci = (noise.get(k) or {}).get(s)
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
-                         f"{ci[0] * 100:+.0f}..{ci[1] * 100:+.0f}%" if ci else ""))
+                         ci(paired, k, s), ci(noise, k, s)))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
-                 _fmt_rel(tp, TARGET_PCT["throughput_rps"]), ""))
-    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+                 _fmt_rel(tp, TARGET_PCT["throughput_rps"]), "", ""))
+    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
              f"{m['num_requests']} requests"]
     for i, row in enumerate(rows):
@@ -255,6 +261,9 @@ def format_load(load: dict, policy: str) -> str:
     bad = misses(r)
     lines.append("targets (means and throughput within 5%, p90/p99 within 10%): "
                  + ("all met" if not bad else "missed " + ", ".join(bad)))
+    if paired:
+        lines.append("error 95%: paired bootstrap interval of the relative error (the same resampled requests on both "
+                     "sides): how much of the error a few requests carry")
     if noise:
         lines.append("sampling 95%: bootstrap interval of the measured statistic over its requests (how far another "
                      "draw of as many requests could move it)")

@@ -275,3 +275,38 @@ def test_sampling_noise_brackets_each_statistic_and_narrows_with_more_requests()
         wide_many = many[metric]["mean"][1] - many[metric]["mean"][0]
         wide_few = few[metric]["mean"][1] - few[metric]["mean"][0]
         assert 0 < wide_many < wide_few, (metric, wide_many, wide_few)
+
+
+def test_error_interval_is_paired_over_requests():
+    from backends.synthetic import SyntheticBackend
+    from scheduler import SchedulerConfig
+    from sim.metrics import summarize
+    from sim.model import run_workload
+    from sim.validate import error_interval, rel_errors
+    from sim.workload import synthetic_workload
+
+    w = synthetic_workload("poisson", 2.0, 300, "lognormal:60,0.8", "lognormal:20,0.9", 3)
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=400, block_size=16,
+                          max_model_len=1024)
+    run = run_workload(w, "continuous", cfg, [SyntheticBackend(load_cost_model("cpu-gemma3-270m"))])
+
+    def scaled(rec, f):
+        return dataclasses.replace(rec, first_token_s=rec.arrival_s + f * (rec.first_token_s - rec.arrival_s),
+                                   finish_s=rec.arrival_s + f * (rec.finish_s - rec.arrival_s))
+
+    # every request 10 % slower on the predicted side: each resample's error is exactly +10 %, on every statistic
+    slow = dataclasses.replace(run, records=[scaled(r, 1.1) for r in run.records])
+    ci = error_interval(run, slow)
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+        for stat in ("mean", "p50", "p90", "p99"):
+            lo, hi = ci[metric][stat]
+            assert abs(lo - 0.1) < 1e-9 and abs(hi - 0.1) < 1e-9, (metric, stat, lo, hi)
+    # one request of the slowest twenty predicted 3x slower: the p99 error is carried by that one request, so its
+    # interval is wide and holds both no error and the point error; the mean's interval is narrow
+    slowest = sorted(run.records, key=lambda r: r.finish_s - r.arrival_s)[-20].request_id
+    one = dataclasses.replace(run, records=[scaled(r, 3.0) if r.request_id == slowest else r for r in run.records])
+    ci = error_interval(run, one)
+    point = rel_errors(summarize(run), summarize(one))["e2e_s"]
+    lo, hi = ci["e2e_s"]["p99"]
+    assert lo <= 0.0 + 1e-12 and hi >= point["p99"] > 0.05, (lo, hi, point["p99"])
+    assert ci["e2e_s"]["mean"][1] - ci["e2e_s"]["mean"][0] < hi - lo
