@@ -28,7 +28,7 @@ from scheduler.messages import StepPlan
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
            "idle_wakeup_s")
 SPLIT = ("n_batch", "n_ubatch", "kv_unified")
-OPTIONAL = ("run_factor",)  # params a profile may omit (older profiles): their defaults apply
+OPTIONAL = ("run_factor", "prefill_run_factor")  # params a profile may omit (older profiles): defaults apply
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 
 
@@ -52,6 +52,7 @@ class StepShape:
     num_copies: int = 0
     num_copied_tokens: int = 0
     after_idle: bool = False  # the engine waited for work before this step
+    has_prefill: bool = False  # some chunk carries prompt tokens (priced with prefill_run_factor)
 
     @property
     def is_empty(self) -> bool:
@@ -204,9 +205,11 @@ class TableCostModel:
     per_copied_token_s: float = 0.0
     per_attention_pair_s: float = 0.0
     idle_wakeup_s: float = 0.0  # extra time of the first step after the engine idled (threads and caches wake)
-    # every step's price times this: what a real-time serving run adds to the calibration grid's step times
-    # (the driver's own work between steps, occasional slow steps), fitted on a short real-time probe run
+    # a step's price times this: what a real-time serving run adds to the calibration grid's step times
+    # (the driver's own work between steps, occasional slow steps), fitted on a short real-time probe run;
+    # run_factor for steps of decodes only, prefill_run_factor (None: run_factor) for steps with prompt tokens
     run_factor: float = 1.0
+    prefill_run_factor: float | None = None
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -215,9 +218,12 @@ class TableCostModel:
 
     def __post_init__(self) -> None:
         check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
-        f = self.run_factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0:
-            raise CostModelError(f"TableCostModel: run_factor must be a number in [0.5, 2], got {f!r}")
+        for n in ("run_factor", "prefill_run_factor"):
+            f = getattr(self, n)
+            if n == "prefill_run_factor" and f is None:
+                continue
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0:
+                raise CostModelError(f"TableCostModel: {n} must be a number in [0.5, 2], got {f!r}")
         for n in ("n_batch", "n_ubatch"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -240,7 +246,8 @@ class TableCostModel:
     def shape(self, plan: StepPlan, after_idle: bool = False) -> StepShape:
         """The plan's ubatches (as llama.cpp would split them here) and per-step counts."""
         return StepShape(split_ubatches(plan, self.n_batch, self.n_ubatch, self.kv_unified), len(plan.chunks),
-                         len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle)
+                         len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle,
+                         plan.num_prefill_tokens > 0)
 
     def price(self, shape: StepShape) -> float:
         """Seconds for a step of this shape."""
@@ -253,7 +260,13 @@ class TableCostModel:
                   + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
             pairs += u.attention_pairs
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
-        return 0.0 if shape.is_empty else max(t * self.run_factor, 1e-6)
+        return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill), 1e-6)
+
+    def factor(self, has_prefill: bool) -> float:
+        """The run factor of a step with (True) or without prompt tokens."""
+        if has_prefill and self.prefill_run_factor is not None:
+            return self.prefill_run_factor
+        return self.run_factor
 
     def step_time_s(self, plan: StepPlan) -> float:
         """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
@@ -301,7 +314,7 @@ class TableCostModel:
             per = -(-feats.num_prefill_tokens // k)
             ubatches += [Ubatch(per, 1, 1, feats.sum_sq_prefill_tokens // k)] * k
         shape = StepShape(tuple(ubatches), feats.num_seqs, feats.num_removes, feats.num_copies,
-                          feats.num_copied_tokens)
+                          feats.num_copied_tokens, has_prefill=feats.num_prefill_tokens > 0)
         return floor_time(feats, self.price(shape))
 
     # -- JSON ---------------------------------------------------------------------
@@ -339,9 +352,11 @@ class TableCostModel:
         pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0),))) * 1e3:.1f}" for n in (1, 4, 16))
         fit = self.meta.get("fit", {}).get("held_out", {})
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
+        pf = self.prefill_run_factor
+        prefill = "" if pf is None else f" (steps with prompt tokens x{pf:.3f})"
         return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
                 f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk, "
-                f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{quality}")
+                f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{prefill}{quality}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,8 +303,9 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
         cal = fit_and_score(samples, split, name, meta)
         cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
-        factor, probe = probe_run_factor(b, config, cal.model, quick, seed, say)
-        cal.model = replace(cal.model, run_factor=factor, meta={**cal.model.meta, "run_probe": probe})
+        probe = probe_run_factor(b, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
+        cal.model = replace(cal.model, run_factor=probe["run_factor"],
+                            prefill_run_factor=probe["prefill_run_factor"], meta={**cal.model.meta, "run_probe": probe})
         cal.meta, cal.stats["run_probe"] = cal.model.meta, probe
         return cal
     finally:
@@ -314,11 +315,13 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
 # -- the real-time run factor ---------------------------------------------------------------
 PROBE = {"requests": 48, "quick_requests": 16, "prompt": "uniform:16,240", "output": "uniform:4,40",
          "shared_prefix_tokens": 32, "prefix_groups": 4, "load": 0.7, "policy": "continuous"}
+PROBE_MIN_STEPS = 10  # steps of a kind (decodes only / with prompt tokens) needed to fit that kind's factor
 
 
 def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
-                     say: Callable[[str], None]) -> tuple[float, dict]:
-    """Fit run_factor: sum of measured / sum of priced step times over a short real-time serving run.
+                     say: Callable[[str], None], requests: int | None = None) -> dict:
+    """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
+    one for steps of decodes only (run_factor) and one for steps with prompt tokens (prefill_run_factor).
 
     The grid times steps back to back in a plain loop. A serving run also spends the driver's own work
     between steps (SimPy, records; about 0.1-0.25 ms a step here) and meets occasional slow steps that
@@ -326,35 +329,55 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     workload (uniform prompts and outputs, shared prefixes, Poisson arrivals at 0.7x the capacity the
     fitted model predicts), run by the same real-time driver `tokenstep validate` measures with, so
     the factor is fitted on other requests than any validation workload.
+
+    Two factors, because the two kinds of step gain differently in a serving run (here decodes about
+    +0.5 %, steps with prompt tokens about +3 %); one factor fitted on the probe's mix would price a
+    workload with another mix (fewer prompt tokens per decode) off by the difference. A kind with fewer
+    than PROBE_MIN_STEPS steps in the probe takes the factor of all steps.
     """
     from sim.validate import TimedBackend, estimate_capacity, retime
     from sim.workload import synthetic_workload
 
-    n = PROBE["quick_requests"] if quick else PROBE["requests"]
+    n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
     base = synthetic_workload("poisson", 1.0, n, PROBE["prompt"], PROBE["output"], seed + 7919,
                               shared_prefix_tokens=PROBE["shared_prefix_tokens"],
                               num_prefix_groups=PROBE["prefix_groups"])
     rate = PROBE["load"] * estimate_capacity(model, base, PROBE["policy"], config)
-    say(f"calibrate: real-time probe: {n} requests at {rate:.2f} req/s ({PROBE['load']}x the fitted capacity)")
+    say(f"real-time probe: {n} requests at {rate:.2f} req/s ({PROBE['load']}x the fitted capacity)")
     timed = TimedBackend(backend)
     t0 = time.perf_counter()
     run_workload(retime(base, rate, seed + 7919), PROBE["policy"], config, [timed], realtime=True)
     backend.clear_kv()
-    priced = [(model.time_s(plan, idle), t) for plan, t, _gap, idle in timed.samples if plan.chunks]
+    grid = replace(model, run_factor=1.0, prefill_run_factor=None)
+    priced = [(grid.time_s(plan, idle), t, plan.num_prefill_tokens > 0)
+              for plan, t, _gap, idle in timed.samples if plan.chunks]
     if not priced:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
-    measured, predicted = sum(t for _, t in priced), sum(p for p, _ in priced)
-    factor = min(max(measured / predicted, 0.5), 2.0)
+
+    def ratio(rows: list) -> tuple[float, float, float]:
+        measured, predicted = sum(t for _, t, _ in rows), sum(p for p, _, _ in rows)
+        return measured, predicted, min(max(measured / predicted, 0.5), 2.0)
+
+    measured, predicted, overall = ratio(priced)
+    kinds = {}
+    for name, prefill in (("decode", False), ("prefill", True)):
+        rows = [r for r in priced if r[2] == prefill]
+        m, p, f = ratio(rows) if len(rows) >= PROBE_MIN_STEPS else (None, None, overall)
+        kinds[name] = {"steps": len(rows), "measured_s": m, "predicted_s": p, "factor": f}
     gaps = [g for _plan, _t, g, _idle in timed.samples]
     probe = {**PROBE, "requests": n, "rate_rps": rate, "steps": len(priced),
              "wall_s": round(time.perf_counter() - t0, 1),
-             "measured_s": measured, "predicted_s": predicted, "run_factor": factor,
+             "measured_s": measured, "predicted_s": predicted, "overall_factor": overall,
+             "run_factor": kinds["decode"]["factor"], "prefill_run_factor": kinds["prefill"]["factor"],
+             "by_kind": kinds, "min_steps_per_kind": PROBE_MIN_STEPS,
              "driver_ms_per_step": float(np.mean(gaps)) * 1e3 if gaps else None,
-             "note": "run_factor = sum of measured / sum of grid-priced step times of this real-time run"}
+             "note": "factor = sum of measured / sum of grid-priced step times of this real-time run: run_factor "
+                     "over its steps of decodes only, prefill_run_factor over its steps with prompt tokens"}
     probe.pop("quick_requests")
-    say(f"calibrate: probe: {len(priced)} steps, measured/priced {factor:.4f}, driver "
+    say(f"probe: {len(priced)} steps, measured/priced {overall:.4f} (decode-only steps "
+        f"{probe['run_factor']:.4f}, steps with prompt tokens {probe['prefill_run_factor']:.4f}), driver "
         f"{probe['driver_ms_per_step']:.2f} ms/step, {probe['wall_s']} s")
-    return factor, probe
+    return probe
 
 
 # -- the measured steps as a file (for audits, re-fits and tests) -------------------------
@@ -422,6 +445,8 @@ def refit(path: str | os.PathLike, name: str) -> Calibration:
     if isinstance(probe, dict) and "run_factor" in probe:
         # kept: the probe's factor was fitted against the original grid fit; a refit of the same samples
         # gives the same fit, so the factor still applies
-        cal.model = replace(cal.model, run_factor=float(probe["run_factor"]))
+        pf = probe.get("prefill_run_factor")
+        cal.model = replace(cal.model, run_factor=float(probe["run_factor"]),
+                            prefill_run_factor=None if pf is None else float(pf))
         cal.stats["run_probe"] = probe
     return cal

@@ -84,10 +84,13 @@ def report(meta: dict, stats: dict, path: Path) -> str:
     lines.append(f"linear 'fitted' form on the same held-out steps: {_pct(stats['linear_fitted_held_out'])}")
     probe = stats.get("run_probe")
     if probe:
-        lines.append(f"run factor x{probe['run_factor']:.4f}: a real-time serving run of {probe['requests']} synthetic "
-                     f"requests at {probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps "
-                     f"priced by the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow "
-                     "steps); every price is multiplied by it")
+        pf = probe.get("prefill_run_factor")
+        kinds = "" if pf is None else (f" (steps of decodes only x{probe['run_factor']:.4f}, steps with prompt tokens "
+                                       f"x{pf:.4f})")
+        lines.append(f"run factors{kinds}: a real-time serving run of {probe['requests']} synthetic requests at "
+                     f"{probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps priced by "
+                     f"the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow steps); "
+                     "each price is multiplied by its kind's factor")
     lines.append(f"profile written to {path}")
     return "\n".join(lines)
 

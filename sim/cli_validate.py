@@ -31,6 +31,7 @@ from sim.cli_common import (
     build_config,
     build_workload,
     float_list,
+    nonnegative_int,
     workload_kind,
 )
 from sim.cli_output import out_dir
@@ -49,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=float_list, metavar="R1,R2,...",
                         help="arrival rates, req/s (default: 0.3x, 0.7x, 1.2x of the profile's estimated capacity)")
     parser.add_argument("--force", action="store_true", help="compare even with a profile of another model or build")
+    parser.add_argument("--probe-requests", type=nonnegative_int, default=None, metavar="N",
+                        help="requests of the real-time probe run before each load that refits a table profile's run "
+                             "factors to the machine's speed now (default 48, as in calibrate; 0: use the profile's "
+                             "factors as they are)")
     add_workload_args(parser)
     add_scheduler_args(parser)
     g = parser.add_argument_group("output")
@@ -143,9 +148,11 @@ def run(args: argparse.Namespace) -> int:
                    f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
+            probe, load_profile = _speed_probe(args, backends[0], config, profile)
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
-                load = run_load(backends, profile, workload, rate, args.policy, config, args.seed, args.router, bar)
-            load["factor_label"] = label
+                load = run_load(backends, load_profile, workload, rate, args.policy, config, args.seed, args.router,
+                                bar)
+            load["factor_label"], load["speed_probe"] = label, probe
             _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
             loads.append(load)
             bad = misses(load["rel_error"])
@@ -160,6 +167,29 @@ def run(args: argparse.Namespace) -> int:
              f"max_num_batched_tokens={c.max_num_batched_tokens}, max_model_len={c.max_model_len}, "
              f"kv={c.num_kv_blocks}x{c.block_size} tokens, prefix caching {'on' if c.enable_prefix_caching else 'off'}")
     return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
+
+
+def _speed_probe(args: argparse.Namespace, backend, config, profile):
+    """(probe summary, profile for this load): the run factors refitted on a real-time probe run just before it.
+
+    This machine's speed drifts (other tenants of the host: 2-5 % within an hour, more on batched decodes
+    than on prompts), so a profile's run factors are refitted right before each load on the same synthetic
+    probe calibrate ends with (not the validated workload), against the profile's unchanged grid fit.
+    """
+    import dataclasses
+
+    from backends.cost_table import TableCostModel
+    from sim.calibrate import PROBE, probe_run_factor
+
+    n = PROBE["requests"] if args.probe_requests is None else args.probe_requests
+    if n == 0 or not isinstance(profile, TableCostModel):
+        return None, profile
+    probe = probe_run_factor(backend, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
+                             requests=n)
+    probe["profile_run_factor"], probe["profile_prefill_run_factor"] = (profile.run_factor,
+                                                                        profile.factor(True))
+    return probe, dataclasses.replace(profile, run_factor=probe["run_factor"],
+                                      prefill_run_factor=probe["prefill_run_factor"])
 
 
 def _warm_up(backend, config) -> None:
@@ -199,7 +229,8 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
            "loads": [{"rate": ld["rate"], "policy": policy, "label": ld["factor_label"], "measured": ld["measured"],
                       "predicted": ld["predicted"], "rel_error": ld["rel_error"],
                       "sampling_noise": ld.get("sampling_noise"),
-                      "rel_error_interval": ld.get("rel_error_interval"), "steps": ld["steps"],
+                      "rel_error_interval": ld.get("rel_error_interval"), "speed_probe": ld.get("speed_probe"),
+                      "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
     text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
                        + [format_load(ld, policy) for ld in loads])
@@ -267,6 +298,12 @@ def format_load(load: dict, policy: str) -> str:
     if noise:
         lines.append("sampling 95%: bootstrap interval of the measured statistic over its requests (how far another "
                      "draw of as many requests could move it)")
+    probe = load.get("speed_probe")
+    if probe:
+        lines.append(f"run factors refitted on a {probe['wall_s']:.0f} s real-time probe just before this load "
+                     f"({probe['requests']} synthetic requests, not this workload): decode-only steps "
+                     f"x{probe['run_factor']:.3f} (profile x{probe['profile_run_factor']:.3f}), steps with prompt "
+                     f"tokens x{probe['prefill_run_factor']:.3f} (profile x{probe['profile_prefill_run_factor']:.3f})")
     cpu = load["cpu_load"]
     if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
         psi = cpu["before"]["cpu_pressure_some_avg10_pct"]

@@ -147,8 +147,42 @@ def test_quick_calibration_writes_a_profile_that_loads_and_says_where_it_came_fr
     # the run factor: fitted on a real-time probe run of its own, recorded, and applied to every price
     probe = meta["run_probe"]
     assert probe["steps"] > 20 and probe["measured_s"] > 0 and probe["requests"] == 16
-    assert model.run_factor == probe["run_factor"] == pytest.approx(probe["measured_s"] / probe["predicted_s"])
-    assert 0.9 < model.run_factor < 1.2  # a serving run costs a little more than back-to-back grid steps, not 20 %
+    assert probe["overall_factor"] == pytest.approx(probe["measured_s"] / probe["predicted_s"])
+    for name, field in (("decode", "run_factor"), ("prefill", "prefill_run_factor")):
+        kind = probe["by_kind"][name]
+        assert getattr(model, field) == probe[field] == kind["factor"]
+        if kind["steps"] >= probe["min_steps_per_kind"]:  # fitted on its own steps, else the overall factor
+            assert kind["factor"] == pytest.approx(kind["measured_s"] / kind["predicted_s"])
+        else:
+            assert kind["factor"] == probe["overall_factor"]
+        assert 0.9 < kind["factor"] < 1.2  # a serving run costs a little more than back-to-back grid steps
+    assert probe["by_kind"]["decode"]["steps"] + probe["by_kind"]["prefill"]["steps"] == probe["steps"]
+
+
+def test_prefill_run_factor_prices_only_steps_with_prompt_tokens():
+    from scheduler.messages import ScheduledChunk, StepPlan
+
+    base = load_cost_model("cpu-gemma3-270m")
+    grid = dataclasses.replace(base, run_factor=1.0, prefill_run_factor=None)
+    model = dataclasses.replace(base, run_factor=1.01, prefill_run_factor=1.04)
+    decode = StepPlan(0, 0.0, tuple(ScheduledChunk(f"d{i}", i, 40, (7,), True, is_decode=True) for i in range(3)),
+                      num_decode_seqs=3, num_context_tokens=123)
+    prompt = ScheduledChunk("p", 5, 0, (7,) * 64, True)
+    mixed = dataclasses.replace(decode, chunks=decode.chunks + (prompt,), num_prefill_tokens=64,
+                                num_context_tokens=123 + 64)
+    assert model.step_time_s(decode) == pytest.approx(1.01 * grid.step_time_s(decode), rel=1e-12)
+    assert model.step_time_s(mixed) == pytest.approx(1.04 * grid.step_time_s(mixed), rel=1e-12)
+    assert model.decode_step_time_s([0, 1, 2], 123) == model.step_time_s(decode)
+    # without a prefill factor (profiles written before it) every step takes run_factor
+    older = dataclasses.replace(model, prefill_run_factor=None)
+    assert older.step_time_s(mixed) == pytest.approx(1.01 * grid.step_time_s(mixed), rel=1e-12)
+    # and it round-trips through the profile JSON
+    from backends.cost_table import TableCostModel
+
+    again = TableCostModel.from_dict(model.to_dict()["params"], {}, "again", "test")
+    assert again.prefill_run_factor == 1.04 and again.step_time_s(mixed) == model.step_time_s(mixed)
+    with pytest.raises(Exception, match="prefill_run_factor"):
+        dataclasses.replace(model, prefill_run_factor=3.0)
 
 
 def test_quick_profile_predicts_held_out_steps_of_every_kind_it_saw(quick):
@@ -188,7 +222,8 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["validate", "--profile", str(profile), "--num-requests", "6", "--prompt-len", "24",
-                     "--output-len", "6", "--rates", "3", "--out", str(tmp_path), "--json", "--quiet"])
+                     "--output-len", "6", "--rates", "3", "--probe-requests", "16", "--out", str(tmp_path), "--json",
+                     "--quiet"])
     assert code == 0
     doc = json.loads(out.getvalue())
     (load,) = doc["loads"]
@@ -202,9 +237,15 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     assert len((folder / "requests_measured.csv").read_text().splitlines()) == 7
     assert (folder / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
+    # the run factors were refitted on a real-time probe just before the load, and the prediction used them
+    probe, prof = load["speed_probe"], load_cost_model(str(profile))
+    assert probe["requests"] == 16 and probe["steps"] > 20
+    assert probe["profile_run_factor"] == prof.run_factor and probe["profile_prefill_run_factor"] == prof.factor(True)
+    for interval in load["rel_error_interval"]["e2e_s"].values():
+        assert interval[0] <= interval[1]
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
-                 "when the first token is computed", "step kind"):
+                 "when the first token is computed", "step kind", "refitted on a", "error 95%"):
         assert text in report
 
 
@@ -227,7 +268,7 @@ def _altered(profile: Path, tmp_path: Path, **changes) -> Path:
 def test_a_profile_of_another_model_or_build_is_refused_unless_forced(quick, tmp_path, capsys, change, message):
     path = _altered(quick[0], tmp_path, **change)
     argv = ["validate", "--profile", str(path), "--num-requests", "3", "--prompt-len", "16", "--output-len", "3",
-            "--rates", "4", "--out", str(tmp_path / "v"), "--quiet", "--no-plots"]
+            "--rates", "4", "--probe-requests", "0", "--out", str(tmp_path / "v"), "--quiet", "--no-plots"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "does not fit this backend" in err and "--force" in err
