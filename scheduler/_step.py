@@ -192,7 +192,8 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
             break
         if r.status is not WAITING or r.request_id not in s.requests:
             raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
-        depth, src = pool.match_prefix(_prefix_hashes(s, r)) if c.enable_prefix_caching else (0, None)
+        near = [o.slot for o in s.running] if c.slot_choice == "adjacent" else ()
+        depth, src = pool.match_prefix(_prefix_hashes(s, r), near) if c.enable_prefix_caching else (0, None)
         m = depth * c.block_size
         n = r.num_tokens - m
         if policy.chunked_prefill:
@@ -211,7 +212,7 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
             if held > m:
                 b.removes.append(KVRemove(slot, m))
         else:
-            slot, evicted = pool.acquire_slot([o.slot for o in s.running] if c.slot_choice == "adjacent" else ())
+            slot, evicted = pool.acquire_slot(near)
             if evicted is not None:
                 b.removes.append(KVRemove(evicted))
                 s.stats.num_evictions += 1

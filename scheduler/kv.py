@@ -78,8 +78,13 @@ class KVPool:
             append(parent)
         return out
 
-    def match_prefix(self, hashes: list[int]) -> tuple[int, int | None]:
-        """(number of matched blocks, a slot holding them), preferring a CACHED holder."""
+    def match_prefix(self, hashes: list[int], near: Sequence[int] = ()) -> tuple[int, int | None]:
+        """(number of matched blocks, a slot holding them), preferring a CACHED holder.
+
+        Among CACHED holders, the one next to the most running slots `near` (then the lowest id): a
+        request that takes over a cached slot runs there, and llama.cpp batches only runs of consecutive
+        slots (see acquire_slot).
+        """
         if not self.enable_prefix_caching:
             return 0, None
         index = self.index
@@ -99,6 +104,9 @@ class KVPool:
         cached = [slot for slot in self.cached_lru
                   if len(slot_blocks[slot]) > j and slot_blocks[slot][j] == block and len(slot_hashes[slot]) > j]
         if cached:
+            if near and len(cached) > 1:
+                occupied = set(near)
+                return depth, max(cached, key=lambda c: ((c - 1 in occupied) + (c + 1 in occupied), -c))
             return depth, min(cached)
         for slot in range(self.num_slots):
             blocks = slot_blocks[slot]

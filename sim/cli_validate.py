@@ -6,7 +6,9 @@ SimPy real time; the predicted side runs SyntheticBackend(profile) in virtual ti
 load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts for the
 workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
 the workload's lengths. Default workload: the bundled default trace slice at length
-scale 0.1 with its 32-token shared prefixes, all 200 requests (about 6 minutes here).
+scale 0.1 with its 32-token shared prefixes, all 200 requests (about 8 minutes here).
+Before each load a 30 s real-time probe (calibrate's own synthetic probe, not this
+workload) refits a table profile's two run factors to the machine's speed now.
 
 Prints measured vs predicted TTFT, TPOT, E2E (mean, p50, p90, p99) and throughput with
 (predicted - measured) / measured, against the targets (means and throughput within 5%,

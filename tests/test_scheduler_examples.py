@@ -299,6 +299,35 @@ def test_a_new_request_takes_the_slot_between_running_ones(choice):
     assert [rm.slot for rm in p.removes] == ([1] if choice == "adjacent" else [])  # the evicted cache goes
 
 
+@pytest.mark.parametrize("choice", ["adjacent", "any"])
+def test_a_prefix_hit_takes_over_the_cached_holder_next_to_the_running_slots(choice):
+    # r0 computes a shared prefix in slot 0; r2 copies it into slot 2 while r1 runs in slot 1 and r3 in slot 3.
+    # When r0, r1 and r2 have finished, slots 0 and 2 both hold the prefix (the same blocks) and only r3 runs.
+    # adjacent: a new request with the prefix takes over slot 2, next to r3 (one forward pass per decode step);
+    # any: the lowest holder, slot 0, apart from r3 (two passes).
+    prefix = tuple(range(500, 508))
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, num_kv_blocks=256, block_size=4,
+                          max_model_len=512, slot_choice=choice)
+    s = Scheduler(cfg, "continuous")
+    be = SyntheticBackend()
+    s.add_request(req(0, max_tokens=3, prefix=prefix))
+    step(s, be)
+    for i, (pre, m) in enumerate((((), 2), (prefix, 2), ((), 30)), start=1):
+        s.add_request(req(i, max_tokens=m, prefix=pre))
+    p = step(s, be)
+    assert [(c.src_slot, c.dst_slot) for c in p.copies] == [(0, 2)]
+    assert [s.requests[f"r{i}"].slot for i in range(4)] == [0, 1, 2, 3]
+    while any(s.requests[f"r{i}"].status.value == "running" for i in range(3)):
+        step(s, be)
+    assert s.pool.slot_state == [2, 2, 2, 1]  # CACHED x3, RUNNING
+    assert s.pool.slot_blocks[0][:2] == s.pool.slot_blocks[2][:2]
+    s.add_request(req(4, max_tokens=4, prefix=prefix))
+    p = step(s, be)
+    taken = 2 if choice == "adjacent" else 0
+    assert s.requests["r4"].slot == taken and s.requests["r4"].num_cached_tokens == 8 and not p.copies
+    assert [(rm.slot, rm.start_pos) for rm in p.removes] == [(taken, 8)]  # the rest of the taken-over cache goes
+
+
 def test_slot_choice_is_checked():
     with pytest.raises(ValueError, match="slot_choice"):
         SchedulerConfig(slot_choice="nearest")
