@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 VICTIM_RULES = ("newest", "lowest_priority", "fewest_computed")
-# adjacent: a new request takes the free (else cached) slot next to the most running ones, since llama.cpp with a
-# KV stream per slot runs one forward pass per run of consecutive slots; any: a free slot, else the LRU cached one
+# adjacent: a new request takes the free (else cached) slot next to the most running ones, and a prefix hit takes
+# over the cached holder of its prefix next to the most running ones, since llama.cpp with a KV stream per slot
+# runs one forward pass per run of consecutive slots; any: a free slot, else the LRU cached one; the lowest holder
 SLOT_CHOICES = ("adjacent", "any")
 
 

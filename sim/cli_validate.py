@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
                    f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
-            probe, load_profile = _speed_probe(args, backends[0], config, profile)
+            probe, load_profile = _speed_probe(args, backends[0], real, profile)
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
                 load = run_load(backends, load_profile, workload, rate, args.policy, config, args.seed, args.router,
                                 bar)
@@ -176,7 +176,8 @@ def _speed_probe(args: argparse.Namespace, backend, config, profile):
 
     This machine's speed drifts (other tenants of the host: 2-5 % within an hour, more on batched decodes
     than on prompts), so a profile's run factors are refitted right before each load on the same synthetic
-    probe calibrate ends with (not the validated workload), against the profile's unchanged grid fit.
+    probe calibrate ends with (not the validated workload), against the profile's unchanged grid fit, under
+    the real context's own limits (as in calibrate), whatever scheduler flags the validated runs get.
     """
     import dataclasses
 
@@ -232,6 +233,7 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
                       "predicted": ld["predicted"], "rel_error": ld["rel_error"],
                       "sampling_noise": ld.get("sampling_noise"),
                       "rel_error_interval": ld.get("rel_error_interval"), "speed_probe": ld.get("speed_probe"),
+                      "at_run_speed": ld.get("at_run_speed"),
                       "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
     text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
@@ -306,6 +308,15 @@ def format_load(load: dict, policy: str) -> str:
                      f"({probe['requests']} synthetic requests, not this workload): decode-only steps "
                      f"x{probe['run_factor']:.3f} (profile x{probe['profile_run_factor']:.3f}), steps with prompt "
                      f"tokens x{probe['prefill_run_factor']:.3f} (profile x{probe['profile_prefill_run_factor']:.3f})")
+    speed = load.get("at_run_speed")
+    if speed:
+        e = speed["rel_error"]
+        pf = speed["prefill_run_factor"]
+        lines.append("diagnostic, the simulator at the real run's own speed (run factors refitted on its steps: "
+                     f"x{speed['run_factor']:.3f}" + ("" if pf is None else f" / x{pf:.3f}") + "): "
+                     + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
+                                 (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
+                     + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
     cpu = load["cpu_load"]
     if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
         psi = cpu["before"]["cpu_pressure_some_avg10_pct"]

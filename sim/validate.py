@@ -269,17 +269,48 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
     measured.policy, predicted.policy = "measured", "predicted"
     sm, sp = summarize(measured), summarize(predicted)
     samples = [s for t in timed for s in t.samples]
+    at_speed = None
+    speed = run_speed_factors(samples, profile)
+    if speed is not None:
+        again = run_workload(w, policy, config, [IdleAwareBackend(SyntheticBackend(speed)) for _ in backends],
+                             router=router)
+        sa = summarize(again)
+        at_speed = {"run_factor": speed.run_factor, "prefill_run_factor": speed.prefill_run_factor,
+                    "predicted": sa, "rel_error": rel_errors(sm, sa)}
     overhead = [s[2] for s in samples]
     step_s = [s[1] for s in samples]
     return {"rate": rate, "workload": w, "measured_run": measured, "predicted_run": predicted,
             "measured": sm, "predicted": sp, "rel_error": rel_errors(sm, sp), "steps": step_breakdown(samples, profile),
             "sampling_noise": sampling_noise(measured, seed),
-            "rel_error_interval": error_interval(measured, predicted, seed),
+            "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
             "cpu_load": {"before": before, "after": after},
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
 
 
+
+
+def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> Any:
+    """The table profile with both run factors refitted on the measured run's own steps (None for other models).
+
+    A diagnostic, not a prediction: it uses the measured run's step times (not its latencies) to say how
+    much of an error is the machine's speed during the run (drift since the factors were fitted) and how
+    much is the model's. At 1.2x capacity the TTFT mean moves about six times as much as the step time.
+    """
+    from backends.cost_table import TableCostModel
+
+    if not isinstance(profile, TableCostModel):
+        return None
+    grid = dataclasses.replace(profile, run_factor=1.0, prefill_run_factor=None)
+    sums = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    for plan, t, _gap, idle in samples:
+        if plan.chunks:
+            acc = sums[plan.num_prefill_tokens > 0]
+            acc[0] += t
+            acc[1] += grid.time_s(plan, idle)
+    f = {k: min(max(m / p, 0.5), 2.0) if p else None for k, (m, p) in sums.items()}
+    decode = f[False] if f[False] is not None else (f[True] or profile.run_factor)
+    return dataclasses.replace(profile, run_factor=decode, prefill_run_factor=f[True])
 
 
 def relabel(run: RunResult, label: str) -> RunResult:

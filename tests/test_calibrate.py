@@ -243,9 +243,13 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     assert probe["profile_run_factor"] == prof.run_factor and probe["profile_prefill_run_factor"] == prof.factor(True)
     for interval in load["rel_error_interval"]["e2e_s"].values():
         assert interval[0] <= interval[1]
+    # the diagnostic run at the real run's own speed: factors refitted on the measured steps, a full summary
+    speed = load["at_run_speed"]
+    assert 0.5 <= speed["run_factor"] <= 2.0 and speed["predicted"]["num_finished"] == 6
+    assert set(speed["rel_error"]) == {"ttft_s", "tpot_s", "e2e_s", "throughput_rps"}
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
-                 "when the first token is computed", "step kind", "refitted on a", "error 95%"):
+                 "when the first token is computed", "step kind", "refitted on a", "error 95%", "own speed"):
         assert text in report
 
 
