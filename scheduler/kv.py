@@ -18,6 +18,11 @@ from collections.abc import Sequence
 from itertools import islice
 
 FREE, RUNNING, CACHED = 0, 1, 2
+
+
+def _running_neighbours(slot: int, running: set[int]) -> int:
+    """How many of the slot's two neighbours run (llama.cpp batches runs of consecutive slot ids)."""
+    return (slot - 1 in running) + (slot + 1 in running)
 _ROOT_HASH = hash(("tokenstep-prefix-root",))
 
 
@@ -106,7 +111,7 @@ class KVPool:
         if cached:
             if near and len(cached) > 1:
                 occupied = set(near)
-                return depth, max(cached, key=lambda c: ((c - 1 in occupied) + (c + 1 in occupied), -c))
+                return depth, max(cached, key=lambda c: (_running_neighbours(c, occupied), -c))
             return depth, min(cached)
         for slot in range(self.num_slots):
             blocks = slot_blocks[slot]
@@ -188,7 +193,7 @@ class KVPool:
             for s in occupied:
                 for c in (s - 1, s + 1):
                     if 0 <= c < n and c not in occupied and state[c] != RUNNING:
-                        key = ((c - 1 in occupied) + (c + 1 in occupied), state[c] == FREE, -c)
+                        key = (_running_neighbours(c, occupied), state[c] == FREE, -c)
                         if key > best_key:
                             best, best_key = c, key
             if best >= 0:

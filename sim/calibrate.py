@@ -335,7 +335,7 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     workload with another mix (fewer prompt tokens per decode) off by the difference. A kind with fewer
     than PROBE_MIN_STEPS steps in the probe takes the factor of all steps.
     """
-    from sim.validate import TimedBackend, estimate_capacity, retime
+    from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
     from sim.workload import synthetic_workload
 
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
@@ -348,33 +348,19 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     t0 = time.perf_counter()
     run_workload(retime(base, rate, seed + 7919), PROBE["policy"], config, [timed], realtime=True)
     backend.clear_kv()
-    grid = replace(model, run_factor=1.0, prefill_run_factor=None)
-    priced = [(grid.time_s(plan, idle), t, plan.num_prefill_tokens > 0)
-              for plan, t, _gap, idle in timed.samples if plan.chunks]
-    if not priced:
+    fit = fit_run_factors(timed.samples, model, PROBE_MIN_STEPS)
+    if fit is None:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
-
-    def ratio(rows: list) -> tuple[float, float, float]:
-        measured, predicted = sum(t for _, t, _ in rows), sum(p for p, _, _ in rows)
-        return measured, predicted, min(max(measured / predicted, 0.5), 2.0)
-
-    measured, predicted, overall = ratio(priced)
-    kinds = {}
-    for name, prefill in (("decode", False), ("prefill", True)):
-        rows = [r for r in priced if r[2] == prefill]
-        m, p, f = ratio(rows) if len(rows) >= PROBE_MIN_STEPS else (None, None, overall)
-        kinds[name] = {"steps": len(rows), "measured_s": m, "predicted_s": p, "factor": f}
+    kinds = fit["by_kind"]
     gaps = [g for _plan, _t, g, _idle in timed.samples]
-    probe = {**PROBE, "requests": n, "rate_rps": rate, "steps": len(priced),
-             "wall_s": round(time.perf_counter() - t0, 1),
-             "measured_s": measured, "predicted_s": predicted, "overall_factor": overall,
+    probe = {**PROBE, "requests": n, "rate_rps": rate, **fit, "wall_s": round(time.perf_counter() - t0, 1),
              "run_factor": kinds["decode"]["factor"], "prefill_run_factor": kinds["prefill"]["factor"],
-             "by_kind": kinds, "min_steps_per_kind": PROBE_MIN_STEPS,
+             "min_steps_per_kind": PROBE_MIN_STEPS,
              "driver_ms_per_step": float(np.mean(gaps)) * 1e3 if gaps else None,
              "note": "factor = sum of measured / sum of grid-priced step times of this real-time run: run_factor "
                      "over its steps of decodes only, prefill_run_factor over its steps with prompt tokens"}
     probe.pop("quick_requests")
-    say(f"probe: {len(priced)} steps, measured/priced {overall:.4f} (decode-only steps "
+    say(f"probe: {fit['steps']} steps, measured/priced {fit['overall_factor']:.4f} (decode-only steps "
         f"{probe['run_factor']:.4f}, steps with prompt tokens {probe['prefill_run_factor']:.4f}), driver "
         f"{probe['driver_ms_per_step']:.2f} ms/step, {probe['wall_s']} s")
     return probe

@@ -153,6 +153,19 @@ def rel_errors(measured: dict, predicted: dict) -> dict:
 
 
 BOOTSTRAP = 2000  # resamples for the measured statistics' sampling intervals
+QUANTILES = {"p50": 50, "p90": 90, "p99": 99}
+
+
+def _stats_by_row(a: np.ndarray) -> dict:
+    """Each STATS statistic of every row of a 2-D array (one row per resample)."""
+    return {"mean": a.mean(axis=1), **{s: np.percentile(a, q, axis=1) for s, q in QUANTILES.items()}}
+
+
+def _finished_latencies(run: RunResult) -> dict:
+    """request_latencies of each finished request, by request id."""
+    from sim.metrics import is_finished, request_latencies
+
+    return {r.request_id: request_latencies(r) for r in run.records if is_finished(r)}
 
 
 def sampling_noise(run: RunResult, seed: int = 0) -> dict:
@@ -163,20 +176,17 @@ def sampling_noise(run: RunResult, seed: int = 0) -> dict:
     a few tokens whose inter-token gap did or did not coincide with a long prefill step, another draw
     moves it by tens of percent. This says whether a prediction error is larger than that.
     """
-    from sim.metrics import is_finished, request_latencies
-
-    lat = [request_latencies(r) for r in run.records if is_finished(r)]
+    lat = _finished_latencies(run).values()
     rng = np.random.default_rng(seed)
     out: dict = {}
-    qs = {"p50": 50, "p90": 90, "p99": 99}
     for k in METRICS:
         v = np.asarray([x[k] for x in lat if x[k] is not None], dtype=float)
         if v.size < 2:
             out[k] = {s: None for s in STATS}
             continue
         draws = v[rng.integers(0, v.size, size=(BOOTSTRAP, v.size))]
-        point = {"mean": v.mean(), **{s: np.percentile(v, q) for s, q in qs.items()}}
-        boot = {"mean": draws.mean(axis=1), **{s: np.percentile(draws, q, axis=1) for s, q in qs.items()}}
+        point = {"mean": v.mean(), **{s: np.percentile(v, q) for s, q in QUANTILES.items()}}
+        boot = _stats_by_row(draws)
         out[k] = {s: [float(np.percentile(boot[s], q) / point[s] - 1) for q in (2.5, 97.5)] if point[s] else None
                   for s in STATS}
     return out
@@ -190,14 +200,8 @@ def error_interval(measured: RunResult, predicted: RunResult, seed: int = 0) -> 
     the gap between two order statistics, one request predicted 40 % slow moves it by 30 %, and the
     interval shows that the same comparison over another draw of the requests lands anywhere from 0 to 30 %.
     """
-    from sim.metrics import is_finished, request_latencies
-
-    def by_id(run: RunResult) -> dict:
-        return {r.request_id: request_latencies(r) for r in run.records if is_finished(r)}
-
-    m, p = by_id(measured), by_id(predicted)
+    m, p = _finished_latencies(measured), _finished_latencies(predicted)
     rng = np.random.default_rng(seed)
-    qs = {"p50": 50, "p90": 90, "p99": 99}
     out: dict = {}
     for k in METRICS:
         ids = [i for i in m if i in p and m[i][k] is not None and p[i][k] is not None]
@@ -207,14 +211,11 @@ def error_interval(measured: RunResult, predicted: RunResult, seed: int = 0) -> 
         mv = np.asarray([m[i][k] for i in ids], dtype=float)
         pv = np.asarray([p[i][k] for i in ids], dtype=float)
         pick = rng.integers(0, len(ids), size=(BOOTSTRAP, len(ids)))
-        md, pd = mv[pick], pv[pick]
-        stat = {"mean": lambda a: a.mean(axis=1), **{s: (lambda a, q=q: np.percentile(a, q, axis=1))
-                                                      for s, q in qs.items()}}
+        bm, bp = _stats_by_row(mv[pick]), _stats_by_row(pv[pick])
         out[k] = {}
         for s in STATS:
-            den = stat[s](md)
-            ok = den != 0
-            rel = stat[s](pd)[ok] / den[ok] - 1
+            ok = bm[s] != 0
+            rel = bp[s][ok] / bm[s][ok] - 1
             out[k][s] = [float(np.percentile(rel, q)) for q in (2.5, 97.5)] if rel.size else None
     return out
 
@@ -301,16 +302,38 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
 
     if not isinstance(profile, TableCostModel):
         return None
-    grid = dataclasses.replace(profile, run_factor=1.0, prefill_run_factor=None)
-    sums = {False: [0.0, 0.0], True: [0.0, 0.0]}
-    for plan, t, _gap, idle in samples:
-        if plan.chunks:
-            acc = sums[plan.num_prefill_tokens > 0]
-            acc[0] += t
-            acc[1] += grid.time_s(plan, idle)
-    f = {k: min(max(m / p, 0.5), 2.0) if p else None for k, (m, p) in sums.items()}
-    decode = f[False] if f[False] is not None else (f[True] or profile.run_factor)
-    return dataclasses.replace(profile, run_factor=decode, prefill_run_factor=f[True])
+    fit = fit_run_factors(samples, profile, min_steps=1)
+    if fit is None:  # no step ran: nothing to refit
+        return dataclasses.replace(profile, prefill_run_factor=None)
+    decode, prefill = fit["by_kind"]["decode"], fit["by_kind"]["prefill"]
+    return dataclasses.replace(profile, run_factor=decode["factor"],
+                               prefill_run_factor=prefill["factor"] if prefill["steps"] else None)
+
+
+def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int) -> dict | None:
+    """A run's steps against the table model's grid fit (its run factors set aside): sum of measured / sum of
+    priced step time over all steps, and over its steps of decodes only and its steps with prompt tokens,
+    each clamped to [0.5, 2]. A kind with fewer than min_steps steps takes the factor of all steps. None
+    when no step ran. Samples are TimedBackend.samples: (plan, seconds, of which driver, after idle).
+    """
+    grid = dataclasses.replace(model, run_factor=1.0, prefill_run_factor=None)
+    priced = [(grid.time_s(plan, idle), t, plan.num_prefill_tokens > 0)
+              for plan, t, _gap, idle in samples if plan.chunks]
+    if not priced:
+        return None
+
+    def ratio(rows: list) -> tuple[float, float, float]:
+        measured, predicted = sum(t for _, t, _ in rows), sum(p for p, _, _ in rows)
+        return measured, predicted, min(max(measured / predicted, 0.5), 2.0)
+
+    measured, predicted, overall = ratio(priced)
+    kinds = {}
+    for name, prefill in (("decode", False), ("prefill", True)):
+        rows = [r for r in priced if r[2] == prefill]
+        m, p, f = ratio(rows) if len(rows) >= min_steps else (None, None, overall)
+        kinds[name] = {"steps": len(rows), "measured_s": m, "predicted_s": p, "factor": f}
+    return {"steps": len(priced), "measured_s": measured, "predicted_s": predicted, "overall_factor": overall,
+            "by_kind": kinds}
 
 
 def relabel(run: RunResult, label: str) -> RunResult:
