@@ -215,6 +215,9 @@ class LlamaCppBackend:
             reason = self._copy_prefix(cp)
             if reason:
                 bad_slots[cp.dst_slot] = reason
+            if cp.move and cp.src_slot != cp.dst_slot and 0 <= cp.src_slot < self.num_slots:
+                # the scheduler counts src empty now; the queued data copy reads the buffer, not the cells
+                L.llama_memory_seq_rm(mem, cp.src_slot, -1, -1)
         failed: dict[str, str] = {}
         chunks = self._runnable_chunks(plan.chunks, bad_slots, failed)
         sampled: dict[str, int] = {}

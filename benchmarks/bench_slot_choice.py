@@ -1,13 +1,13 @@
-"""Slot choice in the simulator: `adjacent` (the default) vs `any`, on the validation workload.
+"""Slot choices in the simulator (`any`, `adjacent`, `compact`), side by side on the validation workload.
 
-    python benchmarks/bench_slot_choice.py [--profile NAME|FILE] [--json]
+    python benchmarks/bench_slot_choice.py [--choices any,adjacent,compact] [--profile NAME|FILE] [--real RATE] [--json]
 
 The bundled Azure slice (200 requests, lengths x0.1, 32-token shared prefixes from 4 groups), arrivals
 re-timed as Poisson at 1.11, 2.6 and 4.45 req/s (about 0.3x, 0.7x and 1.2x of capacity), `continuous` and
 `chunked` (budget 128), on the calibrated profile, which prices llama.cpp's micro-batches from the slots
-(a KV stream per slot: one forward pass per run of consecutive slot ids). Both choices run on the same
-workload in one process; the table gives TPOT and E2E means, prefix hit rate, forward passes per step and
-the ratios adjacent / any.
+(a KV stream per slot: one forward pass per run of consecutive slot ids). Every choice runs on the same
+workload in one process; the table gives TPOT and E2E means with their ratios to the first choice, forward
+passes per step, moves per request (compaction) and the prefix hit rate.
 """
 
 from __future__ import annotations
@@ -38,17 +38,19 @@ class PassCounter(IdleAwareBackend):
     def __init__(self, inner) -> None:
         super().__init__(inner)
         self.passes: list[int] = []
+        self.moves = 0
 
     def step(self, plan):
-        """The inner step; records the plan's micro-batch count."""
+        """The inner step; records the plan's micro-batch count and slot moves."""
+        self.moves += sum(c.move for c in plan.copies)
         if plan.chunks:
             m = self.cost_model
             self.passes.append(len(split_ubatches(plan, m.n_batch, m.n_ubatch, m.kv_unified)))
         return super().step(plan)
 
 
-def run_real(workload, profile, base: SchedulerConfig, rate: float) -> list[dict]:
-    """Continuous at `rate` on the real backend, slot choices alternating any, adjacent, any, adjacent."""
+def run_real(workload, profile, base: SchedulerConfig, rate: float, choices: list[str]) -> list[dict]:
+    """Continuous at `rate` on the real backend, the slot choices in turn, twice (a, b, a, b)."""
     from sim.cli_validate import _llama_options
     from sim.real import close_instances, make_llama_instances
     from sim.validate import TimedBackend
@@ -57,7 +59,7 @@ def run_real(workload, profile, base: SchedulerConfig, rate: float) -> list[dict
     out = []
     try:
         w = retime(workload, rate, 0)
-        for choice in ("any", "adjacent", "any", "adjacent"):
+        for choice in choices * 2:
             cfg = dataclasses.replace(real, slot_choice=choice)
             s = summarize(run_workload(w, "continuous", cfg, [TimedBackend(backends[0])], realtime=True))
             out.append({"slot_choice": choice, "tpot_mean_s": s["tpot_s"]["mean"], "e2e_mean_s": s["e2e_s"]["mean"],
@@ -69,14 +71,19 @@ def run_real(workload, profile, base: SchedulerConfig, rate: float) -> list[dict
 
 
 def main() -> int:
-    """Run both slot choices; print a table (or --json)."""
+    """Run the slot choices; print a table (or --json)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="cpu-gemma3-270m")
+    ap.add_argument("--choices", default="any,adjacent,compact",
+                    help="comma-separated slot choices; ratios are to the first (default: any,adjacent,compact)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--real", type=float, metavar="RATE",
                     help="also run continuous at RATE req/s on the real backend (gemma3-270m, the profile's context) "
-                         "with each slot choice, alternating any/adjacent twice, in real time")
+                         "with each slot choice in turn, twice, in real time")
     args = ap.parse_args()
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()]
+    for c in choices:
+        SchedulerConfig(slot_choice=c)  # a clear error for an unknown choice
     profile = load_cost_model(args.profile)
     from sim import cli_validate
     from sim.cli import _parse
@@ -89,29 +96,34 @@ def main() -> int:
         for rate in RATES:
             w = retime(workload, rate, 0)
             row = {"policy": policy, "rate": rate}
-            for choice in ("any", "adjacent"):
+            for choice in choices:
                 backend = PassCounter(SyntheticBackend(profile))
                 cfg = dataclasses.replace(base, slot_choice=choice, **limits)
-                s = summarize(run_workload(w, policy, cfg, [backend]))
+                records = run_workload(w, policy, cfg, [backend])
+                s = summarize(records)
                 row[choice] = {"tpot_mean_s": s["tpot_s"]["mean"], "e2e_mean_s": s["e2e_s"]["mean"],
                                "throughput_rps": s["throughput_rps"], "prefix_hit_rate": s["prefix_hit_rate"],
-                               "passes_per_step": sum(backend.passes) / len(backend.passes)}
+                               "passes_per_step": sum(backend.passes) / len(backend.passes),
+                               "moves_per_request": backend.moves / len(records.records)}
             rows.append(row)
-    real = run_real(workload, profile, base, args.real) if args.real else []
+    real = run_real(workload, profile, base, args.real, choices) if args.real else []
     if args.json:
-        print(json.dumps({"profile": args.profile, "rows": rows, "real": real}))
+        print(json.dumps({"profile": args.profile, "choices": choices, "rows": rows, "real": real}))
         return 0
     for r in real:
         print(f"real continuous {args.real} req/s, {r['slot_choice']:>8}: TPOT mean {r['tpot_mean_s'] * 1e3:.1f} ms, "
               f"E2E mean {r['e2e_mean_s']:.2f} s, TTFT mean {r['ttft_mean_s'] * 1e3:.0f} ms, "
               f"throughput {r['throughput_rps']:.2f} req/s, hit rate {r['prefix_hit_rate'] * 100:.0f}%")
-    print("policy     rate | TPOT mean any -> adjacent | E2E mean any -> adjacent | passes/step | hit rate")
+    first = choices[0]
+    print("policy     rate  choice   | TPOT mean        | E2E mean        | passes/step | moves/req | hit rate")
     for r in rows:
-        a, b = r["any"], r["adjacent"]
-        print(f"{r['policy']:<10} {r['rate']:4.2f} | {a['tpot_mean_s'] * 1e3:5.1f} -> {b['tpot_mean_s'] * 1e3:5.1f} ms "
-              f"({b['tpot_mean_s'] / a['tpot_mean_s']:.2f}x) | {a['e2e_mean_s']:4.2f} -> {b['e2e_mean_s']:4.2f} s "
-              f"({b['e2e_mean_s'] / a['e2e_mean_s']:.2f}x) | {a['passes_per_step']:.2f} -> "
-              f"{b['passes_per_step']:.2f} | {a['prefix_hit_rate'] * 100:.0f}% -> {b['prefix_hit_rate'] * 100:.0f}%")
+        a = r[first]
+        for c in choices:
+            b = r[c]
+            tpot, e2e = b["tpot_mean_s"], b["e2e_mean_s"]
+            print(f"{r['policy']:<10} {r['rate']:4.2f}  {c:<8} | {tpot * 1e3:6.1f} ms ({tpot / a['tpot_mean_s']:.2f}x)"
+                  f" | {e2e:5.2f} s ({e2e / a['e2e_mean_s']:.2f}x) | {b['passes_per_step']:11.2f}"
+                  f" | {b['moves_per_request']:9.2f} | {b['prefix_hit_rate'] * 100:.0f}%")
     return 0
 
 

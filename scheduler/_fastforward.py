@@ -6,7 +6,8 @@ one token longer. A driver that knows the tokens in advance (a simulated backend
 that never stops early) can apply K such steps at once: ``decode_horizon`` says
 how many steps are certain to be pure decode up to the first finish,
 ``decode_run_horizon`` how many when finishes change nothing but the batch (no
-request waits, finished KV stays cached), and ``apply_decode_steps`` applies them;
+request waits, finished KV stays cached and, with slot compaction, no finish
+leaves a gap), and ``apply_decode_steps`` applies them;
 ``finish_decode_steps`` retires the requests that got their last token. The
 result is the state K plain schedule/commit rounds would leave (tests prove it).
 """
@@ -33,6 +34,8 @@ def decode_horizon(s: Scheduler) -> int:
     if policy.padding:
         return 0
     n = len(running)
+    if s.config.slot_choice == "compact" and not _one_run([r.slot for r in running]):
+        return 0  # the next plan moves a request into the gap
     if s.waiting and n < policy.max_num_seqs(s):
         return 0  # the policy might admit a waiting request
     if policy.uses_token_budget and n > s.config.max_num_batched_tokens:
@@ -92,7 +95,20 @@ def decode_run_horizon(s: Scheduler) -> int:
     """
     if s.waiting or not s.pool.enable_prefix_caching:
         return 0
-    return _kv_capped(s, max(r.sampling.max_tokens - len(r.output_token_ids) for r in s.running))
+    left = {r.slot: r.sampling.max_tokens - len(r.output_token_ids) for r in s.running}
+    k = max(left.values())
+    if s.config.slot_choice == "compact":  # up to the first finish that leaves a gap: the next plan moves
+        for steps in sorted(set(left.values())):
+            rest = [slot for slot, n in left.items() if n > steps]
+            if not _one_run(rest):
+                k = steps
+                break
+    return _kv_capped(s, k)
+
+
+def _one_run(slots: list[int]) -> bool:
+    """True if the slots are consecutive ids (or fewer than two)."""
+    return len(slots) < 2 or max(slots) - min(slots) == len(slots) - 1
 
 
 def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]

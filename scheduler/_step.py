@@ -192,7 +192,7 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
             break
         if r.status is not WAITING or r.request_id not in s.requests:
             raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
-        near = [o.slot for o in s.running] if c.slot_choice == "adjacent" else ()
+        near = [o.slot for o in s.running] if c.slot_choice != "any" else ()
         depth, src = pool.match_prefix(_prefix_hashes(s, r), near) if c.enable_prefix_caching else (0, None)
         m = depth * c.block_size
         n = r.num_tokens - m
@@ -255,6 +255,35 @@ def _pad_prompts(s: Scheduler, b: _Builder, admitted: list[int]) -> None:
             b.pad += pad
 
 
+def _compact(s: Scheduler, b: _Builder) -> None:
+    """slot_choice "compact": move running requests into the gaps between running slots.
+
+    Runs last, when the batch is known: a moved request's chunk is rewritten to its new slot, and its
+    KVCopy(move=True) comes after every other copy (one that fills its old slot, or reads from it, runs
+    first), so the backend moves exactly the KV the chunk continues from.
+    """
+    pool = s.pool
+    moves = pool.compaction_moves([r.slot for r in s.running])
+    if not moves:
+        return
+    by_slot = {r.slot: r for r in s.running}
+    new_slot = {}
+    for src, dst in moves:
+        r = by_slot[src]
+        n = pool.slot_tokens[src]
+        if pool.move(src, dst) is not None:
+            s.stats.num_evictions += 1
+            if not n:
+                b.removes.append(KVRemove(dst))
+        if n:
+            b.copies.append(KVCopy(src, dst, n, move=True))
+            b.copied += n
+        r.slot = dst
+        new_slot[r.request_id] = dst
+    s.stats.num_slot_moves += len(moves)
+    b.chunks = [replace(c, slot=new_slot[c.request_id]) if c.request_id in new_slot else c for c in b.chunks]
+
+
 def build_plan(s: Scheduler, now_s: float) -> StepPlan:
     """Plan one step for scheduler s."""
     s._now_s = now_s
@@ -266,6 +295,8 @@ def build_plan(s: Scheduler, now_s: float) -> StepPlan:
         admitted = _admit(s, b, now_s)
         if admitted and s.policy.padding:
             _pad_prompts(s, b, admitted)
+    if s.config.slot_choice == "compact":
+        _compact(s, b)
     finished.extend(s._pending_finished)  # requests finished while planning (padding victims)
     s._pending_finished = []
     b.removes.extend(s._pending_removes)  # their slots too: removals run before this batch

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 VICTIM_RULES = ("newest", "lowest_priority", "fewest_computed")
 # adjacent: a new request takes the free (else cached) slot next to the most running ones, and a prefix hit takes
 # over the cached holder of its prefix next to the most running ones, since llama.cpp with a KV stream per slot
-# runs one forward pass per run of consecutive slots; any: a free slot, else the LRU cached one; the lowest holder
-SLOT_CHOICES = ("adjacent", "any")
+# runs one forward pass per run of consecutive slots; any: a free slot, else the LRU cached one; the lowest holder;
+# compact: as adjacent, and when the running slots still leave a gap (a request in the middle finished), running
+# requests move into it (a KVCopy with move=True: one copy of the slot's KV stream), so that the running slots are
+# always one run and every decode step is one forward pass
+SLOT_CHOICES = ("compact", "adjacent", "any")
 
 
 @dataclass(frozen=True, slots=True)

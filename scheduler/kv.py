@@ -261,6 +261,54 @@ class KVPool:
         self.slot_hashes[dst] = self.slot_hashes[src][:num_blocks]
         self.slot_tokens[dst] = num_blocks * self.block_size
 
+    def move(self, src: int, dst: int) -> int | None:
+        """A RUNNING slot's KV moves to dst (FREE or CACHED; a cached one is evicted); src becomes FREE.
+
+        The blocks, their counts and the prefix index stay as they are: only the slot changes. Returns
+        the evicted slot (dst) or None; the caller emits the KVCopy(move=True), and a KVRemove for an
+        eviction when no copy clears dst.
+        """
+        state = self.slot_state
+        if state[src] != RUNNING or state[dst] == RUNNING:
+            raise RuntimeError(f"KV pool: move {src}->{dst} needs a running source and a free or cached target")
+        evicted = None
+        if state[dst] == CACHED:
+            self._evict(dst)
+            evicted = dst
+        self.free_slots.remove(dst)
+        state[dst] = RUNNING
+        self.slot_blocks[dst], self.slot_blocks[src] = self.slot_blocks[src], []
+        self.slot_hashes[dst], self.slot_hashes[src] = self.slot_hashes[src], []
+        self.slot_tokens[dst], self.slot_tokens[src] = self.slot_tokens[src], 0
+        state[src] = FREE
+        self.free_slots.append(src)
+        return evicted
+
+    def compaction_moves(self, running: Sequence[int]) -> list[tuple[int, int]]:
+        """(src, dst) moves that make the running slots one run of consecutive ids (none if they are).
+
+        The run goes where it needs the fewest moves, then evicts the fewest cached slots, then lowest.
+        Running slots outside it move, in slot order, into its free slots first, then into its cached
+        ones, least recently used first.
+        """
+        k = len(running)
+        if k < 2 or max(running) - min(running) == k - 1:
+            return []
+        occupied = set(running)
+        state = self.slot_state
+        best, best_key = 0, None
+        for a in range(self.num_slots - k + 1):
+            inside = sum(1 for s in range(a, a + k) if s in occupied)
+            free = sum(1 for s in range(a, a + k) if state[s] == FREE)
+            key = (inside, free, -a)
+            if best_key is None or key > best_key:
+                best, best_key = a, key
+        window = range(best, best + k)
+        lru = {slot: i for i, slot in enumerate(self.cached_lru)}
+        targets = sorted((s for s in window if s not in occupied), key=lambda s: (state[s] != FREE, lru.get(s, 0), s))
+        sources = sorted(s for s in occupied if s not in window)
+        return list(zip(sources, targets, strict=True))
+
     def reserve(self, slot: int, num_tokens: int) -> int:
         """Give a RUNNING slot blocks to hold num_tokens positions; return blocks added.
 

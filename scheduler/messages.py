@@ -29,11 +29,16 @@ class ScheduledChunk:
 
 @dataclass(frozen=True, slots=True)
 class KVCopy:
-    """Copy the first num_tokens positions of src_slot's KV into dst_slot (llama_memory_seq_cp)."""
+    """Copy the first num_tokens positions of src_slot's KV into dst_slot (llama_memory_seq_cp).
+
+    move: then drop src_slot's KV (a running request changes slot: slot compaction). Copies run in
+    order, after the step's removals and before its batch.
+    """
 
     src_slot: int
     dst_slot: int
     num_tokens: int
+    move: bool = False
 
 
 @dataclass(frozen=True, slots=True)

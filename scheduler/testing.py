@@ -22,7 +22,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from .config import VICTIM_RULES, SchedulerConfig
+from .config import SLOT_CHOICES, VICTIM_RULES, SchedulerConfig
 from .core import Scheduler
 from .kv import RUNNING as SLOT_RUNNING
 from .messages import StepPlan, StepResult
@@ -97,9 +97,18 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
         if sched.pool.slot_tokens[ch.slot] > ch.start_pos:
             _fail(f"{ch.request_id}: slot {ch.slot} holds {sched.pool.slot_tokens[ch.slot]} tokens, chunk starts at "
                   f"{ch.start_pos}")
+    moved_from = set()
     for cp in plan.copies:
-        if sched.pool.slot_state[cp.src_slot] != SLOT_RUNNING:
+        if cp.move:  # slot compaction: a running request's KV now lives in dst, src is empty
+            if sched.pool.slot_state[cp.dst_slot] != SLOT_RUNNING or sched.pool.slot_state[cp.src_slot] == SLOT_RUNNING:
+                _fail(f"move {cp.src_slot}->{cp.dst_slot} does not leave its request running in {cp.dst_slot}")
+            moved_from.add(cp.src_slot)
+        elif sched.pool.slot_state[cp.src_slot] != SLOT_RUNNING and cp.src_slot not in moved_from:
             _fail(f"prefix copy from slot {cp.src_slot}, which no running request owns")
+    if c.slot_choice == "compact":
+        running = sorted(r.slot for r in sched.running)
+        if running and running[-1] - running[0] != len(running) - 1:
+            _fail(f"slot_choice compact left the running slots {running} with a gap")
     if sched.has_unfinished() and not plan.chunks:
         if sched.running and not all(r.padding for r in sched.running):
             _fail("deadlock: requests are running but the plan runs nothing")
@@ -184,6 +193,7 @@ def scheduler_configs(max_slots: int = 6) -> st.SearchStrategy[SchedulerConfig]:
         max_prefill_chunk_tokens=st.none() | st.integers(1, 64),
         enable_prefix_caching=st.booleans(),
         preemption_victim=st.sampled_from(VICTIM_RULES),
+        slot_choice=st.sampled_from(SLOT_CHOICES),
         eos_token_ids=st.just((EOS,)),
     )
 

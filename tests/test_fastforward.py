@@ -14,13 +14,13 @@ from scheduler._fastforward import (
 from scheduler.testing import check_invariants
 
 
-def _scheduler(caching: bool) -> tuple[Scheduler, SyntheticBackend]:
-    cfg = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=512, num_kv_blocks=200, block_size=4,
-                          max_model_len=1024, enable_prefix_caching=caching)
+def _scheduler(caching: bool, slot_choice: str = "adjacent") -> tuple[Scheduler, SyntheticBackend]:
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, num_kv_blocks=200, block_size=4,
+                          max_model_len=1024, enable_prefix_caching=caching, slot_choice=slot_choice)
     s = Scheduler(cfg, "chunked")
     # prompts of several lengths, so generated blocks start mid-block and straddle the prompt's end; more
     # requests than slots, so some runs stop at a finish (a request waits) and later ones run across them
-    for i, (n, m) in enumerate([(5, 23), (8, 40), (13, 17), (3, 31), (9, 12), (6, 25), (4, 9)]):
+    for i, (n, m) in enumerate([(5, 23), (8, 40), (13, 17), (3, 31), (9, 12), (6, 25), (4, 9), (7, 33)]):
         sp = SamplingParams(max_tokens=m, ignore_eos=True)
         s.add_request(Request(f"r{i}", tuple(range(100 + i, 100 + i + n)), sp), 0.0)
     return s, SyntheticBackend()
@@ -31,10 +31,11 @@ def _plain(s: Scheduler, b: SyntheticBackend, now: float) -> None:
     s.commit(plan, b.step(plan), now)
 
 
+@pytest.mark.parametrize("slot_choice", ["adjacent", "compact"])
 @pytest.mark.parametrize("caching", [True, False])
-def test_skipped_steps_leave_the_state_plain_steps_leave(caching):
-    plain, pb = _scheduler(caching)
-    fast, fb = _scheduler(caching)
+def test_skipped_steps_leave_the_state_plain_steps_leave(caching, slot_choice):
+    plain, pb = _scheduler(caching, slot_choice)
+    fast, fb = _scheduler(caching, slot_choice)
     jumps = runs = 0
     now = 0.0
     while fast.has_unfinished():
@@ -65,3 +66,6 @@ def test_skipped_steps_leave_the_state_plain_steps_leave(caching):
     assert runs >= 1 if caching else runs == 0  # runs across finishes only when finished KV stays cached
     assert {r: x.output_token_ids for r, x in fast.requests.items()} == \
         {r: x.output_token_ids for r, x in plain.requests.items()}
+    # compaction moved requests on both sides alike (a finish in the middle slot leaves a gap)
+    assert fast.stats.num_slot_moves == plain.stats.num_slot_moves
+    assert (plain.stats.num_slot_moves > 0) == (slot_choice == "compact")

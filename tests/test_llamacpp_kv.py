@@ -80,6 +80,28 @@ def test_partial_copy_holds_exactly_the_prefix_and_matches_the_uncopied_run(back
     assert backend.debug_kv_state()[3] == (0, 39)
 
 
+def test_move_carries_the_kv_and_frees_the_source_for_a_new_request_in_the_same_step(backend):
+    """KVCopy(move=True), as slot compaction plans it: the request continues in dst as if it had never moved,
+    and its old slot is empty at once, so a new request can prefill there in the same batch."""
+    prompt, rest, other = _ids(20, 11), _ids(6, 12), _ids(9, 13)
+    _run(backend, [ScheduledChunk("mv", 4, 0, prompt, True)])
+    _run(backend, [ScheduledChunk("ref", 6, 0, prompt, True)])
+    _run(backend, [ScheduledChunk("ref", 6, 20, rest, True)])
+    ref = backend.logits_for_last_step()["ref"]
+    _run(backend, [ScheduledChunk("alone", 7, 0, other, True)])
+    alone = backend.logits_for_last_step()["alone"]
+
+    result = _run(backend, [ScheduledChunk("mv", 1, 20, rest, True), ScheduledChunk("new", 4, 0, other, True)],
+                  copies=[KVCopy(4, 1, 20, move=True)])
+    assert result.failed == {}
+    state = backend.debug_kv_state()
+    assert state[1] == (0, 25)  # the moved request: its 20 positions plus the 6 new ones
+    assert state[4] == (0, 8)  # only the new request: the move emptied the slot before the batch wrote it
+    got = backend.logits_for_last_step()
+    assert np.allclose(got["mv"], ref, rtol=0, atol=1e-4), float(np.abs(got["mv"] - ref).max())
+    assert np.allclose(got["new"], alone, rtol=0, atol=1e-4), float(np.abs(got["new"] - alone).max())
+
+
 SYSTEM_PROMPT = 3 * (
     "You are a careful assistant for a public library. Answer questions about opening hours, "
     "membership, book loans, late fees and events. Be brief, polite and precise; if you do not know, say so. "

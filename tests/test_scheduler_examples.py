@@ -8,6 +8,7 @@ import pytest
 from backends.synthetic import SyntheticBackend
 from scheduler import FinishReason, Request, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.policies import make_policy
+from scheduler.testing import check_invariants
 
 
 def req(i, n_prompt=8, max_tokens=4, arrival=0.0, priority=0, prefix=()):
@@ -331,3 +332,53 @@ def test_a_prefix_hit_takes_over_the_cached_holder_next_to_the_running_slots(cho
 def test_slot_choice_is_checked():
     with pytest.raises(ValueError, match="slot_choice"):
         SchedulerConfig(slot_choice="nearest")
+
+
+@pytest.mark.parametrize("choice", ["compact", "adjacent"])
+def test_compaction_moves_a_running_request_into_the_gap(choice):
+    # all 4 slots run; r1 (slot 1) finishes and nothing waits: a gap between slot 0 and slots 2-3, no free slot.
+    # compact: the next plan moves one running request so that the running slots are one run again. Runs 0-2
+    # (r3 into slot 1) and 1-3 (r0 into slot 1) both take one move and evict r1's cache; the lower one wins.
+    # The plan carries one KVCopy(move=True) of r3's computed tokens, and r3's chunk runs in its new slot.
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=256, block_size=4,
+                          max_model_len=512, slot_choice=choice)
+    s = Scheduler(cfg, "continuous")
+    be = SyntheticBackend()
+    for i, m in enumerate((20, 2, 20, 20)):
+        s.add_request(req(i, max_tokens=m))
+    step(s, be)
+    while s.requests["r1"].status.value == "running":
+        step(s, be)
+    assert sorted(r.slot for r in s.running) == [0, 2, 3] and s.pool.slot_state[1] == 2  # CACHED
+    computed = s.requests["r3"].num_computed_tokens
+    p = step(s, be)
+    if choice == "adjacent":
+        assert not p.copies and sorted(r.slot for r in s.running) == [0, 2, 3]
+        return
+    assert [(c.src_slot, c.dst_slot, c.num_tokens, c.move) for c in p.copies] == [(3, 1, computed, True)]
+    assert sorted(r.slot for r in s.running) == [0, 1, 2] and s.requests["r3"].slot == 1
+    assert next(c for c in p.chunks if c.request_id == "r3").slot == 1
+    assert s.pool.slot_state[3] == 0 and s.stats.num_slot_moves == 1 and s.stats.num_evictions == 1
+    check_invariants(s)
+    # the next steps decode in place: no more moves
+    p = step(s, be)
+    assert not p.copies and sorted(c.slot for c in p.chunks) == [0, 1, 2]
+
+
+def test_compaction_prefers_a_free_slot_to_a_cached_one():
+    # r0 in slot 0, r1 in slot 1 finishes (cached), r2 in slot 2: gap at 1, and slot 3 is free.
+    # The run 2-3 needs one move (r0 from slot 0 into free slot 3) and keeps r1's cache; 0-1 or 1-2 would evict it.
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, num_kv_blocks=256, block_size=4,
+                          max_model_len=512, slot_choice="compact")
+    s = Scheduler(cfg, "continuous")
+    be = SyntheticBackend()
+    for i, m in enumerate((20, 2, 20)):
+        s.add_request(req(i, max_tokens=m))
+    step(s, be)
+    while s.requests["r1"].status.value == "running":
+        step(s, be)
+    p = step(s, be)
+    assert [(c.src_slot, c.dst_slot, c.move) for c in p.copies] == [(0, 3, True)]
+    assert sorted(r.slot for r in s.running) == [2, 3] and s.pool.slot_state[1] == 2  # r1's cache is kept
+    assert s.stats.num_evictions == 0
+    check_invariants(s)
