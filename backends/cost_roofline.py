@@ -163,6 +163,7 @@ class RooflineCostModel:
             "max_model_len": self.max_model_len,
             "num_kv_blocks": self.kv_capacity_tokens // self.block_size,
             "block_size": self.block_size,
+            "slot_choice": "adjacent",  # paged KV on a GPU: the slot layout costs nothing, so no compaction moves
         }
 
     def compute_s(self, feats: StepFeatures) -> float:

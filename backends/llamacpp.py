@@ -168,6 +168,9 @@ class LlamaCppBackend:
             "num_kv_blocks": self.n_ctx // block_size,
             "block_size": block_size,
             "eos_token_ids": self.eog_token_ids,
+            # one KV stream per slot: compaction keeps the running slots one run (one forward pass per decode
+            # step); one shared stream batches any slots together, so moves would buy nothing
+            "slot_choice": "adjacent" if self.kv_unified else "compact",
         }
         fields.update(overrides)
         return SchedulerConfig(**fields)  # type: ignore[arg-type]

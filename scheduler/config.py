@@ -26,7 +26,7 @@ class SchedulerConfig:
     max_prefill_chunk_tokens: int | None = None  # per-request chunk cap; None: the budget
     enable_prefix_caching: bool = True
     preemption_victim: str = "newest"
-    slot_choice: str = "adjacent"
+    slot_choice: str = "compact"
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

@@ -142,7 +142,8 @@ def add_scheduler_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="turn shared-prefix KV reuse off for every run")
     g.add_argument("--preemption-victim", choices=list(VICTIM_RULES), help="which request to preempt")
     g.add_argument("--slot-choice", choices=list(SLOT_CHOICES),
-                   help="slot of a new request: adjacent (default; next to running slots) or any")
+                   help="compact (default): a new request goes next to the running slots and running requests "
+                        "move into gaps; adjacent: no moves; any: any free slot")
     g.add_argument("--instances", type=positive_int, default=1, metavar="N", help="independent engines (default 1)")
     g.add_argument("--router", choices=list(ROUTERS), default="least_outstanding",
                    help="how requests are spread over instances (default least_outstanding)")
