@@ -198,13 +198,7 @@ class KVPool:
                         if key > best_key:
                             best, best_key = c, key
             if best >= 0:
-                evicted = None
-                if state[best] == CACHED:
-                    self._evict(best)
-                    evicted = best
-                self.free_slots.remove(best)
-                state[best] = RUNNING
-                return best, evicted
+                return best, self._take(best)
         if self.free_slots:
             slot = self.free_slots.pop()
             self.slot_state[slot] = RUNNING
@@ -214,6 +208,16 @@ class KVPool:
         self.free_slots.remove(slot)
         self.slot_state[slot] = RUNNING
         return slot, slot
+
+    def _take(self, slot: int) -> int | None:
+        """Mark a FREE or CACHED slot RUNNING, evicting its cache; return the slot if it was evicted."""
+        evicted = None
+        if self.slot_state[slot] == CACHED:
+            self._evict(slot)
+            evicted = slot
+        self.free_slots.remove(slot)
+        self.slot_state[slot] = RUNNING
+        return evicted
 
     def evict_one(self) -> int | None:
         """Evict the least recently used cached slot; return it (None if none)."""
@@ -272,12 +276,7 @@ class KVPool:
         state = self.slot_state
         if state[src] != RUNNING or state[dst] == RUNNING:
             raise RuntimeError(f"KV pool: move {src}->{dst} needs a running source and a free or cached target")
-        evicted = None
-        if state[dst] == CACHED:
-            self._evict(dst)
-            evicted = dst
-        self.free_slots.remove(dst)
-        state[dst] = RUNNING
+        evicted = self._take(dst)
         self.slot_blocks[dst], self.slot_blocks[src] = self.slot_blocks[src], []
         self.slot_hashes[dst], self.slot_hashes[src] = self.slot_hashes[src], []
         self.slot_tokens[dst], self.slot_tokens[src] = self.slot_tokens[src], 0
