@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .kv import one_run
 from .messages import RequestOutput
 from .request import FinishReason, Request
 
@@ -34,7 +35,7 @@ def decode_horizon(s: Scheduler) -> int:
     if policy.padding:
         return 0
     n = len(running)
-    if s.config.slot_choice == "compact" and not _one_run([r.slot for r in running]):
+    if s.config.slot_choice == "compact" and not one_run([r.slot for r in running]):
         return 0  # the next plan moves a request into the gap
     if s.waiting and n < policy.max_num_seqs(s):
         return 0  # the policy might admit a waiting request
@@ -100,15 +101,11 @@ def decode_run_horizon(s: Scheduler) -> int:
     if s.config.slot_choice == "compact":  # up to the first finish that leaves a gap: the next plan moves
         for steps in sorted(set(left.values())):
             rest = [slot for slot, n in left.items() if n > steps]
-            if not _one_run(rest):
+            if not one_run(rest):
                 k = steps
                 break
     return _kv_capped(s, k)
 
-
-def _one_run(slots: list[int]) -> bool:
-    """True if the slots are consecutive ids (or fewer than two)."""
-    return len(slots) < 2 or max(slots) - min(slots) == len(slots) - 1
 
 
 def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]

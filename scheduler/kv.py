@@ -21,6 +21,11 @@ from operator import sub
 FREE, RUNNING, CACHED = 0, 1, 2
 
 
+def one_run(slots: Sequence[int]) -> bool:
+    """True if the slots are consecutive ids (or fewer than two): llama.cpp decodes them in one forward pass."""
+    return len(slots) < 2 or max(slots) - min(slots) == len(slots) - 1
+
+
 def _running_neighbours(slot: int, running: set[int]) -> int:
     """How many of the slot's two neighbours run (llama.cpp batches runs of consecutive slot ids)."""
     return (slot - 1 in running) + (slot + 1 in running)
@@ -291,9 +296,9 @@ class KVPool:
         Running slots outside it move, in slot order, into its free slots first, then into its cached
         ones, least recently used first.
         """
-        k = len(running)
-        if k < 2 or max(running) - min(running) == k - 1:
+        if one_run(running):
             return []
+        k = len(running)
         n = self.num_slots
         occupied = set(running)
         state = self.slot_state

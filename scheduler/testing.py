@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from .config import SLOT_CHOICES, VICTIM_RULES, SchedulerConfig
 from .core import Scheduler
 from .kv import RUNNING as SLOT_RUNNING
+from .kv import one_run
 from .messages import StepPlan, StepResult
 from .policies import Policy, make_policy
 from .request import FinishReason, Request, RequestStatus, SamplingParams
@@ -107,7 +108,7 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
             _fail(f"prefix copy from slot {cp.src_slot}, which no running request owns")
     if c.slot_choice == "compact":
         running = sorted(r.slot for r in sched.running)
-        if running and running[-1] - running[0] != len(running) - 1:
+        if not one_run(running):
             _fail(f"slot_choice compact left the running slots {running} with a gap")
     if sched.has_unfinished() and not plan.chunks:
         if sched.running and not all(r.padding for r in sched.running):
