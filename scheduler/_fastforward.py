@@ -107,7 +107,6 @@ def decode_run_horizon(s: Scheduler) -> int:
     return _kv_capped(s, k)
 
 
-
 def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]
                        ) -> tuple[list[str], list[tuple[int, Request]], list[int]]:
     """Apply up to `steps` pure-decode steps at once; each request stops at its max_tokens.
