@@ -24,6 +24,7 @@ from backends.cost import load_cost_model  # noqa: E402
 from backends.cost_table import split_ubatches  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
 from scheduler import SchedulerConfig  # noqa: E402
+from scheduler.config import SLOT_CHOICES  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
 from sim.model import run_workload  # noqa: E402
 from sim.validate import IdleAwareBackend, retime  # noqa: E402
@@ -83,7 +84,8 @@ def main() -> int:
     args = ap.parse_args()
     choices = [c.strip() for c in args.choices.split(",") if c.strip()]
     for c in choices:
-        SchedulerConfig(slot_choice=c)  # a clear error for an unknown choice
+        if c not in SLOT_CHOICES:
+            ap.error(f"--choices: unknown slot choice {c!r}; choose from {', '.join(SLOT_CHOICES)}")
     profile = load_cost_model(args.profile)
     from sim import cli_validate
     from sim.cli import _parse
