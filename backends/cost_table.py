@@ -8,8 +8,9 @@ cost two. This model replays that split from the plan's slots and chunk lengths,
 prices each ubatch by two piecewise-linear tables: a non-decreasing one over its tokens
 (layer compute plus the pass's fixed cost) and a free one with a value for every output-row
 count (vocabulary projection and sampling; measured on gemma-3-270m, 8, 12 and 16 rows cost
-less than 7, 11 and 15), plus attention pairs; and the step's own work: per step, per chunk,
-per KV op and copied token.
+less than 7, 11 and 15), plus attention pairs: a decode's, a prompt chunk's within the chunk, and
+a prompt chunk's against the context before it at a price per pair that depends on the chunk's
+length (see Ubatch); and the step's own work: per step, per chunk, per KV op and copied token.
 """
 
 from __future__ import annotations
@@ -28,18 +29,33 @@ from scheduler.messages import StepPlan
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
            "idle_wakeup_s")
 SPLIT = ("n_batch", "n_ubatch", "kv_unified")
-OPTIONAL = ("run_factor", "prefill_run_factor")  # params a profile may omit (older profiles): defaults apply
+# params a profile may omit (older profiles): defaults apply; without the prompt-pair params, a prompt
+# chunk's attention pairs are priced like a decode's (per_attention_pair_s)
+OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
+FITTED = SCALARS + ("per_prompt_pair_s",)  # the fitted scalars, in design_row's order
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 
 
 @dataclass(frozen=True, slots=True)
 class Ubatch:
-    """One forward pass: tokens, sequences, output (logits) rows, and causal attention pairs."""
+    """One forward pass: tokens, sequences, output (logits) rows, and causal attention pairs.
+
+    attention_pairs count the query-key pairs of one-token pieces (decodes). Pieces of several tokens
+    (prompt chunks, q_len tokens per sequence) count apart: context_pairs, their queries against the
+    positions before the chunk, and chunk_pairs, the causal pairs within it. ggml's CPU flash attention
+    runs a chunk of 64 or more queries per sequence as tiles of query rows against KV tiles, and how full
+    those tiles are depends on the chunk length and the thread split, so the price of a context pair is a
+    table over q_len (measured on gemma-3-270m, 2 threads: a 128-token chunk pays about half as much per
+    context pair as a 64-token one).
+    """
 
     n_tokens: int
     n_seqs: int
     n_outputs: int
     attention_pairs: int
+    q_len: int = 0
+    context_pairs: int = 0
+    chunk_pairs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,27 +119,42 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
             n_out += 0 <= p[2] < k
             pairs += _pairs(p[3], k)
             p[1], p[2], p[3] = p[1] - k, p[2] - k, p[3] + k
-        out.append(Ubatch(k * len(run), len(run), n_out, pairs))
+        if k == 1:
+            out.append(Ubatch(len(run), len(run), n_out, pairs))
+        else:
+            inner = len(run) * (k * (k + 1) // 2)
+            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner))
         live = [p for p in live if p[1]]
     return out
 
 
 def _split_simple(pieces: list[list[int]], n_ubatch: int) -> list[Ubatch]:
-    out, cur = [], [0, set(), 0, 0]
+    # one KV stream: the attention runs over the ubatch's rows together, so a prompt piece's q_len is the
+    # ubatch's row count
+    out, cur = [], [0, set(), 0, 0, 0, 0]  # tokens, slots, outputs, decode pairs, context pairs, chunk pairs
     for slot, n, o, pos in pieces:
         while n:
             k = min(n, n_ubatch - cur[0])
             cur[0] += k
             cur[1].add(slot)
             cur[2] += 0 <= o < k
-            cur[3] += _pairs(pos, k)
+            if k == 1:
+                cur[3] += pos + 1
+            else:
+                cur[4] += k * pos
+                cur[5] += k * (k + 1) // 2
             n, o, pos = n - k, o - k, pos + k
             if cur[0] == n_ubatch:
-                out.append(Ubatch(cur[0], len(cur[1]), cur[2], cur[3]))
-                cur = [0, set(), 0, 0]
+                out.append(_simple_ubatch(cur))
+                cur = [0, set(), 0, 0, 0, 0]
     if cur[0]:
-        out.append(Ubatch(cur[0], len(cur[1]), cur[2], cur[3]))
+        out.append(_simple_ubatch(cur))
     return out
+
+
+def _simple_ubatch(cur: list) -> Ubatch:
+    prompt = cur[4] or cur[5]
+    return Ubatch(cur[0], len(cur[1]), cur[2], cur[3], cur[0] if prompt else 0, cur[4], cur[5])
 
 
 def default_knots(limit: int) -> tuple[int, ...]:
@@ -180,6 +211,33 @@ def _ramps(n: int, knots: tuple[int, ...]) -> list[float]:
     return row
 
 
+def _interp_clamped(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
+    """A free table at n, flat past either end."""
+    if n <= knots[0]:
+        return values[0]
+    if n >= knots[-1]:
+        return values[-1]
+    return _interp(n, knots, values)
+
+
+def prompt_pair_knots(n_ubatch: int) -> tuple[int, ...]:
+    """Chunk lengths (tokens per sequence) at which the context-pair price is fitted.
+
+    2 (the shortest chunk), 64 (ggml's CPU flash-attention query tile, the shortest tiled chunk), 128
+    (tiles full on 2 threads) and n_ubatch, the longest.
+    """
+    return tuple(sorted({k for k in (2, 64, 128) if k < n_ubatch} | {max(n_ubatch, 2)}))
+
+
+def _fill_unmeasured(values: np.ndarray, measured: np.ndarray, default: float) -> tuple[float, ...]:
+    """Table values with each unmeasured knot taking its nearest measured neighbour's (default if none)."""
+    idx = np.flatnonzero(measured)
+    if not len(idx):
+        return tuple(float(default) for _ in values)
+    return tuple(float(values[i] if measured[i] else values[idx[np.argmin(np.abs(idx - i))]])
+                 for i in range(len(values)))
+
+
 def _interp(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
     if n <= 0:
         return 0.0
@@ -203,13 +261,18 @@ class TableCostModel:
     per_remove_s: float = 0.0
     per_copy_s: float = 0.0
     per_copied_token_s: float = 0.0
-    per_attention_pair_s: float = 0.0
+    per_attention_pair_s: float = 0.0  # per query-key pair of a decode (one-token piece)
     idle_wakeup_s: float = 0.0  # extra time of the first step after the engine idled (threads and caches wake)
     # a step's price times this: what a real-time serving run adds to the calibration grid's step times
     # (the driver's own work between steps, occasional slow steps), fitted on a short real-time probe run;
     # run_factor for steps of decodes only, prefill_run_factor (None: run_factor) for steps with prompt tokens
     run_factor: float = 1.0
     prefill_run_factor: float | None = None
+    # a prompt chunk's attention (see Ubatch): per pair within the chunk, and per pair against the context
+    # before it, a free table over the chunk's tokens per sequence; None (older profiles): per_attention_pair_s
+    per_prompt_pair_s: float | None = None
+    prompt_pair_knots: tuple[int, ...] | None = None
+    prompt_context_pair_s: tuple[float, ...] | None = None
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -218,6 +281,7 @@ class TableCostModel:
 
     def __post_init__(self) -> None:
         check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
+        self._check_prompt_pairs()
         for n in ("run_factor", "prefill_run_factor"):
             f = getattr(self, n)
             if n == "prefill_run_factor" and f is None:
@@ -259,8 +323,34 @@ class TableCostModel:
             t += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
                   + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
             pairs += u.attention_pairs
+            if u.q_len:
+                t += self.prompt_attention_s(u)
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
         return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill), 1e-6)
+
+    def prompt_attention_s(self, u: Ubatch) -> float:
+        """Seconds of a ubatch's prompt-chunk attention pairs (within the chunks and against their context)."""
+        if self.prompt_pair_knots is None:
+            return self.per_attention_pair_s * (u.context_pairs + u.chunk_pairs)
+        per_context = _interp_clamped(u.q_len, self.prompt_pair_knots, self.prompt_context_pair_s)
+        return self.per_prompt_pair_s * u.chunk_pairs + per_context * u.context_pairs
+
+    def _check_prompt_pairs(self) -> None:
+        names = ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
+        values = [getattr(self, n) for n in names]
+        if all(v is None for v in values):
+            return
+        if any(v is None for v in values):
+            raise CostModelError(f"TableCostModel: {', '.join(names)} go together (all set, or all null for a "
+                                 f"decode's per-pair price), got {values!r}")
+        pp, knots, per = values
+        check_params("table", {"per_prompt_pair_s": pp}, ("per_prompt_pair_s",), "TableCostModel")
+        if (not knots or len(knots) != len(per) or any(isinstance(k, bool) or not isinstance(k, int) for k in knots)
+                or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
+            raise CostModelError(f"TableCostModel: prompt_pair_knots must be increasing integers >= 1 with one "
+                                 f"prompt_context_pair_s entry each, got {knots!r} and {per!r}")
+        check_params("table", {str(i): v for i, v in enumerate(per)}, tuple(map(str, range(len(per)))),
+                     "TableCostModel.prompt_context_pair_s")
 
     def factor(self, has_prefill: bool) -> float:
         """The run factor of a step with (True) or without prompt tokens."""
@@ -312,7 +402,8 @@ class TableCostModel:
         if feats.num_prefill_tokens:
             k = max(1, num_prefill_chunks)
             per = -(-feats.num_prefill_tokens // k)
-            ubatches += [Ubatch(per, 1, 1, feats.sum_sq_prefill_tokens // k)] * k
+            inner = per * (per + 1) // 2
+            ubatches += [Ubatch(per, 1, 1, 0, per, max(0, feats.sum_sq_prefill_tokens // k - per * per), inner)] * k
         shape = StepShape(tuple(ubatches), feats.num_seqs, feats.num_removes, feats.num_copies,
                           feats.num_copied_tokens, has_prefill=feats.num_prefill_tokens > 0)
         return floor_time(feats, self.price(shape))
@@ -320,7 +411,7 @@ class TableCostModel:
     # -- JSON ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         """{"kind": "table", "params", "meta"}."""
-        params = {n: getattr(self, n) for n in SCALARS + SPLIT + OPTIONAL}
+        params = {n: list(v) if isinstance(v := getattr(self, n), tuple) else v for n in SCALARS + SPLIT + OPTIONAL}
         for knots_name, values_name in TABLES:
             params[knots_name] = list(getattr(self, knots_name))
             params[values_name] = list(getattr(self, values_name))
@@ -337,6 +428,9 @@ class TableCostModel:
             raise CostModelError(f"{source}: table cost model params: missing {', '.join(missing) or 'none'}; "
                                  f"unknown {', '.join(unknown) or 'none'}")
         kw = {n: params[n] for n in SCALARS + SPLIT + OPTIONAL if n in params}
+        for n in ("prompt_pair_knots", "prompt_context_pair_s"):
+            if isinstance(kw.get(n), list):
+                kw[n] = tuple(kw[n])
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):
@@ -376,18 +470,25 @@ def _prefill_context(f: StepFeatures) -> int:
 
 
 # -- fitting ---------------------------------------------------------------------------
-def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...]) -> np.ndarray:
-    """Feature vector: per-step counts, attention pairs, token-table increments, output-table hats (over ubatches)."""
+def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...],
+               pair_knots: tuple[int, ...]) -> np.ndarray:
+    """Feature vector: the FITTED scalars' counts (per step, chunk, KV op, copied token, attention pair of
+    decodes, wake-up, attention pair within prompt chunks), token-table increments, output-table hats, and
+    the prompt chunks' context pairs over the prompt-pair table's hats."""
     tok = np.zeros(len(token_knots))
     outs = np.zeros(len(output_knots))
-    pairs = 0
+    ctx = np.zeros(len(pair_knots))
+    pairs = chunk_pairs = 0
     for u in shape.ubatches:
         tok += _ramps(u.n_tokens, token_knots)
         outs += _hats(u.n_outputs, output_knots)
         pairs += u.attention_pairs
+        if u.q_len:
+            chunk_pairs += u.chunk_pairs
+            ctx += np.array(_hats(u.q_len, pair_knots)) * u.context_pairs
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle)]
-    return np.concatenate([np.array(head, dtype=float), tok, outs])
+            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs]
+    return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
 
 
 # llama_memory_seq_rm only edits cell metadata (microseconds), and across per-sequence KV streams
@@ -409,7 +510,7 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
     base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
                           (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
                           kv_unified=kv_unified)
-    tk, ok = base.ubatch_tokens, base.ubatch_outputs
+    tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch)
     shapes, times = [], []
     for i, sample in enumerate(samples):
         plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
@@ -421,27 +522,41 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
         shapes.append(shape)
         times.append(float(t))
     y = np.array(times)
-    x = np.stack([design_row(s, tk, ok) for s in shapes])
+    x = np.stack([design_row(s, tk, ok, pk) for s in shapes])
     used = np.abs(x).max(axis=0) > 0
-    used[len(SCALARS) + len(tk):] = True  # every output count gets a value (from data or the prior)
+    k0 = len(FITTED) + len(tk)
+    used[k0:k0 + len(ok)] = True  # every output count gets a value (from data or the prior)
     for n in not_fitted:
-        used[SCALARS.index(n)] = False
+        used[FITTED.index(n)] = False
     x[:, ~used] = 0.0
     a = x / y[:, None]  # rows divided by their time: residuals are relative errors
     # A light prior on the output table's second differences, in units of a typical step: an output count
     # no step had gets its neighbours' trend, while counts that were measured follow their data.
-    k0, typical = len(SCALARS) + len(tk), float(np.median(y))
+    typical = float(np.median(y))
     prior = np.zeros((max(0, len(ok) - 2), a.shape[1]))
     for i in range(len(ok) - 2):
         prior[i, k0 + i:k0 + i + 3] = np.array([1.0, -2.0, 1.0]) * SMOOTHING / typical
+    # and on the context-pair table's first differences, in units of a 128-token chunk's pairs against 128
+    # positions: a chunk length with few steps stays near its neighbours instead of fitting their noise
+    c0 = k0 + len(ok)
+    ctx_prior = np.zeros((len(pk) - 1, a.shape[1]))
+    for i in range(len(pk) - 1):
+        ctx_prior[i, c0 + i:c0 + i + 2] = np.array([1.0, -1.0]) * SMOOTHING * 128 * 128 / typical
+    prior = np.vstack([prior, ctx_prior])
     a = np.vstack([a, prior])
     scale = np.where(used, np.abs(a).max(axis=0), 1.0)
     coef = nnls(a / scale, np.concatenate([np.ones(len(y)), np.zeros(len(prior))])) / scale
     coef[~used] = 0.0
-    h = len(SCALARS)
-    head, tok, outs = coef[:h], coef[h:h + len(tk)], coef[h + len(tk):]
+    h = len(FITTED)
+    head, tok, outs, ctx = coef[:h], coef[h:k0], coef[k0:k0 + len(ok)], coef[k0 + len(ok):]
+    scalars: dict = {n: float(v) for n, v in zip(FITTED, head, strict=True)}
+    if used[FITTED.index("per_prompt_pair_s")]:
+        scalars["prompt_pair_knots"] = pk
+        scalars["prompt_context_pair_s"] = _fill_unmeasured(ctx, used[k0 + len(ok):], scalars["per_attention_pair_s"])
+    else:  # no prompt chunk in the samples: a decode's per-pair price applies
+        scalars["per_prompt_pair_s"] = None
     return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
-                          *(float(v) for v in head), n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
+                          **scalars, n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
                           name=name, meta=dict(meta or {}))
 
 

@@ -74,6 +74,10 @@ def _prefill_grid(quick: bool, max_len: int) -> list[Scenario]:
     for cap in ((64,) if quick else (32, 64, 128)):
         out.append(Scenario(f"chunked prefill {cap}", "chunked", ((0, min(250, top), 2, 0),),
                             {"max_prefill_chunk_tokens": cap}))
+    if not quick:  # chunks deep into a long prompt: attention over up to top positions of context
+        for cap in (64, 128, 256):
+            out.append(Scenario(f"chunked prefill {cap} long", "chunked", ((0, top, 2, 0),),
+                                {"max_prefill_chunk_tokens": cap}))
     out.append(Scenario("unequal prompts", "continuous", tuple((0, p, 3, 0) for p in (40, 80, 120, 160))))
     if not quick:
         out.append(Scenario("unequal prompts 8", "continuous",

@@ -233,6 +233,7 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
                       "predicted": ld["predicted"], "rel_error": ld["rel_error"],
                       "sampling_noise": ld.get("sampling_noise"),
                       "rel_error_interval": ld.get("rel_error_interval"), "speed_probe": ld.get("speed_probe"),
+                      "price_sensitivity": ld.get("price_sensitivity"),
                       "at_run_speed": ld.get("at_run_speed"),
                       "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
@@ -275,16 +276,24 @@ def format_load(load: dict, policy: str) -> str:
         v = (d.get(k) or {}).get(s)
         return f"{v[0] * 100:+.0f}..{v[1] * 100:+.0f}%" if v else ""
 
-    rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")]
+    sens = load.get("price_sensitivity")
+    spans = sens["rel_error_range"] if sens else {}
+
+    def span(v: list | None) -> str:
+        return f"{v[0] * 100:+.0f}..{v[1] * 100:+.0f}%" if v else ""
+
+    rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")
+            + ((f"prices ±{sens['delta'] * 100:g}%",) if sens else ())]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
-                         ci(paired, k, s), ci(noise, k, s)))
+                         ci(paired, k, s), ci(noise, k, s)) + ((span(spans[k][s]),) if sens else ()))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
-                 _fmt_rel(tp, TARGET_PCT["throughput_rps"]), "", ""))
-    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", ""))
+                 _fmt_rel(tp, TARGET_PCT["throughput_rps"]), "", "")
+                + ((span(spans["throughput_rps"]),) if sens else ()))
+    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", "") + (("",) if sens else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
              f"{m['num_requests']} requests"]
@@ -302,6 +311,11 @@ def format_load(load: dict, policy: str) -> str:
     if noise:
         lines.append("sampling 95%: bootstrap interval of the measured statistic over its requests (how far another "
                      "draw of as many requests could move it)")
+    if sens:
+        d = f"{sens['delta'] * 100:g}%"
+        lines.append(f"prices ±{d}: range of the relative error over the prediction and {sens['runs'] - 1} reruns "
+                     f"with the decode-only and prompt-step prices each {d} lower or higher (a range much wider "
+                     "than that: the statistic turns on step timing, not on the price level)")
     probe = load.get("speed_probe")
     if probe:
         lines.append(f"run factors refitted on a {probe['wall_s']:.0f} s real-time probe just before this load "

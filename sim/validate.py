@@ -270,6 +270,7 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
     measured.policy, predicted.policy = "measured", "predicted"
     sm, sp = summarize(measured), summarize(predicted)
     samples = [s for t in timed for s in t.samples]
+    sensitivity = price_sensitivity(w, policy, config, profile, len(backends), router, sm, sp)
     at_speed = None
     speed = run_speed_factors(samples, profile)
     if speed is not None:
@@ -284,11 +285,50 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
             "measured": sm, "predicted": sp, "rel_error": rel_errors(sm, sp), "steps": step_breakdown(samples, profile),
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
+            "price_sensitivity": sensitivity,
             "cpu_load": {"before": before, "after": after},
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
 
 
+
+
+PRICE_DELTA = 0.02  # step-price error a prediction is tested against: the probe-to-run drift seen here is 1-2.5 %
+
+
+def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
+                      router: str, measured: dict, predicted: dict, delta: float = PRICE_DELTA) -> dict | None:
+    """How far each predicted statistic moves when the step prices are off by delta (None for non-table models).
+
+    The predicted run is repeated with the decode-only factor and the prompt-step factor each scaled by
+    1 - delta and 1 + delta (four runs). For each statistic: the lowest and highest relative error against
+    the measured run over those runs and the prediction itself. A statistic whose range is much wider than
+    2 * delta is sensitive to step prices (at light load, a tail made of a few requests whose decodes did or
+    did not meet another request's prompt chunk): no calibration that prices steps to within delta can
+    promise it.
+    """
+    from backends.cost_table import TableCostModel
+    from backends.synthetic import SyntheticBackend
+
+    if not isinstance(profile, TableCostModel):
+        return None
+    errors = [rel_errors(measured, predicted)]
+    rf, pf = profile.run_factor, profile.factor(True)
+    for a in (1 - delta, 1 + delta):
+        for b in (1 - delta, 1 + delta):
+            model = dataclasses.replace(profile, run_factor=min(max(rf * a, 0.5), 2.0),
+                                        prefill_run_factor=min(max(pf * b, 0.5), 2.0))
+            run = run_workload(workload, policy, config,
+                               [IdleAwareBackend(SyntheticBackend(model)) for _ in range(instances)], router=router)
+            errors.append(rel_errors(measured, summarize(run)))
+
+    def span(values: list) -> list[float] | None:
+        values = [v for v in values if v is not None]
+        return [min(values), max(values)] if values else None
+
+    out: dict = {k: {s: span([e[k][s] for e in errors]) for s in STATS} for k in METRICS}
+    out["throughput_rps"] = span([e["throughput_rps"] for e in errors])
+    return {"delta": delta, "runs": len(errors), "rel_error_range": out}
 
 
 def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> Any:

@@ -71,6 +71,65 @@ def test_table_model_fits_a_concave_decode_cost_and_round_trips(tmp_path):
         load_cost_model(tmp_path / "bad.json")
 
 
+def _chunk(slot: int, pos: int, n: int, sample: bool = False) -> ScheduledChunk:
+    return ScheduledChunk(f"c{slot}", slot, pos, (11,) * n, sample)
+
+
+def test_split_counts_a_chunks_pairs_against_its_context_and_within_it_apart():
+    (u,) = split_ubatches(_plan(_chunk(0, 256, 128)))
+    assert (u.q_len, u.context_pairs, u.chunk_pairs, u.attention_pairs) == (128, 128 * 256, 128 * 129 // 2, 0)
+    # split_equal: two slots' chunks of one length run as one ubatch; the decodes run in their own
+    decodes, chunks = split_ubatches(_plan(_decode(0, 40), _decode(1, 50), _chunk(3, 64, 32), _chunk(4, 0, 32)))
+    assert (decodes.attention_pairs, decodes.q_len, decodes.context_pairs) == (41 + 51, 0, 0)
+    assert (chunks.n_seqs, chunks.q_len, chunks.context_pairs, chunks.chunk_pairs) == (2, 32, 32 * 64, 2 * 528)
+    # one KV stream: the ubatch's rows attend together
+    (one,) = split_ubatches(_plan(_decode(0, 40), _chunk(1, 64, 32)), kv_unified=True)
+    assert (one.attention_pairs, one.q_len, one.context_pairs, one.chunk_pairs) == (41, 33, 32 * 64, 528)
+
+
+def test_fit_prices_context_pairs_by_chunk_length():
+    """ggml's tiled attention makes a context pair of a 128-token chunk cheaper than one of a 64-token chunk."""
+    def true_cost(plan):
+        t = 0.0
+        for u in split_ubatches(plan):
+            per_ctx = 1.5e-6 if u.q_len <= 64 else 0.75e-6
+            t += 0.01 + 0.0015 * u.n_tokens + 2e-6 * u.attention_pairs + per_ctx * u.context_pairs
+            t += 0.6e-6 * u.chunk_pairs + 0.004 * u.n_outputs
+        return t
+
+    plans = [_plan(*(_decode(s, pos) for s in range(b))) for b in (1, 2, 4, 8) for pos in (20, 200, 400)]
+    plans += [_plan(_chunk(0, pos, n, pos + n >= 448)) for n in (2, 64, 128) for pos in range(0, 449, 64)]
+    plans += [_plan(_prompt(0, n)) for n in (8, 32, 100, 300, 500)]
+    model = fit_table([(p, true_cost(p)) for p in plans], name="t")
+    assert model.prompt_pair_knots == (2, 64, 128, 512)
+    assert model.prompt_context_pair_s[1] == pytest.approx(1.5e-6, rel=0.1)
+    assert model.prompt_context_pair_s[2] == pytest.approx(0.75e-6, rel=0.1)
+    deep = [_plan(_chunk(0, pos, n)) for n in (64, 128) for pos in (256, 384)]
+    for p in deep:
+        assert model.step_time_s(p) == pytest.approx(true_cost(p), rel=0.02)
+    # one price per pair, as before this table, misses a deep 128-token chunk by more
+    flat = dataclasses.replace(model, per_prompt_pair_s=None, prompt_pair_knots=None, prompt_context_pair_s=None)
+    assert abs(flat.step_time_s(deep[-1]) / true_cost(deep[-1]) - 1) > 0.05
+    again = TableCostModel.from_dict(model.to_dict()["params"], {}, "again", "test")
+    assert again.to_dict()["params"] == model.to_dict()["params"]
+    assert all(again.step_time_s(p) == model.step_time_s(p) for p in deep)
+
+
+def test_a_profile_without_prompt_pair_prices_prices_every_pair_like_a_decode():
+    model = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), run_factor=1.0, prefill_run_factor=None)
+    params = model.to_dict()["params"]
+    for name in ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s"):
+        del params[name]
+    older = TableCostModel.from_dict(params, {}, "older", "test")
+    plan = _plan(_chunk(0, 256, 128))
+    (u,) = split_ubatches(plan)
+    without_attention = older.step_time_s(plan) - older.per_attention_pair_s * (u.context_pairs + u.chunk_pairs)
+    assert without_attention == pytest.approx(model.step_time_s(plan) - model.prompt_attention_s(u), rel=1e-9)
+    params["prompt_pair_knots"] = [2, 64]
+    with pytest.raises(ValueError, match="per_prompt_pair_s, prompt_pair_knots, prompt_context_pair_s go together"):
+        TableCostModel.from_dict(params, {}, "half", "test")
+
+
 @pytest.mark.parametrize("run_factor", [None, 1.0123])
 def test_decode_hook_prices_exactly_like_the_plan(run_factor):
     model = load_cost_model("cpu-gemma3-270m")
@@ -247,9 +306,18 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     speed = load["at_run_speed"]
     assert 0.5 <= speed["run_factor"] <= 2.0 and speed["predicted"]["num_finished"] == 6
     assert set(speed["rel_error"]) == {"ttft_s", "tpot_s", "e2e_s", "throughput_rps"}
+    # the prediction repeated with step prices 2 % off: each range holds the prediction's own error
+    sens = load["price_sensitivity"]
+    assert sens["delta"] == 0.02 and sens["runs"] == 5
+    for k in ("ttft_s", "tpot_s", "e2e_s"):
+        for s, (lo, hi) in sens["rel_error_range"][k].items():
+            assert lo <= load["rel_error"][k][s] <= hi
+    lo, hi = sens["rel_error_range"]["e2e_s"]["mean"]
+    assert hi - lo > 0.01  # E2E of a light load moves about as much as the prices
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
-                 "when the first token is computed", "step kind", "refitted on a", "error 95%", "own speed"):
+                 "when the first token is computed", "step kind", "refitted on a", "error 95%", "own speed",
+                 "prices ±2%"):
         assert text in report
 
 
