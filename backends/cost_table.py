@@ -248,6 +248,16 @@ def _interp(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
     return values[j - 1] + (values[j] - values[j - 1]) * (n - lo) / (hi - lo)
 
 
+def _check_table(knots_name: str, values_name: str, knots: tuple, values: tuple) -> None:
+    """A table's knots are increasing integers >= 1, each with one finite value >= 0 (else CostModelError)."""
+    if (not knots or len(knots) != len(values) or any(isinstance(k, bool) or not isinstance(k, int) for k in knots)
+            or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
+        raise CostModelError(f"TableCostModel: {knots_name} must be increasing integers >= 1 with one "
+                             f"{values_name} entry each, got {knots!r} and {values!r}")
+    check_params("table", {str(i): v for i, v in enumerate(values)}, tuple(map(str, range(len(values)))),
+                 f"TableCostModel.{values_name}")
+
+
 @dataclass(frozen=True)
 class TableCostModel:
     """t = per-step terms + sum over llama.cpp ubatches of token table + output table + attention."""
@@ -295,14 +305,8 @@ class TableCostModel:
         if not isinstance(self.kv_unified, bool):
             raise CostModelError(f"TableCostModel: kv_unified must be true or false, got {self.kv_unified!r}")
         for knots_name, values_name in TABLES:
-            knots, values = getattr(self, knots_name), getattr(self, values_name)
-            if (not knots or len(knots) != len(values) or any(isinstance(k, bool) or not isinstance(k, int)
-                                                              for k in knots)
-                    or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
-                raise CostModelError(f"TableCostModel: {knots_name} must be increasing integers >= 1 with one "
-                                     f"{values_name} entry each, got {knots!r} and {values!r}")
-            check_params("table", {str(i): v for i, v in enumerate(values)}, tuple(map(str, range(len(values)))),
-                         f"TableCostModel.{values_name}")
+            values = getattr(self, values_name)
+            _check_table(knots_name, values_name, getattr(self, knots_name), values)
             if values_name == "ubatch_token_s" and any(b < a for a, b in zip(values, values[1:], strict=False)):
                 raise CostModelError(f"TableCostModel: {values_name} must not decrease, got {values!r}")
 
@@ -343,14 +347,8 @@ class TableCostModel:
         if any(v is None for v in values):
             raise CostModelError(f"TableCostModel: {', '.join(names)} go together (all set, or all null for a "
                                  f"decode's per-pair price), got {values!r}")
-        pp, knots, per = values
-        check_params("table", {"per_prompt_pair_s": pp}, ("per_prompt_pair_s",), "TableCostModel")
-        if (not knots or len(knots) != len(per) or any(isinstance(k, bool) or not isinstance(k, int) for k in knots)
-                or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
-            raise CostModelError(f"TableCostModel: prompt_pair_knots must be increasing integers >= 1 with one "
-                                 f"prompt_context_pair_s entry each, got {knots!r} and {per!r}")
-        check_params("table", {str(i): v for i, v in enumerate(per)}, tuple(map(str, range(len(per)))),
-                     "TableCostModel.prompt_context_pair_s")
+        check_params("table", {"per_prompt_pair_s": values[0]}, ("per_prompt_pair_s",), "TableCostModel")
+        _check_table(names[1], names[2], values[1], values[2])
 
     def factor(self, has_prefill: bool) -> float:
         """The run factor of a step with (True) or without prompt tokens."""

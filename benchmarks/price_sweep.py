@@ -23,13 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backends.cost import load_cost_model  # noqa: E402
 from backends.cost_table import TableCostModel  # noqa: E402
-from backends.synthetic import SyntheticBackend  # noqa: E402
 from scheduler import SchedulerConfig  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
 from sim.cli_validate import _workload  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
-from sim.model import run_workload  # noqa: E402
-from sim.validate import IdleAwareBackend, rel_errors, retime  # noqa: E402
+from sim.validate import predict, rel_errors, retime  # noqa: E402
 
 REAL_CONTEXT = {"max_num_seqs": 16, "max_model_len": 512, "num_kv_blocks": 512, "block_size": 16}
 
@@ -83,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in decode:
         for p in prompt:
             model = dataclasses.replace(profile, run_factor=d, prefill_run_factor=p)
-            run = run_workload(workload, policy, config, [IdleAwareBackend(SyntheticBackend(model))])
-            r = rel_errors(load["measured"], summarize(run))
+            r = rel_errors(load["measured"], summarize(predict(workload, policy, config, model, 1)))
             print(f"{d:>7.3f} {p:>7.3f} | " + " ".join(f"{r[k][s] * 100:>+9.1f}" for k in ("ttft_s", "tpot_s", "e2e_s")
                                                          for s in ("mean", "p90", "p99")))
     return 0

@@ -272,22 +272,21 @@ def format_load(load: dict, policy: str) -> str:
     noise = load.get("sampling_noise") or {}
     paired = load.get("rel_error_interval") or {}
 
-    def ci(d: dict, k: str, s: str) -> str:
-        v = (d.get(k) or {}).get(s)
+    def span(v: list | None) -> str:
         return f"{v[0] * 100:+.0f}..{v[1] * 100:+.0f}%" if v else ""
+
+    def ci(d: dict, k: str, s: str) -> str:
+        return span((d.get(k) or {}).get(s))
 
     sens = load.get("price_sensitivity")
     spans = sens["rel_error_range"] if sens else {}
-
-    def span(v: list | None) -> str:
-        return f"{v[0] * 100:+.0f}..{v[1] * 100:+.0f}%" if v else ""
 
     rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")
             + ((f"prices ±{sens['delta'] * 100:g}%",) if sens else ())]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
-                         ci(paired, k, s), ci(noise, k, s)) + ((span(spans[k][s]),) if sens else ()))
+                         ci(paired, k, s), ci(noise, k, s)) + ((ci(spans, k, s),) if sens else ()))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",

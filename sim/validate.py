@@ -132,11 +132,9 @@ class IdleAwareBackend:
 
 def estimate_capacity(profile: Any, workload: Workload, policy: Any, config: SchedulerConfig) -> float:
     """Requests/s the profile predicts when the whole workload arrives at once (the saturated rate)."""
-    from backends.synthetic import SyntheticBackend
-
     burst = Workload(tuple(dataclasses.replace(r, arrival_s=0.0) for r in workload.requests), workload.description,
                      workload.source)
-    s = summarize(run_workload(burst, policy, config, [IdleAwareBackend(SyntheticBackend(profile))]))
+    s = summarize(predict(burst, policy, config, profile, 1))
     if not s["throughput_rps"]:
         raise ValueError("the profile predicts no finished request for this workload; give --rates explicitly")
     return float(s["throughput_rps"])
@@ -256,33 +254,27 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
              seed: int, router: str = "least_outstanding",
              progress: Callable[[int, int], None] | None = None) -> dict:
     """One load: the measured real-time run and the predicted simulated run of the same re-timed workload."""
-    from backends.synthetic import SyntheticBackend
-
     w = retime(workload, rate, seed)
     timed = [TimedBackend(b) for b in backends]
     before = load_snapshot()
     measured = run_workload(w, policy, config, timed, router=router, realtime=True, progress=progress)
     after = load_snapshot()
-    # The wrapper has no take_tokens, so this run goes step by step: the decode fast-forward prices steps from
-    # counters alone, without the slots that decide llama.cpp's micro-batches, and without the idle wake-up.
-    predicted = run_workload(w, policy, config, [IdleAwareBackend(SyntheticBackend(profile)) for _ in backends],
-                             router=router)
+    predicted = predict(w, policy, config, profile, len(backends), router)
     measured.policy, predicted.policy = "measured", "predicted"
     sm, sp = summarize(measured), summarize(predicted)
+    rel = rel_errors(sm, sp)
     samples = [s for t in timed for s in t.samples]
-    sensitivity = price_sensitivity(w, policy, config, profile, len(backends), router, sm, sp)
+    sensitivity = price_sensitivity(w, policy, config, profile, len(backends), router, sm, rel)
     at_speed = None
     speed = run_speed_factors(samples, profile)
     if speed is not None:
-        again = run_workload(w, policy, config, [IdleAwareBackend(SyntheticBackend(speed)) for _ in backends],
-                             router=router)
-        sa = summarize(again)
+        sa = summarize(predict(w, policy, config, speed, len(backends), router))
         at_speed = {"run_factor": speed.run_factor, "prefill_run_factor": speed.prefill_run_factor,
                     "predicted": sa, "rel_error": rel_errors(sm, sa)}
     overhead = [s[2] for s in samples]
     step_s = [s[1] for s in samples]
     return {"rate": rate, "workload": w, "measured_run": measured, "predicted_run": predicted,
-            "measured": sm, "predicted": sp, "rel_error": rel_errors(sm, sp), "steps": step_breakdown(samples, profile),
+            "measured": sm, "predicted": sp, "rel_error": rel, "steps": step_breakdown(samples, profile),
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
             "price_sensitivity": sensitivity,
@@ -291,36 +283,44 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
 
 
+def predict(workload: Workload, policy: Any, config: SchedulerConfig, model: Any, instances: int,
+            router: str = "least_outstanding") -> RunResult:
+    """The simulated run of a workload on `instances` SyntheticBackend(model)s, with the idle wake-up.
+
+    The wrapper has no take_tokens, so this run goes step by step: the decode fast-forward prices steps from
+    counters alone, without the slots that decide llama.cpp's micro-batches, and without the idle wake-up.
+    """
+    from backends.synthetic import SyntheticBackend
+
+    return run_workload(workload, policy, config, [IdleAwareBackend(SyntheticBackend(model))
+                                                   for _ in range(instances)], router=router)
 
 
-PRICE_DELTA = 0.02  # step-price error a prediction is tested against: the probe-to-run drift seen here is 1-2.5 %
+PRICE_DELTA = 0.02  # step-price error a prediction is tested against: probe-to-run drift here was 0.1-3.9 %
 
 
 def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
-                      router: str, measured: dict, predicted: dict, delta: float = PRICE_DELTA) -> dict | None:
+                      router: str, measured: dict, rel_error: dict, delta: float = PRICE_DELTA) -> dict | None:
     """How far each predicted statistic moves when the step prices are off by delta (None for non-table models).
 
     The predicted run is repeated with the decode-only factor and the prompt-step factor each scaled by
     1 - delta and 1 + delta (four runs). For each statistic: the lowest and highest relative error against
-    the measured run over those runs and the prediction itself. A statistic whose range is much wider than
-    2 * delta is sensitive to step prices (at light load, a tail made of a few requests whose decodes did or
-    did not meet another request's prompt chunk): no calibration that prices steps to within delta can
-    promise it.
+    the measured run over those runs and the prediction itself (whose errors are rel_error). A statistic
+    whose range is much wider than 2 * delta is sensitive to step prices (at light load, a tail made of a
+    few requests whose decodes did or did not meet another request's prompt chunk): no calibration that
+    prices steps to within delta can promise it.
     """
     from backends.cost_table import TableCostModel
-    from backends.synthetic import SyntheticBackend
 
     if not isinstance(profile, TableCostModel):
         return None
-    errors = [rel_errors(measured, predicted)]
+    errors = [rel_error]
     rf, pf = profile.run_factor, profile.factor(True)
     for a in (1 - delta, 1 + delta):
         for b in (1 - delta, 1 + delta):
             model = dataclasses.replace(profile, run_factor=min(max(rf * a, 0.5), 2.0),
                                         prefill_run_factor=min(max(pf * b, 0.5), 2.0))
-            run = run_workload(workload, policy, config,
-                               [IdleAwareBackend(SyntheticBackend(model)) for _ in range(instances)], router=router)
-            errors.append(rel_errors(measured, summarize(run)))
+            errors.append(rel_errors(measured, summarize(predict(workload, policy, config, model, instances, router))))
 
     def span(values: list) -> list[float] | None:
         values = [v for v in values if v is not None]
