@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -323,7 +324,8 @@ PROBE_MIN_STEPS = 10  # steps of a kind (decodes only / with prompt tokens) need
 
 
 def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
-                     say: Callable[[str], None], requests: int | None = None) -> dict:
+                     say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
+                     policy: Any = None) -> dict:
     """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
     one for steps of decodes only (run_factor) and one for steps with prompt tokens (prefill_run_factor).
 
@@ -338,32 +340,49 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     +0.5 %, steps with prompt tokens about +3 %); one factor fitted on the probe's mix would price a
     workload with another mix (fewer prompt tokens per decode) off by the difference. A kind with fewer
     than PROBE_MIN_STEPS steps in the probe takes the factor of all steps.
+
+    With sample_of (a Workload), the probe is instead `requests` requests drawn at random without
+    replacement from it (all of them if it has fewer), in their order, re-timed as Poisson arrivals at
+    the same 0.7x of the capacity the model predicts for the sample, under `policy`: so its mix of step
+    shapes is that workload's (validate uses this; the synthetic mix read the prompt-step factor 1.2 %
+    above the validated runs' own on average).
     """
     from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
-    from sim.workload import synthetic_workload
+    from sim.workload import Workload, synthetic_workload
 
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
-    base = synthetic_workload("poisson", 1.0, n, PROBE["prompt"], PROBE["output"], seed + 7919,
-                              shared_prefix_tokens=PROBE["shared_prefix_tokens"],
-                              num_prefix_groups=PROBE["prefix_groups"])
-    rate = PROBE["load"] * estimate_capacity(model, base, PROBE["policy"], config)
-    say(f"real-time probe: {n} requests at {rate:.2f} req/s ({PROBE['load']}x the fitted capacity)")
+    policy = PROBE["policy"] if policy is None else policy
+    if sample_of is None:
+        base = synthetic_workload("poisson", 1.0, n, PROBE["prompt"], PROBE["output"], seed + 7919,
+                                  shared_prefix_tokens=PROBE["shared_prefix_tokens"],
+                                  num_prefix_groups=PROBE["prefix_groups"])
+        shape = {k: PROBE[k] for k in ("prompt", "output", "shared_prefix_tokens", "prefix_groups")}
+    else:
+        pool = sample_of.requests
+        n = min(n, len(pool))
+        pick = np.sort(np.random.default_rng(seed + 7919).choice(len(pool), size=n, replace=False))
+        base = Workload(tuple(pool[i] for i in pick), f"{n} requests drawn from {sample_of.description}",
+                        {"kind": "sample", "base": sample_of.source, "n": n, "seed": seed + 7919})
+        shape = {"drawn_from": sample_of.description}
+    rate = PROBE["load"] * estimate_capacity(model, base, policy, config)
+    say(f"real-time probe: {n} requests{'' if sample_of is None else ' drawn from the workload'} at {rate:.2f} "
+        f"req/s ({PROBE['load']}x the fitted capacity)")
     timed = TimedBackend(backend)
     t0 = time.perf_counter()
-    run_workload(retime(base, rate, seed + 7919), PROBE["policy"], config, [timed], realtime=True)
+    run_workload(retime(base, rate, seed + 7919), policy, config, [timed], realtime=True)
     backend.clear_kv()
     fit = fit_run_factors(timed.samples, model, PROBE_MIN_STEPS)
     if fit is None:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
     kinds = fit["by_kind"]
     gaps = [g for _plan, _t, g, _idle in timed.samples]
-    probe = {**PROBE, "requests": n, "rate_rps": rate, **fit, "wall_s": round(time.perf_counter() - t0, 1),
+    probe = {**shape, "load": PROBE["load"], "policy": str(policy), "requests": n, "rate_rps": rate, **fit,
+             "wall_s": round(time.perf_counter() - t0, 1),
              "run_factor": kinds["decode"]["factor"], "prefill_run_factor": kinds["prefill"]["factor"],
              "min_steps_per_kind": PROBE_MIN_STEPS,
              "driver_ms_per_step": float(np.mean(gaps)) * 1e3 if gaps else None,
              "note": "factor = sum of measured / sum of grid-priced step times of this real-time run: run_factor "
                      "over its steps of decodes only, prefill_run_factor over its steps with prompt tokens"}
-    probe.pop("quick_requests")
     say(f"probe: {fit['steps']} steps, measured/priced {fit['overall_factor']:.4f} (decode-only steps "
         f"{probe['run_factor']:.4f}, steps with prompt tokens {probe['prefill_run_factor']:.4f}), driver "
         f"{probe['driver_ms_per_step']:.2f} ms/step, {probe['wall_s']} s")

@@ -7,8 +7,9 @@ load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts 
 workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
 the workload's lengths. Default workload: the bundled default trace slice at length
 scale 0.1 with its 32-token shared prefixes, all 200 requests (about 8 minutes here).
-Before each load a 30 s real-time probe (calibrate's own synthetic probe, not this
-workload) refits a table profile's two run factors to the machine's speed now.
+Around each load, 30 s real-time probes (64 requests drawn from the workload, at 0.7x
+capacity) just before and just after it refit a table profile's two run factors to the
+machine's speed during the load (the mean of the two).
 
 Prints measured vs predicted TTFT, TPOT, E2E (mean, p50, p90, p99) and throughput with
 (predicted - measured) / measured, against the targets (means and throughput within 5%,
@@ -41,6 +42,7 @@ from sim.report import _plain as plain
 from sim.validate import STATS, TARGET_PCT, misses
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
+PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="arrival rates, req/s (default: 0.3x, 0.7x, 1.2x of the profile's estimated capacity)")
     parser.add_argument("--force", action="store_true", help="compare even with a profile of another model or build")
     parser.add_argument("--probe-requests", type=nonnegative_int, default=None, metavar="N",
-                        help="requests of the real-time probe run before each load that refits a table profile's run "
-                             "factors to the machine's speed now (default 48, as in calibrate; 0: use the profile's "
-                             "factors as they are)")
+                        help="requests, drawn from the workload, of the real-time probe runs before and after each "
+                             "load whose mean refits a table profile's run factors to the machine's speed during it "
+                             f"(default {PROBE_REQUESTS}; 0: use the profile's factors as they are)")
     add_workload_args(parser)
     add_scheduler_args(parser)
     g = parser.add_argument_group("output")
@@ -121,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
         RATE_FACTORS,
         build_info,
         check_profile,
+        compare_load,
         estimate_capacity,
         machine_info,
+        measure_load,
         model_fingerprint,
-        run_load,
     )
 
     profile, profile_name = _profile(args)
@@ -149,12 +152,14 @@ def run(args: argparse.Namespace) -> int:
         _log(args, f"validate: profile {profile_name}; {len(workload.requests)} requests; policy {policy}; "
                    f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
+        probe = _speed_probe(args, backends[0], config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
-            probe, load_profile = _speed_probe(args, backends[0], real, profile)
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
-                load = run_load(backends, load_profile, workload, rate, args.policy, config, args.seed, args.router,
-                                bar)
-            load["factor_label"], load["speed_probe"] = label, probe
+                measured = measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar)
+            after = _speed_probe(args, backends[0], config, profile, workload)
+            speed, load_profile = _bracket(profile, probe, after)
+            load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router)
+            load["factor_label"], load["speed_probe"], probe = label, speed, after
             _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
             loads.append(load)
             bad = misses(load["rel_error"])
@@ -171,28 +176,44 @@ def run(args: argparse.Namespace) -> int:
     return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
 
 
-def _speed_probe(args: argparse.Namespace, backend, config, profile):
-    """(probe summary, profile for this load): the run factors refitted on a real-time probe run just before it.
+def _speed_probe(args: argparse.Namespace, backend, config, profile, workload) -> dict | None:
+    """A real-time probe run that fits a table profile's two run factors to the machine's speed now (None: no probe).
 
-    This machine's speed drifts (other tenants of the host: 2-5 % within an hour, more on batched decodes
-    than on prompts), so a profile's run factors are refitted right before each load on the same synthetic
-    probe calibrate ends with (not the validated workload), against the profile's unchanged grid fit, under
-    the real context's own limits (as in calibrate), whatever scheduler flags the validated runs get.
+    This machine's speed drifts (other tenants of the host: 2-5 % within an hour), so each load's run factors
+    come from probes run just before and just after it (see _bracket), against the profile's unchanged grid
+    fit. A probe is --probe-requests requests drawn at random from the validated workload (a fixed draw, not
+    the run itself), re-timed at 0.7x the capacity the profile predicts for them, under the validated policy
+    and scheduler limits, so its mix of step shapes is the workload's.
+    """
+    from backends.cost_table import TableCostModel
+    from sim.calibrate import probe_run_factor
+
+    n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
+    if n == 0 or not isinstance(profile, TableCostModel):
+        return None
+    return probe_run_factor(backend, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
+                            requests=n, sample_of=workload, policy=args.policy)
+
+
+def _bracket(profile, before: dict | None, after: dict | None):
+    """(speed summary, profile for this load): each run factor the mean of the probes before and after the load.
+
+    Drift within an hour is smooth enough that the mean of the two probes around a load reads the machine's
+    speed during it better than the probe before it alone (over sixteen loads, decode-only factor 1.1 % -> 0.6 %
+    RMS error against the run's own), and one probe caught in a slow moment counts half.
     """
     import dataclasses
 
-    from backends.cost_table import TableCostModel
-    from sim.calibrate import PROBE, probe_run_factor
-
-    n = PROBE["requests"] if args.probe_requests is None else args.probe_requests
-    if n == 0 or not isinstance(profile, TableCostModel):
+    if before is None or after is None:
         return None, profile
-    probe = probe_run_factor(backend, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
-                             requests=n)
-    probe["profile_run_factor"], probe["profile_prefill_run_factor"] = (profile.run_factor,
-                                                                        profile.factor(True))
-    return probe, dataclasses.replace(profile, run_factor=probe["run_factor"],
-                                      prefill_run_factor=probe["prefill_run_factor"])
+    speed = {"method": "mean of the real-time probes just before and just after the load",
+             "requests": before["requests"], "wall_s": before["wall_s"] + after["wall_s"],
+             "run_factor": (before["run_factor"] + after["run_factor"]) / 2,
+             "prefill_run_factor": (before["prefill_run_factor"] + after["prefill_run_factor"]) / 2,
+             "profile_run_factor": profile.run_factor, "profile_prefill_run_factor": profile.factor(True),
+             "before": before, "after": after}
+    return speed, dataclasses.replace(profile, run_factor=speed["run_factor"],
+                                      prefill_run_factor=speed["prefill_run_factor"])
 
 
 def _warm_up(backend, config) -> None:
@@ -317,10 +338,14 @@ def format_load(load: dict, policy: str) -> str:
                      "than that: the statistic turns on step timing, not on the price level)")
     probe = load.get("speed_probe")
     if probe:
-        lines.append(f"run factors refitted on a {probe['wall_s']:.0f} s real-time probe just before this load "
-                     f"({probe['requests']} synthetic requests, not this workload): decode-only steps "
-                     f"x{probe['run_factor']:.3f} (profile x{probe['profile_run_factor']:.3f}), steps with prompt "
-                     f"tokens x{probe['prefill_run_factor']:.3f} (profile x{probe['profile_prefill_run_factor']:.3f})")
+        b, a = probe["before"], probe["after"]
+        lines.append("run factors refitted on real-time probes just before and just after this load "
+                     f"({probe['requests']} requests drawn from this workload, at {b['rate_rps']:.2f} req/s; "
+                     f"{probe['wall_s']:.0f} s): "
+                     f"decode-only steps x{probe['run_factor']:.3f} (before x{b['run_factor']:.3f}, after "
+                     f"x{a['run_factor']:.3f}; profile x{probe['profile_run_factor']:.3f}), steps with prompt tokens "
+                     f"x{probe['prefill_run_factor']:.3f} (before x{b['prefill_run_factor']:.3f}, after "
+                     f"x{a['prefill_run_factor']:.3f}; profile x{probe['profile_prefill_run_factor']:.3f})")
     speed = load.get("at_run_speed")
     if speed:
         e = speed["rel_error"]

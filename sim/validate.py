@@ -254,31 +254,45 @@ def run_load(backends: list, profile: Any, workload: Workload, rate: float, poli
              seed: int, router: str = "least_outstanding",
              progress: Callable[[int, int], None] | None = None) -> dict:
     """One load: the measured real-time run and the predicted simulated run of the same re-timed workload."""
+    return compare_load(measure_load(backends, workload, rate, policy, config, seed, router, progress), profile,
+                        policy, config, seed, router)
+
+
+def measure_load(backends: list, workload: Workload, rate: float, policy: Any, config: SchedulerConfig,
+                 seed: int, router: str = "least_outstanding",
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """The real-time run of the workload re-timed at rate, with its timed steps and the CPU load around it."""
     w = retime(workload, rate, seed)
     timed = [TimedBackend(b) for b in backends]
     before = load_snapshot()
     measured = run_workload(w, policy, config, timed, router=router, realtime=True, progress=progress)
     after = load_snapshot()
-    predicted = predict(w, policy, config, profile, len(backends), router)
+    return {"rate": rate, "workload": w, "measured_run": measured, "instances": len(backends),
+            "samples": [s for t in timed for s in t.samples], "cpu_load": {"before": before, "after": after}}
+
+
+def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, seed: int,
+                 router: str = "least_outstanding") -> dict:
+    """A measured load (measure_load) against its prediction with profile: errors, intervals, diagnostics."""
+    w, measured, samples, instances = m["workload"], m["measured_run"], m["samples"], m["instances"]
+    predicted = predict(w, policy, config, profile, instances, router)
     measured.policy, predicted.policy = "measured", "predicted"
     sm, sp = summarize(measured), summarize(predicted)
     rel = rel_errors(sm, sp)
-    samples = [s for t in timed for s in t.samples]
-    sensitivity = price_sensitivity(w, policy, config, profile, len(backends), router, sm, rel)
+    sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
     at_speed = None
     speed = run_speed_factors(samples, profile)
     if speed is not None:
-        sa = summarize(predict(w, policy, config, speed, len(backends), router))
+        sa = summarize(predict(w, policy, config, speed, instances, router))
         at_speed = {"run_factor": speed.run_factor, "prefill_run_factor": speed.prefill_run_factor,
                     "predicted": sa, "rel_error": rel_errors(sm, sa)}
     overhead = [s[2] for s in samples]
     step_s = [s[1] for s in samples]
-    return {"rate": rate, "workload": w, "measured_run": measured, "predicted_run": predicted,
+    return {"rate": m["rate"], "workload": w, "measured_run": measured, "predicted_run": predicted,
             "measured": sm, "predicted": sp, "rel_error": rel, "steps": step_breakdown(samples, profile),
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
-            "price_sensitivity": sensitivity,
-            "cpu_load": {"before": before, "after": after},
+            "price_sensitivity": sensitivity, "cpu_load": m["cpu_load"],
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
 

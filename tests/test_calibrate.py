@@ -296,9 +296,16 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     assert len((folder / "requests_measured.csv").read_text().splitlines()) == 7
     assert (folder / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
     assert (tmp_path / "latency_cdfs.png").read_bytes().startswith(PNG_SIGNATURE)
-    # the run factors were refitted on a real-time probe just before the load, and the prediction used them
+    # the run factors were refitted on real-time probes just before and after the load (the workload's own
+    # requests: all 6 of them, fewer than the 16 asked), and the prediction used their mean
     probe, prof = load["speed_probe"], load_cost_model(str(profile))
-    assert probe["requests"] == 16 and probe["steps"] > 20
+    before, after = probe["before"], probe["after"]
+    assert probe["requests"] == before["requests"] == after["requests"] == 6
+    assert before["steps"] >= 12 and after["steps"] >= 12 and before["policy"] == "continuous"
+    assert "drawn_from" in before and "prompt" not in before
+    for key in ("run_factor", "prefill_run_factor"):
+        assert probe[key] == pytest.approx((before[key] + after[key]) / 2)
+        assert 0.5 <= probe[key] <= 2.0
     assert probe["profile_run_factor"] == prof.run_factor and probe["profile_prefill_run_factor"] == prof.factor(True)
     for interval in load["rel_error_interval"]["e2e_s"].values():
         assert interval[0] <= interval[1]
@@ -316,7 +323,7 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     assert hi - lo > 0.01  # E2E of a light load moves about as much as the prices
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
-                 "when the first token is computed", "step kind", "refitted on a", "error 95%", "own speed",
+                 "when the first token is computed", "step kind", "just before and just after this load", "error 95%", "own speed",
                  "prices ±2%"):
         assert text in report
 
@@ -426,3 +433,17 @@ def test_error_interval_is_paired_over_requests():
     assert len(run.records) == 300 and abs(point["p99"] - 2.0) < 1e-9, point["p99"]
     assert lo <= 1e-12 and hi >= point["p99"] - 1e-9, (lo, hi, point["p99"])
     assert ci["e2e_s"]["mean"][1] - ci["e2e_s"]["mean"][0] < hi - lo
+
+
+def test_bracket_takes_the_mean_of_the_probes_around_a_load():
+    from sim.cli_validate import _bracket
+
+    prof = load_cost_model("cpu-gemma3-270m")
+    before = {"requests": 64, "wall_s": 30.0, "run_factor": 1.00, "prefill_run_factor": 1.06}
+    after = {"requests": 64, "wall_s": 31.0, "run_factor": 1.04, "prefill_run_factor": 1.02}
+    speed, model = _bracket(prof, before, after)
+    assert model.run_factor == pytest.approx(1.02) and model.factor(True) == pytest.approx(1.04)
+    assert speed["before"] is before and speed["after"] is after and speed["wall_s"] == 61.0
+    assert speed["profile_run_factor"] == prof.run_factor
+    # no probe on either side (--probe-requests 0, or a profile without run factors): the profile as it is
+    assert _bracket(prof, None, after) == (None, prof) and _bracket(prof, before, None) == (None, prof)
