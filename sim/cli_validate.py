@@ -355,6 +355,14 @@ def format_load(load: dict, policy: str) -> str:
                      + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
                                  (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
                      + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
+        over = speed.get("over_time")
+        if over:
+            e = over["rel_error"]
+            lines.append(f"  and at its speed over time (both factors refitted on each {over['window_s']:.0f} s "
+                         f"window's steps, {len(over['windows'])} windows): "
+                         + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
+                                     (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
+                         + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
     cpu = load["cpu_load"]
     if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
         psi = cpu["before"]["cpu_pressure_some_avg10_pct"]

@@ -286,6 +286,10 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
         sa = summarize(predict(w, policy, config, speed, instances, router))
         at_speed = {"run_factor": speed.run_factor, "prefill_run_factor": speed.prefill_run_factor,
                     "predicted": sa, "rel_error": rel_errors(sm, sa)}
+        timeline = SpeedTimeline(speed, samples)
+        st = summarize(predict(w, policy, config, timeline, instances, router))
+        at_speed["over_time"] = {"window_s": timeline.window_s, "windows": timeline.factors,
+                                 "predicted": st, "rel_error": rel_errors(sm, st)}
     overhead = [s[2] for s in samples]
     step_s = [s[1] for s in samples]
     return {"rate": m["rate"], "workload": w, "measured_run": measured, "predicted_run": predicted,
@@ -362,6 +366,46 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
     decode, prefill = fit["by_kind"]["decode"], fit["by_kind"]["prefill"]
     return dataclasses.replace(profile, run_factor=decode["factor"],
                                prefill_run_factor=prefill["factor"] if prefill["steps"] else None)
+
+
+SPEED_WINDOW_S = 60.0  # the machine's speed here moves by a few percent within minutes
+
+
+class SpeedTimeline:
+    """A cost model whose two run factors follow the measured run's own speed, window by window.
+
+    Diagnostic only: the run's steps are cut into SPEED_WINDOW_S windows of the run's clock (a plan's
+    now_s, the same clock on both sides); in each, each kind's factor is refitted on that window's steps
+    (a kind with fewer than SPEED_MIN_STEPS steps there keeps the whole run's factor). A simulated step is
+    priced with the factors of the window its plan starts in. Where a saturated queue turns a speed that
+    moved during the run into more waiting than its mean speed gives, this shows the model at that speed.
+    """
+
+    def __init__(self, run_model: Any, samples: Sequence[tuple[StepPlan, float, float, bool]],
+                 window_s: float = SPEED_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.idle_wakeup_s = run_model.idle_wakeup_s
+        n = 1 + max((int(plan.now_s // window_s) for plan, *_ in samples), default=0)
+        buckets: list[list] = [[] for _ in range(n)]
+        for sample in samples:
+            buckets[int(sample[0].now_s // window_s)].append(sample)
+        self.models, self.factors = [], []
+        for rows in buckets:
+            fit = fit_run_factors(rows, run_model, 1)
+            decode, prefill = run_model.run_factor, run_model.factor(True)
+            if fit is not None:
+                kinds = fit["by_kind"]
+                decode = kinds["decode"]["factor"] if kinds["decode"]["steps"] >= SPEED_MIN_STEPS else decode
+                prefill = kinds["prefill"]["factor"] if kinds["prefill"]["steps"] >= SPEED_MIN_STEPS else prefill
+            self.factors.append([decode, prefill])
+            self.models.append(dataclasses.replace(run_model, run_factor=decode, prefill_run_factor=prefill))
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        """The step's price with the factors of the window it starts in (the last window's after the run)."""
+        return self.models[min(int(plan.now_s // self.window_s), len(self.models) - 1)].step_time_s(plan)
+
+
+SPEED_MIN_STEPS = 5  # steps of a kind in a window needed to refit that kind's factor there
 
 
 def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int) -> dict | None:

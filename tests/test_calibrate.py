@@ -313,6 +313,8 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     speed = load["at_run_speed"]
     assert 0.5 <= speed["run_factor"] <= 2.0 and speed["predicted"]["num_finished"] == 6
     assert set(speed["rel_error"]) == {"ttft_s", "tpot_s", "e2e_s", "throughput_rps"}
+    over = speed["over_time"]
+    assert over["window_s"] == 60.0 and len(over["windows"]) >= 1 and over["predicted"]["num_finished"] == 6
     # the prediction repeated with step prices 2 % off: each range holds the prediction's own error
     sens = load["price_sensitivity"]
     assert sens["delta"] == 0.02 and sens["runs"] == 5
@@ -323,8 +325,8 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     assert hi - lo > 0.01  # E2E of a light load moves about as much as the prices
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
-                 "when the first token is computed", "step kind", "just before and just after this load", "error 95%", "own speed",
-                 "prices ±2%"):
+                 "when the first token is computed", "step kind", "just before and just after this load", "error 95%",
+                 "own speed", "speed over time", "prices ±2%"):
         assert text in report
 
 
@@ -447,3 +449,33 @@ def test_bracket_takes_the_mean_of_the_probes_around_a_load():
     assert speed["profile_run_factor"] == prof.run_factor
     # no probe on either side (--probe-requests 0, or a profile without run factors): the profile as it is
     assert _bracket(prof, None, after) == (None, prof) and _bracket(prof, before, None) == (None, prof)
+
+
+def test_speed_timeline_prices_each_window_at_its_own_speed():
+    import dataclasses
+
+    from sim.calibrate import plan_from_row
+    from sim.validate import SpeedTimeline
+
+    prof = load_cost_model("cpu-gemma3-270m")
+    grid = dataclasses.replace(prof, run_factor=1.0, prefill_run_factor=None)
+    decode = plan_from_row({"chunks": [[0, 100, 1, 0, 1, 1], [1, 50, 1, 0, 1, 1]], "removes": [], "copies": []})
+    prompt = plan_from_row({"chunks": [[2, 0, 64, 0, 1, 0]], "removes": [], "copies": []})
+    samples = []
+    # window 0 (0-60 s): decodes at x1.00, prompts at x1.03; window 1: decodes at x1.10, prompts at x1.20;
+    # window 2: two decodes only, too few to refit, so both kinds keep the whole run's factors
+    steps = ([(i * 2.0, decode, 1.00) for i in range(20)] + [(i * 2.0 + 1, prompt, 1.03) for i in range(6)]
+             + [(60 + i * 2.0, decode, 1.10) for i in range(20)] + [(61 + i * 2.0, prompt, 1.20) for i in range(6)]
+             + [(121.0, decode, 1.0), (123.0, decode, 1.0)])
+    for now, plan, f in steps:
+        p = dataclasses.replace(plan, now_s=now)
+        samples.append((p, grid.time_s(p) * f, 0.0, False))
+    run = dataclasses.replace(prof, run_factor=1.05, prefill_run_factor=1.1)
+    tl = SpeedTimeline(run, samples)
+    assert len(tl.factors) == 3
+    assert tl.factors[0] == pytest.approx([1.00, 1.03]) and tl.factors[1] == pytest.approx([1.10, 1.20])
+    assert tl.factors[2] == pytest.approx([1.05, 1.1])
+    base = grid.step_time_s(decode)
+    for now, factor in ((10.0, 1.00), (70.0, 1.10), (130.0, 1.05), (500.0, 1.05)):
+        assert tl.step_time_s(dataclasses.replace(decode, now_s=now)) == pytest.approx(base * factor)
+    assert tl.step_time_s(dataclasses.replace(prompt, now_s=65.0)) == pytest.approx(grid.step_time_s(prompt) * 1.2)
