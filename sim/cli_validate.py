@@ -6,7 +6,7 @@ SimPy real time; the predicted side runs SyntheticBackend(profile) in virtual ti
 load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts for the
 workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
 the workload's lengths. Default workload: the bundled default trace slice at length
-scale 0.1 with its 32-token shared prefixes, all 200 requests (about 8 minutes here).
+scale 0.1 with its 32-token shared prefixes, all 200 requests (about 7.5 minutes here).
 Around each load, 30 s real-time probes (64 requests drawn from the workload, at 0.7x
 capacity) just before and just after it refit a table profile's two run factors to the
 machine's speed during the load (the mean of the two).
@@ -359,7 +359,7 @@ def format_load(load: dict, policy: str) -> str:
         if over:
             e = over["rel_error"]
             lines.append(f"  and at its speed over time (both factors refitted on each {over['window_s']:.0f} s "
-                         f"window's steps, {len(over['windows'])} windows): "
+                         f"window's steps, {len(over['windows'])} window{'s' if len(over['windows']) != 1 else ''}): "
                          + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
                                      (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
                          + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
