@@ -250,14 +250,6 @@ def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profi
     return rows
 
 
-def run_load(backends: list, profile: Any, workload: Workload, rate: float, policy: Any, config: SchedulerConfig,
-             seed: int, router: str = "least_outstanding",
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """One load: the measured real-time run and the predicted simulated run of the same re-timed workload."""
-    return compare_load(measure_load(backends, workload, rate, policy, config, seed, router, progress), profile,
-                        policy, config, seed, router)
-
-
 def measure_load(backends: list, workload: Workload, rate: float, policy: Any, config: SchedulerConfig,
                  seed: int, router: str = "least_outstanding",
                  progress: Callable[[int, int], None] | None = None) -> dict:
