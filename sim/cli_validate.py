@@ -179,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
 def _speed_probe(args: argparse.Namespace, backend, config, profile, workload) -> dict | None:
     """A real-time probe run that fits a table profile's two run factors to the machine's speed now (None: no probe).
 
-    This machine's speed drifts (other tenants of the host: 2-5 % within an hour), so each load's run factors
-    come from probes run just before and just after it (see _bracket), against the profile's unchanged grid
-    fit. A probe is --probe-requests requests drawn at random from the validated workload (a fixed draw, not
-    the run itself), re-timed at 0.7x the capacity the profile predicts for them, under the validated policy
-    and scheduler limits, so its mix of step shapes is the workload's.
+    This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
+    load's run factors come from probes run just before and just after it (see _bracket), against the
+    profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the validated
+    workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts for them,
+    under the validated policy and scheduler limits, so its mix of step shapes is the workload's.
     """
     from backends.cost_table import TableCostModel
     from sim.calibrate import probe_run_factor
@@ -280,6 +280,13 @@ def _fmt_time(v: float | None) -> str:
     return "-" if v is None else f"{v * 1e3:.1f} ms" if abs(v) < 1 else f"{v:.3f} s"
 
 
+def _means(rel: dict) -> str:
+    """The relative errors of the three latency means and of throughput, for a diagnostic line."""
+    return (", ".join(f"{label} mean {_fmt_rel(rel[k]['mean'], None)}" for k, label in
+                      (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
+            + f", throughput {_fmt_rel(rel['throughput_rps'], None)}")
+
+
 def _fmt_rel(v: float | None, target: float | None) -> str:
     if v is None:
         return "-"
@@ -348,21 +355,15 @@ def format_load(load: dict, policy: str) -> str:
                      f"x{a['prefill_run_factor']:.3f}; profile x{probe['profile_prefill_run_factor']:.3f})")
     speed = load.get("at_run_speed")
     if speed:
-        e = speed["rel_error"]
         pf = speed["prefill_run_factor"]
         lines.append("diagnostic, the simulator at the real run's own speed (run factors refitted on its steps: "
                      f"x{speed['run_factor']:.3f}" + ("" if pf is None else f" / x{pf:.3f}") + "): "
-                     + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
-                                 (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
-                     + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
+                     + _means(speed["rel_error"]))
         over = speed.get("over_time")
         if over:
-            e = over["rel_error"]
+            n = len(over["windows"])
             lines.append(f"  and at its speed over time (both factors refitted on each {over['window_s']:.0f} s "
-                         f"window's steps, {len(over['windows'])} window{'s' if len(over['windows']) != 1 else ''}): "
-                         + ", ".join(f"{label} mean {_fmt_rel(e[k]['mean'], None)}" for k, label in
-                                     (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")))
-                         + f", throughput {_fmt_rel(e['throughput_rps'], None)}")
+                         f"window's steps, {n} window{'s' if n != 1 else ''}): " + _means(over["rel_error"]))
     cpu = load["cpu_load"]
     if "cpu_pressure_some_avg10_pct" in cpu["before"] and "cpu_pressure_some_avg10_pct" in cpu["after"]:
         psi = cpu["before"]["cpu_pressure_some_avg10_pct"]

@@ -361,6 +361,7 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
 
 
 SPEED_WINDOW_S = 60.0  # the machine's speed here moves by a few percent within minutes
+SPEED_MIN_STEPS = 5  # steps of a kind in a window needed to refit that kind's factor there
 
 
 class SpeedTimeline:
@@ -395,9 +396,6 @@ class SpeedTimeline:
     def step_time_s(self, plan: StepPlan) -> float:
         """The step's price with the factors of the window it starts in (the last window's after the run)."""
         return self.models[min(int(plan.now_s // self.window_s), len(self.models) - 1)].step_time_s(plan)
-
-
-SPEED_MIN_STEPS = 5  # steps of a kind in a window needed to refit that kind's factor there
 
 
 def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int) -> dict | None:
