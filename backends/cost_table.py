@@ -8,14 +8,16 @@ cost two. This model replays that split from the plan's slots and chunk lengths,
 prices each ubatch by two piecewise-linear tables: a non-decreasing one over its tokens
 (layer compute plus the pass's fixed cost) and a free one with a value for every output-row
 count (vocabulary projection and sampling; measured on gemma-3-270m, 8, 12 and 16 rows cost
-less than 7, 11 and 15), plus attention pairs: a decode's, a prompt chunk's within the chunk, and
-a prompt chunk's against the context before it at a price per pair that depends on the chunk's
-length (see Ubatch); and the step's own work: per step, per chunk, per KV op and copied token.
+less than 7, 11 and 15), plus attention: a decode's query-key pairs, and a prompt chunk's either
+as pairs (within the chunk, and against the context before it at a price per pair that depends
+on the chunk's length) or, for chunks long enough for ggml's tiled flash attention, as the tiles
+it runs (see fa_tiles); and the step's own work: per step, per chunk, per KV op and copied token.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +33,14 @@ SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_to
 SPLIT = ("n_batch", "n_ubatch", "kv_unified")
 # params a profile may omit (older profiles): defaults apply; without the prompt-pair params, a prompt
 # chunk's attention pairs are priced like a decode's (per_attention_pair_s)
-OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
-FITTED = SCALARS + ("per_prompt_pair_s",)  # the fitted scalars, in design_row's order
+OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
+            "per_fa_tile_s", "fa_heads", "fa_threads")
+FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s")  # the fitted scalars, in design_row's order
+TILING = ("per_fa_tile_s", "fa_heads", "fa_threads")
+# ggml's CPU flash attention (ggml-cpu/common.h, GGML_FA_TILE_Q and GGML_FA_TILE_KV): query rows and KV
+# positions per tile; a chunk of at least FA_Q_TILE tokens per sequence takes the tiled path
+FA_Q_TILE = 64
+FA_KV_TILE = 64
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 
 
@@ -42,11 +50,11 @@ class Ubatch:
 
     attention_pairs count the query-key pairs of one-token pieces (decodes). Pieces of several tokens
     (prompt chunks, q_len tokens per sequence) count apart: context_pairs, their queries against the
-    positions before the chunk, and chunk_pairs, the causal pairs within it. ggml's CPU flash attention
-    runs a chunk of 64 or more queries per sequence as tiles of query rows against KV tiles, and how full
-    those tiles are depends on the chunk length and the thread split, so the price of a context pair is a
-    table over q_len (measured on gemma-3-270m, 2 threads: a 128-token chunk pays about half as much per
-    context pair as a 64-token one).
+    positions before the chunk, and chunk_pairs, the causal pairs within it; starts holds each sequence's
+    first position in the chunk. ggml's CPU flash attention runs a chunk of 64 or more queries per
+    sequence as tiles of query rows against KV tiles (see fa_tiles), so its cost follows the tiles, not
+    the pairs: a profile that knows the model's heads and the threads prices it so; an older one prices
+    a context pair by a table over q_len.
     """
 
     n_tokens: int
@@ -56,6 +64,7 @@ class Ubatch:
     q_len: int = 0
     context_pairs: int = 0
     chunk_pairs: int = 0
+    starts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,7 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
             run.append(p)
         k = min(min(p[1] for p in run), max(1, n_ubatch // len(run)))
         n_out = pairs = 0
+        starts = tuple(p[3] for p in run)
         for p in run:
             n_out += 0 <= p[2] < k
             pairs += _pairs(p[3], k)
@@ -123,9 +133,40 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
             out.append(Ubatch(len(run), len(run), n_out, pairs))
         else:
             inner = len(run) * (k * (k + 1) // 2)
-            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner))
+            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner, starts))
         live = [p for p in live if p[1]]
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def fa_tiles(q_len: int, starts: tuple[int, ...], heads: int, threads: int) -> int:
+    """(query tile, KV tile) products ggml's tiled CPU flash attention runs for a chunk of q_len tokens in
+    each sequence (one KV stream each) starting at positions starts, with heads query heads on threads threads.
+
+    Replays ggml_compute_forward_flash_attn_ext_f16 (ggml-cpu/ops.cpp): the rows (token x head x stream)
+    are cut into 4 x threads pieces of equal length; each piece runs tiles of up to FA_Q_TILE rows that
+    stop at its end and at each head's end, and a partial tile costs a full one; each tile runs over the
+    FA_KV_TILE-position KV tiles up to its last query's position (fully masked tiles are skipped). So the
+    cost jumps just past every multiple of 128 tokens on 2 threads and 4 heads, not smoothly with the pairs.
+    """
+    nr = q_len * heads * len(starts)
+    if nr <= 0:
+        return 0
+    size = -(-nr // (threads * 4))
+    pieces = -(-nr // size)
+    if threads == 1 or pieces < threads:
+        pieces = threads
+    per = -(-nr // pieces)
+    tiles = 0
+    for c in range(pieces):
+        ir, end = per * c, min(per * c + per, nr)
+        while ir < end:
+            seq, row = divmod(ir, heads * q_len)
+            iq = row % q_len
+            rows = min(FA_Q_TILE, end - ir, q_len - iq)
+            tiles += (starts[seq] + iq + rows - 1) // FA_KV_TILE + 1
+            ir += rows
+    return tiles
 
 
 def _split_simple(pieces: list[list[int]], n_ubatch: int) -> list[Ubatch]:
@@ -220,13 +261,14 @@ def _interp_clamped(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -
     return _interp(n, knots, values)
 
 
-def prompt_pair_knots(n_ubatch: int) -> tuple[int, ...]:
+def prompt_pair_knots(n_ubatch: int, tiled: bool = False) -> tuple[int, ...]:
     """Chunk lengths (tokens per sequence) at which the context-pair price is fitted.
 
-    2 (the shortest chunk), 64 (ggml's CPU flash-attention query tile, the shortest tiled chunk), 128
-    (tiles full on 2 threads) and n_ubatch, the longest.
+    2 (the shortest chunk), 64 (FA_Q_TILE, the shortest tiled chunk), 128 (tiles full on 2 threads) and
+    n_ubatch, the longest. tiled: longer chunks are priced by their tiles, so the table stops at 64.
     """
-    return tuple(sorted({k for k in (2, 64, 128) if k < n_ubatch} | {max(n_ubatch, 2)}))
+    top = min(n_ubatch, FA_Q_TILE) if tiled else n_ubatch
+    return tuple(sorted({k for k in (2, FA_Q_TILE, 128) if k < top} | {max(top, 2)}))
 
 
 def _fill_unmeasured(values: np.ndarray, measured: np.ndarray, default: float) -> tuple[float, ...]:
@@ -283,6 +325,11 @@ class TableCostModel:
     per_prompt_pair_s: float | None = None
     prompt_pair_knots: tuple[int, ...] | None = None
     prompt_context_pair_s: tuple[float, ...] | None = None
+    # ggml's tiled flash attention (see fa_tiles): seconds per tile, the model's query heads and the
+    # threads; set together (None: older profiles price a long chunk's attention by its pairs)
+    per_fa_tile_s: float | None = None
+    fa_heads: int | None = None
+    fa_threads: int | None = None
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -292,6 +339,7 @@ class TableCostModel:
     def __post_init__(self) -> None:
         check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
         self._check_prompt_pairs()
+        self._check_tiling()
         for n in ("run_factor", "prefill_run_factor"):
             f = getattr(self, n)
             if n == "prefill_run_factor" and f is None:
@@ -332,8 +380,15 @@ class TableCostModel:
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
         return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill), 1e-6)
 
+    def tiled(self, u: Ubatch) -> bool:
+        """True when the profile prices this prompt ubatch's attention by ggml's flash-attention tiles."""
+        return self.per_fa_tile_s is not None and u.q_len >= FA_Q_TILE and bool(u.starts)
+
     def prompt_attention_s(self, u: Ubatch) -> float:
-        """Seconds of a ubatch's prompt-chunk attention pairs (within the chunks and against their context)."""
+        """Seconds of a ubatch's prompt-chunk attention: its tiles, or its pairs (within the chunks and
+        against their context)."""
+        if self.tiled(u):
+            return self.per_fa_tile_s * fa_tiles(u.q_len, u.starts, self.fa_heads, self.fa_threads)
         if self.prompt_pair_knots is None:
             return self.per_attention_pair_s * (u.context_pairs + u.chunk_pairs)
         per_context = _interp_clamped(u.q_len, self.prompt_pair_knots, self.prompt_context_pair_s)
@@ -349,6 +404,22 @@ class TableCostModel:
                                  f"decode's per-pair price), got {values!r}")
         check_params("table", {"per_prompt_pair_s": values[0]}, ("per_prompt_pair_s",), "TableCostModel")
         _check_table(names[1], names[2], values[1], values[2])
+
+    def _check_tiling(self) -> None:
+        values = [getattr(self, n) for n in TILING]
+        if all(v is None for v in values):
+            return
+        if any(v is None for v in values):
+            raise CostModelError(f"TableCostModel: {', '.join(TILING)} go together (all set, or all null to price "
+                                 f"long prompt chunks by their attention pairs), got {values!r}")
+        check_params("table", {"per_fa_tile_s": values[0]}, ("per_fa_tile_s",), "TableCostModel")
+        for n in TILING[1:]:
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise CostModelError(f"TableCostModel: {n} must be a positive integer, got {v!r}")
+        if self.kv_unified:
+            raise CostModelError("TableCostModel: flash-attention tiles are priced for one KV stream per sequence; "
+                                 "a kv_unified profile must leave per_fa_tile_s, fa_heads and fa_threads null")
 
     def factor(self, has_prefill: bool) -> float:
         """The run factor of a step with (True) or without prompt tokens."""
@@ -401,7 +472,8 @@ class TableCostModel:
             k = max(1, num_prefill_chunks)
             per = -(-feats.num_prefill_tokens // k)
             inner = per * (per + 1) // 2
-            ubatches += [Ubatch(per, 1, 1, 0, per, max(0, feats.sum_sq_prefill_tokens // k - per * per), inner)] * k
+            context = max(0, feats.sum_sq_prefill_tokens // k - per * per)
+            ubatches += [Ubatch(per, 1, 1, 0, per, context, inner, (context // per,))] * k
         shape = StepShape(tuple(ubatches), feats.num_seqs, feats.num_removes, feats.num_copies,
                           feats.num_copied_tokens, has_prefill=feats.num_prefill_tokens > 0)
         return floor_time(feats, self.price(shape))
@@ -446,8 +518,11 @@ class TableCostModel:
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
         pf = self.prefill_run_factor
         prefill = "" if pf is None else f" (steps with prompt tokens x{pf:.3f})"
+        tiles = ("" if self.per_fa_tile_s is None else
+                 f" + {self.per_fa_tile_s * 1e3:.3f} ms/flash-attention tile ({self.fa_heads} heads, "
+                 f"{self.fa_threads} threads)")
         return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
-                f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk, "
+                f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk{tiles}, "
                 f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{prefill}{quality}")
 
 
@@ -469,23 +544,27 @@ def _prefill_context(f: StepFeatures) -> int:
 
 # -- fitting ---------------------------------------------------------------------------
 def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...],
-               pair_knots: tuple[int, ...]) -> np.ndarray:
+               pair_knots: tuple[int, ...], tiling: tuple[int, int] | None = None) -> np.ndarray:
     """Feature vector: the FITTED scalars' counts (per step, chunk, KV op, copied token, attention pair of
-    decodes, wake-up, attention pair within prompt chunks), token-table increments, output-table hats, and
-    the prompt chunks' context pairs over the prompt-pair table's hats."""
+    decodes, wake-up, attention pair within prompt chunks, flash-attention tile), token-table increments,
+    output-table hats, and the prompt chunks' context pairs over the prompt-pair table's hats. With tiling
+    (heads, threads), a prompt ubatch of at least FA_Q_TILE tokens per sequence counts its tiles instead
+    of its pairs."""
     tok = np.zeros(len(token_knots))
     outs = np.zeros(len(output_knots))
     ctx = np.zeros(len(pair_knots))
-    pairs = chunk_pairs = 0
+    pairs = chunk_pairs = tiles = 0
     for u in shape.ubatches:
         tok += _ramps(u.n_tokens, token_knots)
         outs += _hats(u.n_outputs, output_knots)
         pairs += u.attention_pairs
-        if u.q_len:
+        if tiling and u.q_len >= FA_Q_TILE and u.starts:
+            tiles += fa_tiles(u.q_len, u.starts, *tiling)
+        elif u.q_len:
             chunk_pairs += u.chunk_pairs
             ctx += np.array(_hats(u.q_len, pair_knots)) * u.context_pairs
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs]
+            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles]
     return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
 
 
@@ -498,17 +577,19 @@ SMOOTHING = 0.1
 
 def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
               kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
-              not_fitted: Sequence[str] = NOT_FITTED) -> TableCostModel:
+              not_fitted: Sequence[str] = NOT_FITTED, fa_heads: int | None = None,
+              fa_threads: int | None = None) -> TableCostModel:
     """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
 
-    samples: (plan, measured seconds) or (plan, measured seconds, after_idle) tuples.
+    samples: (plan, measured seconds) or (plan, measured seconds, after_idle) tuples. fa_heads (the
+    model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
+    flash-attention tiles (see fa_tiles) when the samples have such chunks and the KV is per sequence.
     """
     if not samples:
         raise CostModelError("no samples: record at least a few measured steps first")
     base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
                           (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
                           kv_unified=kv_unified)
-    tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch)
     shapes, times = [], []
     for i, sample in enumerate(samples):
         plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
@@ -519,8 +600,13 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
             raise CostModelError(f"sample {i} is an empty step, which costs 0 by definition; drop it")
         shapes.append(shape)
         times.append(float(t))
+    tiling = None
+    if fa_heads and fa_threads and not kv_unified and any(
+            u.q_len >= FA_Q_TILE and u.starts for s in shapes for u in s.ubatches):
+        tiling = (fa_heads, fa_threads)
+    tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch, tiling is not None)
     y = np.array(times)
-    x = np.stack([design_row(s, tk, ok, pk) for s in shapes])
+    x = np.stack([design_row(s, tk, ok, pk, tiling) for s in shapes])
     used = np.abs(x).max(axis=0) > 0
     k0 = len(FITTED) + len(tk)
     used[k0:k0 + len(ok)] = True  # every output count gets a value (from data or the prior)
@@ -553,6 +639,10 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
         scalars["prompt_context_pair_s"] = _fill_unmeasured(ctx, used[k0 + len(ok):], scalars["per_attention_pair_s"])
     else:  # no prompt chunk in the samples: a decode's per-pair price applies
         scalars["per_prompt_pair_s"] = None
+    if tiling:
+        scalars["fa_heads"], scalars["fa_threads"] = tiling
+    else:
+        scalars["per_fa_tile_s"] = None
     return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
                           **scalars, n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
                           name=name, meta=dict(meta or {}))

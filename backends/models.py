@@ -203,6 +203,7 @@ class LlamaModel:
         self.vocab_size: int = L.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train: int = L.llama_model_n_ctx_train(ptr)
         self.n_swa: int = L.llama_model_n_swa(ptr)  # 0: no sliding-window layers
+        self.n_head: int = L.llama_model_n_head(ptr)  # query heads (the rows of flash attention's tiles)
         self.eog_token_ids: tuple[int, ...] = tuple(
             t for t in range(self.vocab_size) if L.llama_vocab_is_eog(self.vocab, t)
         )

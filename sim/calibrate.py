@@ -69,8 +69,10 @@ def _decode_grid(quick: bool, max_len: int) -> list[Scenario]:
 
 def _prefill_grid(quick: bool, max_len: int) -> list[Scenario]:
     top = min(500, max_len - 2)
-    sizes = (16, 128, top) if quick else tuple(sorted({8, 16, 32, 64, 96, 128, 192, min(256, top), min(384, top),
-                                                        top}))
+    # flash attention's cost jumps just past multiples of 128 tokens (see backends.cost_table.fa_tiles):
+    # sizes on both sides of 128, 256 and 384
+    sizes = (16, 128, top) if quick else tuple(sorted({8, 16, 32, 64, 96, 128, 144, 192} | {
+        min(n, top) for n in (256, 264, 320, 384, 400, 448)} | {top}))
     out = [Scenario("prefill sizes", "sequential", tuple((0, p, 2, 0) for p in sizes))]
     for cap in ((64,) if quick else (32, 64, 128)):
         out.append(Scenario(f"chunked prefill {cap}", "chunked", ((0, min(250, top), 2, 0),),
@@ -285,7 +287,8 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             say(f"calibrate: warning: the CPU is shared (tasks waited for a CPU {psi:.0f}% of the last 10 s)"
                 ": step times will be inflated and noisy; the profile records the load")
         samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
-        split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots}
+        split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots,
+                 "fa_heads": b.model.n_head, "fa_threads": opts["n_threads"]}
         meta = {
             "note": f"calibrated by `tokenstep calibrate{' --quick' if quick else ''}` on the real backend",
             "model": model_fingerprint(b.model),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backends.cost import load_cost_model, save_cost_model
-from backends.cost_table import TableCostModel, Ubatch, fit_table, split_ubatches
+from backends.cost_table import TILING, TableCostModel, Ubatch, fa_tiles, fit_table, split_ubatches
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
 from sim.calibrate import read_samples
 from sim.cli import main
@@ -118,7 +118,7 @@ def test_fit_prices_context_pairs_by_chunk_length():
 def test_a_profile_without_prompt_pair_prices_prices_every_pair_like_a_decode():
     model = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), run_factor=1.0, prefill_run_factor=None)
     params = model.to_dict()["params"]
-    for name in ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s"):
+    for name in ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s") + TILING:
         del params[name]
     older = TableCostModel.from_dict(params, {}, "older", "test")
     plan = _plan(_chunk(0, 256, 128))
@@ -128,6 +128,63 @@ def test_a_profile_without_prompt_pair_prices_prices_every_pair_like_a_decode():
     params["prompt_pair_knots"] = [2, 64]
     with pytest.raises(ValueError, match="per_prompt_pair_s, prompt_pair_knots, prompt_context_pair_s go together"):
         TableCostModel.from_dict(params, {}, "half", "test")
+
+
+def test_fa_tiles_replays_ggml_flash_attention_split():
+    # 4 heads x 64 tokens on 2 threads: 8 pieces of 32 rows, one KV tile each
+    assert fa_tiles(64, (0,), 4, 2) == 8
+    # the same chunk after 128 positions: each tile runs over 3 KV tiles
+    assert fa_tiles(64, (128,), 4, 2) == 24
+    # 264 tokens: pieces of 132 rows (64 + 64 + 4, partial tiles cost full ones), over 1..5 KV tiles
+    assert fa_tiles(264, (0,), 4, 2) == 4 * ((1 + 2 + 3) + (4 + 5 + 5))
+    assert fa_tiles(256, (0,), 4, 2) == 40  # 8 more tokens double the tiles: the cost jump past 256
+    # two sequences (KV streams): a piece is one head of one sequence, over that sequence's own positions
+    assert fa_tiles(64, (0, 128), 4, 2) == 4 * 1 + 4 * 3
+    # one thread: one piece, tiles cut only at the heads' ends
+    assert fa_tiles(264, (0,), 4, 1) == 4 * (1 + 2 + 3 + 4 + 5)
+
+
+def test_fit_prices_long_chunks_by_flash_attention_tiles():
+    """A chunk of 64+ tokens per sequence costs its tiles: a pair-priced fit cannot follow the jump past 256."""
+    def true_cost(plan):
+        t = 0.0
+        for u in split_ubatches(plan):
+            t += 0.01 + 0.0015 * u.n_tokens + 2e-6 * u.attention_pairs + 0.004 * u.n_outputs
+            t += 9e-4 * fa_tiles(u.q_len, u.starts, 4, 2) if u.q_len >= 64 else 1.5e-6 * (u.context_pairs
+                                                                                          + u.chunk_pairs)
+        return t
+
+    plans = [_plan(*(_decode(s, pos) for s in range(b))) for b in (1, 2, 4, 8) for pos in (20, 200, 400)]
+    plans += [_plan(_chunk(0, pos, n, True)) for n in (16, 64, 128, 144, 200, 264) for pos in (0, 64, 192)]
+    plans += [_plan(_prompt(0, n)) for n in (8, 32, 100, 256, 300, 400, 500)]
+    samples = [(p, true_cost(p)) for p in plans]
+    tiled = fit_table(samples, name="t", fa_heads=4, fa_threads=2)
+    assert (tiled.fa_heads, tiled.fa_threads, tiled.prompt_pair_knots) == (4, 2, (2, 64))
+    assert tiled.per_fa_tile_s == pytest.approx(9e-4, rel=0.05)
+    pairs = fit_table(samples, name="t")
+    assert pairs.per_fa_tile_s is None
+    jump = [_plan(_prompt(0, n)) for n in (248, 256, 264, 272)] + [_plan(_chunk(0, 128, 136, True))]
+    for p in jump:
+        assert tiled.step_time_s(p) == pytest.approx(true_cost(p), rel=0.02)
+    assert max(abs(pairs.step_time_s(p) / true_cost(p) - 1) for p in jump) > 0.04
+    again = TableCostModel.from_dict(tiled.to_dict()["params"], {}, "again", "test")
+    assert all(again.step_time_s(p) == tiled.step_time_s(p) for p in jump)
+    # one KV stream for all sequences: the tiles are not replayed, the pairs price the chunks
+    assert fit_table(samples, name="t", fa_heads=4, fa_threads=2, kv_unified=True).per_fa_tile_s is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"fa_heads": None}, "per_fa_tile_s, fa_heads, fa_threads go together"),
+    ({"fa_threads": 0}, "fa_threads must be a positive integer"),
+    ({"fa_heads": True}, "fa_heads must be a positive integer"),
+    ({"per_fa_tile_s": -1.0}, "per_fa_tile_s"),
+    ({"kv_unified": True}, "one KV stream per sequence"),
+])
+def test_a_profile_with_broken_tiling_params_is_refused(change, message):
+    params = load_cost_model("cpu-gemma3-270m").to_dict()["params"]
+    assert params["fa_heads"] == 4 and params["fa_threads"] == 2  # the bundled profile prices tiles
+    with pytest.raises(ValueError, match=message):
+        TableCostModel.from_dict({**params, **change}, {}, "broken", "bad.json")
 
 
 @pytest.mark.parametrize("run_factor", [None, 1.0123])
@@ -201,6 +258,8 @@ def test_quick_calibration_writes_a_profile_that_loads_and_says_where_it_came_fr
     assert meta["model"]["size_bytes"] == default_model_path.stat().st_size
     assert meta["llama_cpp_python"] and meta["machine"]["cpu_model"] and meta["machine"]["nproc"] >= 1
     assert {"n_threads", "n_ctx", "n_seq_max", "kv_unified"} <= set(meta["context"]) and meta["date"]
+    # the quick grid has prompt chunks of 64+ tokens: priced by flash-attention tiles, heads read from the model
+    assert (model.fa_heads, model.fa_threads) == (4, meta["context"]["n_threads"]) and model.per_fa_tile_s > 0
     assert doc["profile"] == str(profile) and doc["fit"]["held_out"]["n"] > 0
     assert "decode B=1" in doc["fit"]["by_kind_held_out"]
     # the run factor: fitted on a real-time probe run of its own, recorded, and applied to every price
