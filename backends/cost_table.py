@@ -138,6 +138,12 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
     return out
 
 
+def takes_tiled_path(u: Ubatch) -> bool:
+    """True for a prompt ubatch ggml runs tiled: FA_Q_TILE or more tokens per sequence, one KV stream each
+    (a one-stream ubatch carries no starts)."""
+    return u.q_len >= FA_Q_TILE and bool(u.starts)
+
+
 @functools.lru_cache(maxsize=4096)
 def fa_tiles(q_len: int, starts: tuple[int, ...], heads: int, threads: int) -> int:
     """(query tile, KV tile) products ggml's tiled CPU flash attention runs for a chunk of q_len tokens in
@@ -347,9 +353,7 @@ class TableCostModel:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0:
                 raise CostModelError(f"TableCostModel: {n} must be a number in [0.5, 2], got {f!r}")
         for n in ("n_batch", "n_ubatch"):
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise CostModelError(f"TableCostModel: {n} must be a positive integer, got {v!r}")
+            self._check_positive_int(n)
         if not isinstance(self.kv_unified, bool):
             raise CostModelError(f"TableCostModel: kv_unified must be true or false, got {self.kv_unified!r}")
         for knots_name, values_name in TABLES:
@@ -382,7 +386,7 @@ class TableCostModel:
 
     def tiled(self, u: Ubatch) -> bool:
         """True when the profile prices this prompt ubatch's attention by ggml's flash-attention tiles."""
-        return self.per_fa_tile_s is not None and u.q_len >= FA_Q_TILE and bool(u.starts)
+        return self.per_fa_tile_s is not None and takes_tiled_path(u)
 
     def prompt_attention_s(self, u: Ubatch) -> float:
         """Seconds of a ubatch's prompt-chunk attention: its tiles, or its pairs (within the chunks and
@@ -394,29 +398,36 @@ class TableCostModel:
         per_context = _interp_clamped(u.q_len, self.prompt_pair_knots, self.prompt_context_pair_s)
         return self.per_prompt_pair_s * u.chunk_pairs + per_context * u.context_pairs
 
-    def _check_prompt_pairs(self) -> None:
-        names = ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
+    def _together(self, names: tuple[str, ...], when_null: str) -> list | None:
+        """The values of optional params that go together: None when all are null, else all of them."""
         values = [getattr(self, n) for n in names]
         if all(v is None for v in values):
-            return
+            return None
         if any(v is None for v in values):
-            raise CostModelError(f"TableCostModel: {', '.join(names)} go together (all set, or all null for a "
-                                 f"decode's per-pair price), got {values!r}")
+            raise CostModelError(f"TableCostModel: {', '.join(names)} go together (all set, or all null "
+                                 f"{when_null}), got {values!r}")
+        return values
+
+    def _check_positive_int(self, name: str) -> None:
+        v = getattr(self, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CostModelError(f"TableCostModel: {name} must be a positive integer, got {v!r}")
+
+    def _check_prompt_pairs(self) -> None:
+        names = ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
+        values = self._together(names, "for a decode's per-pair price")
+        if values is None:
+            return
         check_params("table", {"per_prompt_pair_s": values[0]}, ("per_prompt_pair_s",), "TableCostModel")
         _check_table(names[1], names[2], values[1], values[2])
 
     def _check_tiling(self) -> None:
-        values = [getattr(self, n) for n in TILING]
-        if all(v is None for v in values):
+        values = self._together(TILING, "to price long prompt chunks by their attention pairs")
+        if values is None:
             return
-        if any(v is None for v in values):
-            raise CostModelError(f"TableCostModel: {', '.join(TILING)} go together (all set, or all null to price "
-                                 f"long prompt chunks by their attention pairs), got {values!r}")
         check_params("table", {"per_fa_tile_s": values[0]}, ("per_fa_tile_s",), "TableCostModel")
         for n in TILING[1:]:
-            v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise CostModelError(f"TableCostModel: {n} must be a positive integer, got {v!r}")
+            self._check_positive_int(n)
         if self.kv_unified:
             raise CostModelError("TableCostModel: flash-attention tiles are priced for one KV stream per sequence; "
                                  "a kv_unified profile must leave per_fa_tile_s, fa_heads and fa_threads null")
@@ -558,7 +569,7 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
         tok += _ramps(u.n_tokens, token_knots)
         outs += _hats(u.n_outputs, output_knots)
         pairs += u.attention_pairs
-        if tiling and u.q_len >= FA_Q_TILE and u.starts:
+        if tiling and takes_tiled_path(u):
             tiles += fa_tiles(u.q_len, u.starts, *tiling)
         elif u.q_len:
             chunk_pairs += u.chunk_pairs
@@ -601,8 +612,7 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
         shapes.append(shape)
         times.append(float(t))
     tiling = None
-    if fa_heads and fa_threads and not kv_unified and any(
-            u.q_len >= FA_Q_TILE and u.starts for s in shapes for u in s.ubatches):
+    if fa_heads and fa_threads and not kv_unified and any(takes_tiled_path(u) for s in shapes for u in s.ubatches):
         tiling = (fa_heads, fa_threads)
     tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch, tiling is not None)
     y = np.array(times)
