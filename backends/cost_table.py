@@ -26,6 +26,7 @@ import numpy as np
 
 from backends.cost_base import CostModelError, StepFeatures, check_params, floor_time
 from backends.cost_fit import nnls
+from backends.cost_graph import KV_PAD, STEADY, build_s, decode_key, kv_cells
 from scheduler.messages import StepPlan
 
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
@@ -34,8 +35,10 @@ SPLIT = ("n_batch", "n_ubatch", "kv_unified")
 # params a profile may omit (older profiles): defaults apply; without the prompt-pair params, a prompt
 # chunk's attention pairs are priced like a decode's (per_attention_pair_s)
 OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
-            "per_fa_tile_s", "fa_heads", "fa_threads")
-FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s")  # the fitted scalars, in design_row's order
+            "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s")
+GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
+# the fitted scalars, in design_row's order
+FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH
 TILING = ("per_fa_tile_s", "fa_heads", "fa_threads")
 # ggml's CPU flash attention (ggml-cpu/common.h, GGML_FA_TILE_Q and GGML_FA_TILE_KV): query rows and KV
 # positions per tile; a chunk of at least FA_Q_TILE tokens per sequence takes the tiled path
@@ -54,7 +57,8 @@ class Ubatch:
     first position in the chunk. ggml's CPU flash attention runs a chunk of 64 or more queries per
     sequence as tiles of query rows against KV tiles (see fa_tiles), so its cost follows the tiles, not
     the pairs: a profile that knows the model's heads and the threads prices it so; an older one prices
-    a context pair by a table over q_len.
+    a context pair by a table over q_len. graph is the key llama.cpp reuses its compute graph by (see
+    backends.cost_graph; () when not modelled).
     """
 
     n_tokens: int
@@ -65,6 +69,7 @@ class Ubatch:
     context_pairs: int = 0
     chunk_pairs: int = 0
     starts: tuple[int, ...] = ()
+    graph: tuple = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +83,7 @@ class StepShape:
     num_copied_tokens: int = 0
     after_idle: bool = False  # the engine waited for work before this step
     has_prefill: bool = False  # some chunk carries prompt tokens (priced with prefill_run_factor)
+    resets_graph: bool = False  # a prefix copy ran first: llama.cpp reuses no graph after it
 
     @property
     def is_empty(self) -> bool:
@@ -125,15 +131,17 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
         k = min(min(p[1] for p in run), max(1, n_ubatch // len(run)))
         n_out = pairs = 0
         starts = tuple(p[3] for p in run)
+        end = max(starts) + k
         for p in run:
             n_out += 0 <= p[2] < k
             pairs += _pairs(p[3], k)
             p[1], p[2], p[3] = p[1] - k, p[2] - k, p[3] + k
         if k == 1:
-            out.append(Ubatch(len(run), len(run), n_out, pairs))
+            out.append(Ubatch(len(run), len(run), n_out, pairs, graph=decode_key(len(run), run[0][0], n_out, end)))
         else:
             inner = len(run) * (k * (k + 1) // 2)
-            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner, starts))
+            graph = (k, len(run), run[0][0], n_out, kv_cells(end))
+            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner, starts, graph))
         live = [p for p in live if p[1]]
     return out
 
@@ -336,6 +344,10 @@ class TableCostModel:
     per_fa_tile_s: float | None = None
     fa_heads: int | None = None
     fa_threads: int | None = None
+    # llama.cpp's graph reuse (see backends.cost_graph): seconds per ubatch that builds a new graph, and per
+    # sequence in it; None (older profiles): no ubatch is priced apart for it
+    per_graph_build_s: float | None = None
+    per_graph_build_seq_s: float | None = None
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -346,6 +358,7 @@ class TableCostModel:
         check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
         self._check_prompt_pairs()
         self._check_tiling()
+        self._check_graph()
         for n in ("run_factor", "prefill_run_factor"):
             f = getattr(self, n)
             if n == "prefill_run_factor" and f is None:
@@ -367,10 +380,11 @@ class TableCostModel:
         """The plan's ubatches (as llama.cpp would split them here) and per-step counts."""
         return StepShape(split_ubatches(plan, self.n_batch, self.n_ubatch, self.kv_unified), len(plan.chunks),
                          len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle,
-                         plan.num_prefill_tokens > 0)
+                         plan.num_prefill_tokens > 0, bool(plan.copies))
 
-    def price(self, shape: StepShape) -> float:
-        """Seconds for a step of this shape."""
+    def price(self, shape: StepShape, prev_graph=STEADY) -> float:
+        """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost_graph;
+        the default, STEADY, prices the step as if it followed itself)."""
         t = (self.step_s + self.per_chunk_s * shape.num_chunks + self.per_remove_s * shape.num_removes
              + self.per_copy_s * shape.num_copies + self.per_copied_token_s * shape.num_copied_tokens
              + self.idle_wakeup_s * shape.after_idle)
@@ -381,8 +395,30 @@ class TableCostModel:
             pairs += u.attention_pairs
             if u.q_len:
                 t += self.prompt_attention_s(u)
+        t += self.graph_build_s(shape, prev_graph)
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
         return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill), 1e-6)
+
+    def graph_build_s(self, shape: StepShape, prev_graph=STEADY) -> float:
+        """Seconds the step's ubatches spend building compute graphs llama.cpp could not reuse."""
+        if self.per_graph_build_s is None or not shape.ubatches:
+            return 0.0
+        keys = [u.graph for u in shape.ubatches]
+        prev = None if shape.resets_graph else keys[-1] if prev_graph == STEADY else prev_graph
+        return build_s(keys, [u.n_seqs for u in shape.ubatches], prev, self.per_graph_build_s,
+                       self.per_graph_build_seq_s)
+
+    @staticmethod
+    def graph_after(shape: StepShape, prev_graph) -> tuple | None:
+        """The graph key llama.cpp holds after the step (None: nothing to reuse)."""
+        if shape.ubatches:
+            return shape.ubatches[-1].graph
+        return None if shape.resets_graph else prev_graph
+
+    def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, tuple | None]:
+        """(seconds, graph key after it) of the step following a ubatch of graph key prev_graph."""
+        shape = self.shape(plan, after_idle)
+        return self.price(shape, prev_graph), self.graph_after(shape, prev_graph)
 
     def tiled(self, u: Ubatch) -> bool:
         """True when the profile prices this prompt ubatch's attention by ggml's flash-attention tiles."""
@@ -432,6 +468,15 @@ class TableCostModel:
             raise CostModelError("TableCostModel: flash-attention tiles are priced for one KV stream per sequence; "
                                  "a kv_unified profile must leave per_fa_tile_s, fa_heads and fa_threads null")
 
+    def _check_graph(self) -> None:
+        values = self._together(GRAPH, "to price no graph building apart")
+        if values is None:
+            return
+        check_params("table", dict(zip(GRAPH, values, strict=True)), GRAPH, "TableCostModel")
+        if self.kv_unified:
+            raise CostModelError("TableCostModel: graph building is priced for one KV stream per sequence; a "
+                                 "kv_unified profile must leave per_graph_build_s and per_graph_build_seq_s null")
+
     def factor(self, has_prefill: bool) -> float:
         """The run factor of a step with (True) or without prompt tokens."""
         if has_prefill and self.prefill_run_factor is not None:
@@ -442,9 +487,10 @@ class TableCostModel:
         """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
         return self.price(self.shape(plan))
 
-    def time_s(self, plan: StepPlan, after_idle: bool = False) -> float:
-        """Seconds of the step; after_idle adds the wake-up of a step that follows an idle engine."""
-        return self.price(self.shape(plan, after_idle))
+    def time_s(self, plan: StepPlan, after_idle: bool = False, prev_graph=STEADY) -> float:
+        """Seconds of the step; after_idle adds the wake-up of a step that follows an idle engine, and
+        prev_graph is the graph key before it (default: the step follows itself)."""
+        return self.price(self.shape(plan, after_idle), prev_graph)
 
     def decode_step_time_s(self, slots: Sequence[int], num_context_tokens: int) -> float:
         """Seconds of a pure-decode step over these slots: exactly step_time_s of that plan.
@@ -460,24 +506,37 @@ class TableCostModel:
         price() adds the attention pairs last, as one product of their total, so everything before
         that product is fixed for a set of slots and is computed once here.
         """
-        chunks = tuple(_DecodeChunk(s) for s in slots)
-        ubatches = split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified)
+        ubatches, t0 = self._decode_fixed(slots, (1,) * len(slots))
         if not ubatches:
             return lambda ctx: 0.0
+        t0 += self.graph_build_s(StepShape(ubatches))
+        k, f = self.per_attention_pair_s, self.run_factor
+        return lambda ctx: max((t0 + k * ctx) * f, 1e-6)
+
+    def _decode_fixed(self, slots: Sequence[int], ends: Sequence[int]) -> tuple[tuple[Ubatch, ...], float]:
+        """A pure-decode step's ubatches (sequences ending at ends) and its price before graphs and pairs,
+        summed in price()'s order."""
+        chunks = tuple(_DecodeChunk(s, start_pos=e - 1) for s, e in zip(slots, ends, strict=True))
+        ubatches = split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified)
         t0 = self.step_s + self.per_chunk_s * len(chunks) + self.per_remove_s * 0 + self.per_copy_s * 0
         t0 = t0 + self.per_copied_token_s * 0 + self.idle_wakeup_s * False
         for u in ubatches:
             t0 += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
                    + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
-        k, f = self.per_attention_pair_s, self.run_factor
-        return lambda ctx: max((t0 + k * ctx) * f, 1e-6)
+        return ubatches, t0
+
+    def decode_stretch(self, slots: Sequence[int], ends: Sequence[int], prev_graph) -> DecodeStretch:
+        """Pure-decode steps over sorted slots whose sequences end at ends (after step 0) and grow by one a
+        step, after a ubatch of graph key prev_graph: each step's price, as step_after gives it, bit for bit."""
+        return DecodeStretch(self, tuple(slots), tuple(ends), prev_graph)
 
     def predict_s(self, feats: StepFeatures) -> float:
         """Seconds from counters alone (no slots): decodes as one ubatch, each prefill chunk as its own."""
         ubatches = []
         if feats.num_decode_seqs:
             n = feats.num_decode_seqs
-            ubatches.append(Ubatch(n, n, n, feats.num_context_tokens - _prefill_context(feats)))
+            ubatches.append(Ubatch(n, n, n, feats.num_context_tokens - _prefill_context(feats),
+                                   graph=decode_key(n, 0, n, 1)))  # a decode ubatch reuses its graph
         num_prefill_chunks = max(0, feats.num_seqs - feats.num_decode_seqs)
         if feats.num_prefill_tokens:
             k = max(1, num_prefill_chunks)
@@ -524,7 +583,8 @@ class TableCostModel:
 
     def describe(self) -> str:
         """One line: decode-like ubatch costs at a few sizes, and the held-out fit quality if known."""
-        pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0),))) * 1e3:.1f}" for n in (1, 4, 16))
+        pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0, graph=decode_key(n, 0, n, 1)),))) * 1e3:.1f}"
+                        for n in (1, 4, 16))
         fit = self.meta.get("fit", {}).get("held_out", {})
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
         pf = self.prefill_run_factor
@@ -532,9 +592,53 @@ class TableCostModel:
         tiles = ("" if self.per_fa_tile_s is None else
                  f" + {self.per_fa_tile_s * 1e3:.3f} ms/flash-attention tile ({self.fa_heads} heads, "
                  f"{self.fa_threads} threads)")
+        graphs = ("" if self.per_graph_build_s is None else
+                  f" + {self.per_graph_build_s * 1e3:.3f} ms (+ {self.per_graph_build_seq_s * 1e3:.3f} ms/seq) per "
+                  f"graph built")
         return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
-                f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk{tiles}, "
+                f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk{tiles}{graphs}, "
                 f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{prefill}{quality}")
+
+
+class DecodeStretch:
+    """price(i, ctx): step i of a stretch of pure-decode steps over fixed slots (TableCostModel.decode_stretch).
+
+    Only the graph building changes from step to step: a step of several ubatches builds all of them
+    (their keys differ in their first slot); a step of one reuses its graph except when its KV length
+    grows past a multiple of 256 cells. Step 0 compares with the key before the stretch.
+    """
+
+    __slots__ = ("t0", "k", "f", "first", "steady", "every", "cross", "last", "last_end")
+
+    def __init__(self, model: TableCostModel, slots: tuple[int, ...], ends: tuple[int, ...], prev_graph) -> None:
+        ubatches, t0 = model._decode_fixed(slots, ends)
+        self.t0, self.k, self.f = t0, model.per_attention_pair_s, model.run_factor
+        shape = StepShape(ubatches)
+        self.first = model.graph_build_s(shape, prev_graph)
+        self.steady = model.graph_build_s(shape)
+        self.every = model.graph_build_s(shape, None)  # every ubatch builds
+        self.last = ubatches[-1].graph if ubatches else prev_graph
+        end = {s: e for s, e in zip(slots, ends, strict=True)}
+        # the last ubatch's sequences' longest end: its KV length after step i is kv_cells(last_end + i)
+        self.last_end = max(end[s] for s in range(self.last[2], self.last[2] + self.last[1])) if self.last else 0
+        # one ubatch: the steps i >= 1 at which it crosses a multiple of 256 cells, cross + 256 t
+        self.cross = -(-self.last_end // KV_PAD) * KV_PAD + 1 - self.last_end if len(ubatches) == 1 and self.last else 0
+
+    def price(self, i: int, ctx: int) -> float:
+        """Seconds of step i (0 first) with num_context_tokens ctx."""
+        if i == 0:
+            rb = self.first
+        elif self.cross and i >= self.cross and (i - self.cross) % KV_PAD == 0:
+            rb = self.every
+        else:
+            rb = self.steady
+        return max((self.t0 + rb + self.k * ctx) * self.f, 1e-6)
+
+    def graph_after(self, i: int) -> tuple | None:
+        """The graph key after step i."""
+        if not self.last:
+            return self.last
+        return self.last[:4] + (kv_cells(self.last_end + i),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -555,12 +659,14 @@ def _prefill_context(f: StepFeatures) -> int:
 
 # -- fitting ---------------------------------------------------------------------------
 def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...],
-               pair_knots: tuple[int, ...], tiling: tuple[int, int] | None = None) -> np.ndarray:
+               pair_knots: tuple[int, ...], tiling: tuple[int, int] | None = None, graphs: bool = False,
+               prev_graph=None) -> np.ndarray:
     """Feature vector: the FITTED scalars' counts (per step, chunk, KV op, copied token, attention pair of
-    decodes, wake-up, attention pair within prompt chunks, flash-attention tile), token-table increments,
-    output-table hats, and the prompt chunks' context pairs over the prompt-pair table's hats. With tiling
-    (heads, threads), a prompt ubatch of at least FA_Q_TILE tokens per sequence counts its tiles instead
-    of its pairs."""
+    decodes, wake-up, attention pair within prompt chunks, flash-attention tile, graph built and its
+    sequences), token-table increments, output-table hats, and the prompt chunks' context pairs over the
+    prompt-pair table's hats. With tiling (heads, threads), a prompt ubatch of at least FA_Q_TILE tokens
+    per sequence counts its tiles instead of its pairs. With graphs, the ubatches that build a graph after
+    a ubatch of key prev_graph count (see backends.cost_graph)."""
     tok = np.zeros(len(token_knots))
     outs = np.zeros(len(output_knots))
     ctx = np.zeros(len(pair_knots))
@@ -574,8 +680,13 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
         elif u.q_len:
             chunk_pairs += u.chunk_pairs
             ctx += np.array(_hats(u.q_len, pair_knots)) * u.context_pairs
+    builds = seqs = 0.0
+    if graphs and shape.ubatches:
+        keys, n_seqs = [u.graph for u in shape.ubatches], [u.n_seqs for u in shape.ubatches]
+        prev = None if shape.resets_graph else prev_graph
+        builds, seqs = build_s(keys, n_seqs, prev, 1.0, 0.0), build_s(keys, n_seqs, prev, 0.0, 1.0)
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles]
+            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, builds, seqs]
     return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
 
 
@@ -584,26 +695,32 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
 # noisy steps, these two absorbed noise (a remove once came out at 160 ms), so they stay at 0.
 NOT_FITTED = ("per_remove_s", "per_copied_token_s")
 SMOOTHING = 0.1
+GRAPH_MIN_UBATCHES = 20  # fit graph building from at least this many ubatches that build and that reuse one
 
 
 def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
               kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
               not_fitted: Sequence[str] = NOT_FITTED, fa_heads: int | None = None,
-              fa_threads: int | None = None) -> TableCostModel:
+              fa_threads: int | None = None, graphs: bool = True) -> TableCostModel:
     """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
 
-    samples: (plan, measured seconds) or (plan, measured seconds, after_idle) tuples. fa_heads (the
-    model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
+    samples: (plan, measured seconds[, after_idle[, graph key before the step]]) tuples, in the order
+    they ran: without keys, each step follows the one before it (the first, a fresh context). fa_heads
+    (the model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
     flash-attention tiles (see fa_tiles) when the samples have such chunks and the KV is per sequence.
+    graphs: price the ubatches that build a compute graph (see backends.cost_graph), with one KV stream
+    per sequence.
     """
     if not samples:
         raise CostModelError("no samples: record at least a few measured steps first")
     base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
                           (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
                           kv_unified=kv_unified)
-    shapes, times = [], []
+    shapes, times, prevs = [], [], []
+    prev = None
     for i, sample in enumerate(samples):
         plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
+        prev = sample[3] if len(sample) > 3 else prev
         if not (isinstance(t, (int, float)) and np.isfinite(t) and t > 0):
             raise CostModelError(f"sample {i}: measured time must be a finite number > 0 seconds, got {t!r}")
         shape = base.shape(plan, idle)
@@ -611,12 +728,21 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
             raise CostModelError(f"sample {i} is an empty step, which costs 0 by definition; drop it")
         shapes.append(shape)
         times.append(float(t))
+        prevs.append(prev)
+        prev = base.graph_after(shape, prev)
     tiling = None
     if fa_heads and fa_threads and not kv_unified and any(takes_tiled_path(u) for s in shapes for u in s.ubatches):
         tiling = (fa_heads, fa_threads)
     tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch, tiling is not None)
     y = np.array(times)
-    x = np.stack([design_row(s, tk, ok, pk, tiling) for s in shapes])
+    x = np.stack([design_row(s, tk, ok, pk, tiling, graphs and not kv_unified, p)
+                  for s, p in zip(shapes, prevs, strict=True)])
+    # graph building is told apart from a pass's own cost only by passes of one shape with and without it
+    built = x[:, FITTED.index("per_graph_build_s")]
+    reused = sum(len(s.ubatches) for s in shapes) - built.sum()
+    graphs = graphs and not kv_unified and min(reused, built.sum()) >= GRAPH_MIN_UBATCHES
+    if not graphs:
+        x[:, FITTED.index("per_graph_build_s")] = x[:, FITTED.index("per_graph_build_seq_s")] = 0.0
     used = np.abs(x).max(axis=0) > 0
     k0 = len(FITTED) + len(tk)
     used[k0:k0 + len(ok)] = True  # every output count gets a value (from data or the prior)
@@ -653,9 +779,33 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
         scalars["fa_heads"], scalars["fa_threads"] = tiling
     else:
         scalars["per_fa_tile_s"] = None
+    if not graphs:
+        scalars.update(dict.fromkeys(GRAPH))
     return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
                           **scalars, n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
                           name=name, meta=dict(meta or {}))
+
+
+def graph_chain(plans: Sequence[tuple[StepPlan, bool]], model: TableCostModel) -> list:
+    """The graph key before each of these steps, run in order on a fresh context (see backends.cost_graph)."""
+    out, prev = [], None
+    for plan, idle in plans:
+        out.append(prev)
+        prev = model.graph_after(model.shape(plan, idle), prev)
+    return out
+
+
+def price_run(model, steps: Sequence[tuple[StepPlan, bool]]) -> list[float]:
+    """Each step's seconds, the steps run in this order on one fresh context: a table model carries
+    llama.cpp's graph from step to step; another prices each step alone."""
+    if not hasattr(model, "step_after"):
+        price = model.time_s if hasattr(model, "time_s") else (lambda p, _idle: model.step_time_s(p))
+        return [price(plan, idle) for plan, idle in steps]
+    out, graph = [], None
+    for plan, idle in steps:
+        t, graph = model.step_after(plan, graph, idle)
+        out.append(t)
+    return out
 
 
 def percent_errors(predicted: Sequence[float], measured: Sequence[float]) -> dict:

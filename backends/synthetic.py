@@ -32,6 +32,10 @@ class SyntheticBackend:
         self._seeds: dict[str, int] = {}
         self.num_steps = 0
         self.num_computed_tokens = 0
+        # the compute-graph key the last step left, for cost models that price llama.cpp's graph reuse
+        # (step_after; see backends.cost_graph): None on a fresh context
+        self.graph: tuple | None = None
+        self._step_after = getattr(cost_model, "step_after", None)
         self._build_cycle()
 
     def _seed(self, request_id: str) -> int:
@@ -97,4 +101,7 @@ class SyntheticBackend:
                 sampled[chunk.request_id] = take(chunk.request_id, 1)[0]
         self.num_computed_tokens += computed
         self.num_steps += 1
+        if self._step_after is not None:
+            elapsed, self.graph = self._step_after(plan, self.graph)
+            return StepResult(sampled, elapsed)
         return StepResult(sampled, self.cost_model.step_time_s(plan))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import TableCostModel, fit_table, percent_errors
+from backends.cost_table import TableCostModel, fit_table, graph_chain, percent_errors
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 from sim.model import run_workload
@@ -239,23 +239,27 @@ def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name
     """Fit the table model on all but every HOLD_OUT_EVERY-th sample; score it and the linear form on those."""
     from backends.cost import features, fit
 
+    # the graph key before each step, from the whole sequence the steps ran in (see backends.cost_graph)
+    layout = TableCostModel(**{k: split[k] for k in ("n_batch", "n_ubatch", "kv_unified") if k in split})
+    keyed = [(p, t, idle, g) for (p, t, idle), g in
+             zip(samples, graph_chain([(p, idle) for p, _, idle in samples], layout), strict=True)]
     held = [i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 for i in range(len(samples))]
-    train = [s for s, h in zip(samples, held, strict=True) if not h]
-    test = [s for s, h in zip(samples, held, strict=True) if h]
+    train = [s for s, h in zip(keyed, held, strict=True) if not h]
+    test = [s for s, h in zip(keyed, held, strict=True) if h]
     model = fit_table(train, name=name, meta=meta, **split)
     # One trimming pass: a step that another process slowed in most of its repeats would pull the fit.
-    resid = np.array([abs(model.time_s(p, idle) / t - 1) for p, t, idle in train])
+    resid = np.array([abs(model.time_s(p, idle, g) / t - 1) for p, t, idle, g in train])
     keep = resid <= max(TRIM_MIN, TRIM_FACTOR * float(np.median(resid)))
     if not keep.all():
         model = fit_table([s for s, k in zip(train, keep, strict=True) if k], name=name, meta=meta, **split)
-    linear = fit([(features(p), t) for p, t, _ in train], name="fitted")
+    linear = fit([(features(p), t) for p, t, *_ in train], name="fitted")
 
     def score(m, rows):
-        price = m.time_s if hasattr(m, "time_s") else (lambda p, _idle: m.step_time_s(p))
-        return percent_errors([price(p, idle) for p, _, idle in rows], [t for _, t, _ in rows])
+        price = m.time_s if hasattr(m, "time_s") else (lambda p, _idle, _g: m.step_time_s(p))
+        return percent_errors([price(p, idle, g) for p, _, idle, g in rows], [r[1] for r in rows])
 
     by_kind = {}
-    for kind in sorted({step_kind(p, idle) for p, _, idle in test}):
+    for kind in sorted({step_kind(p, idle) for p, _, idle, _g in test}):
         by_kind[kind] = score(model, [s for s in test if step_kind(s[0], s[2]) == kind])
     stats = {"held_out": score(model, test), "train": score(model, train), "by_kind_held_out": by_kind,
              "linear_fitted_held_out": score(linear, test), "linear_fitted_params": linear.to_dict()["params"],

@@ -102,15 +102,20 @@ class Engine:
                 if k > 0:
                     yield from self._jump(k)
 
-    def _pricer(self, running) -> Callable[[int], float]:
-        """price(num_context_tokens) of a pure-decode step over the running requests, as step_time_s would."""
+    def _stretch(self, running, j: int, graph):
+        """Pure-decode steps over the running requests from step j of a jump, priced as the backend's step
+        would price them (price(i, num_context_tokens) of the stretch's step i), after graph key graph."""
         cost = self.backend.cost_model
-        slots = sorted(r.slot for r in running)
+        ordered = sorted(running, key=lambda r: r.slot)
+        slots = [r.slot for r in ordered]
+        stretch = getattr(cost, "decode_stretch", None)  # cost models that price llama.cpp's graph reuse
+        if stretch is not None and hasattr(self.backend, "graph"):
+            return stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
         fast = getattr(cost, "decode_pricer", None)  # cost models that hoist the fixed part (and slot layout)
         if fast is not None:
-            return fast(slots)
+            return _Stateless(fast(slots), graph)
         n = len(slots)
-        return lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0))
+        return _Stateless(lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0)), graph)
 
     def _jump(self, k: int):
         """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.
@@ -127,6 +132,8 @@ class Engine:
         straddle = not self.clock.router_reads_kv
         pool = sched.pool
         t = env.now
+        graph = getattr(self.backend, "graph", None)
+        path: list[float] = []  # the skipped steps' ends since SimPy's clock last moved
         while k > 0:
             running = list(sched.running)
             horizon = decode_run_horizon(sched) or k
@@ -142,10 +149,11 @@ class Engine:
             stop = False
             while j < horizon and not stop:
                 n = len(alive)
-                price = self._pricer(alive)
+                stretch, j0 = self._stretch(alive, j, graph), j
+                price = stretch.price
                 stretch_end = min(left[f][0], horizon)  # steps j .. stretch_end - 1 have this batch
                 while j < stretch_end:
-                    t_next = t + price(base + j * n)
+                    t_next = t + price(j - j0, base + j * n)
                     if (t if straddle else t_next) >= limit:
                         stop = True  # the arrival must be seen by the next plan: leave it to a plain step
                         break
@@ -153,6 +161,8 @@ class Engine:
                     sizes.append(n)
                     t = t_next
                     j += 1
+                if j > j0:
+                    graph = stretch.graph_after(j - 1 - j0)
                 if stop or j >= horizon:
                     break
                 gone = set()
@@ -165,6 +175,8 @@ class Engine:
             m = len(ends)
             if m == 0:
                 break
+            if hasattr(self.backend, "graph"):
+                self.backend.graph = graph
             used = pool.num_used_blocks
             announced, done, adds = apply_decode_steps(sched, m, self.backend.take_tokens)
             if announced:
@@ -188,8 +200,11 @@ class Engine:
                 self.backend.forget(take_announced(sched))
             waiting = len(sched.waiting)
             arrived = last >= limit  # an arrival lands during the last step: SimPy must deliver it first
+            path += ends
             if arrived:
-                yield env.timeout(_exact_delay(env.now, last))
+                for d in _reach(env.now, path):
+                    yield env.timeout(d)
+                path = []
             for r, out in finish_decode_steps(sched, finals, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
             steps = rec.steps
@@ -211,18 +226,50 @@ class Engine:
                 break
             k = decode_horizon(sched)
         if t > env.now:
-            yield env.timeout(_exact_delay(env.now, t))
+            for d in _reach(env.now, path):
+                yield env.timeout(d)
 
 
-def _exact_delay(now: float, target: float) -> float:
-    """A delay d with now + d == target exactly, as SimPy computes it."""
+class _Stateless:
+    """A stretch of a cost model that prices each step alone: price(i, ctx) = price(ctx)."""
+
+    __slots__ = ("_price", "_graph")
+
+    def __init__(self, price: Callable[[int], float], graph) -> None:
+        self._price, self._graph = price, graph
+
+    def price(self, _i: int, ctx: int) -> float:
+        """Seconds of a step with num_context_tokens ctx."""
+        return self._price(ctx)
+
+    def graph_after(self, _i: int):
+        """The graph key, unchanged."""
+        return self._graph
+
+
+def _exact_delay(now: float, target: float) -> float | None:
+    """A delay d with now + d == target exactly, as SimPy computes it (None if no float d lands there)."""
     d = target - now
     for _ in range(8):
         got = now + d
         if got == target:
             return d
         d = math.nextafter(d, math.inf if got < target else -math.inf)
-    raise ArithmeticError(f"no float delay takes {now!r} to {target!r}")
+    return None
+
+
+def _reach(now: float, path: list[float]) -> list[float]:
+    """Delays that take SimPy's clock from now to path[-1] exactly, as plain steps would have.
+
+    path holds the skipped steps' ends, each its predecessor plus one float. One delay from now may
+    not land on path[-1] (now + d can skip it when now is finer-grained than the target): then go to
+    the latest end one delay lands on, and from there step by step, as the plain steps went.
+    """
+    for i in range(len(path) - 1, -1, -1):
+        d = _exact_delay(now, path[i])
+        if d is not None:
+            return [d] + [_exact_delay(path[k - 1], path[k]) for k in range(i + 1, len(path))]
+    raise ArithmeticError(f"no float delay takes {now!r} to {path[0]!r}")
 
 
 class Recorder:

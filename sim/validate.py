@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import percent_errors
+from backends.cost_table import percent_errors, price_run
 from scheduler import SchedulerConfig
 from scheduler.messages import StepPlan, StepResult
 from sim.arrivals import poisson
@@ -234,10 +234,10 @@ def misses(rel: dict) -> list[str]:
 
 def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> list[dict]:
     """The real run's steps priced by the profile, by step kind: where the cost model is off."""
-    price = profile.time_s if hasattr(profile, "time_s") else (lambda p, _idle: profile.step_time_s(p))
+    prices = price_run(profile, [(plan, idle) for plan, _t, _gap, idle in samples])
     groups: dict[str, list[tuple[float, float]]] = {}
-    for plan, t, _gap, idle in samples:
-        groups.setdefault(step_kind(plan, idle), []).append((price(plan, idle), t))
+    for (plan, t, _gap, idle), price in zip(samples, prices, strict=True):
+        groups.setdefault(step_kind(plan, idle), []).append((price, t))
     groups["all"] = [pt for v in list(groups.values()) for pt in v]
     rows = []
     for kind, pts in sorted(groups.items(), key=lambda kv: (kv[0] == "all", -sum(m for _, m in kv[1]))):
@@ -380,11 +380,14 @@ class SpeedTimeline:
         self.idle_wakeup_s = run_model.idle_wakeup_s
         n = 1 + max((int(plan.now_s // window_s) for plan, *_ in samples), default=0)
         buckets: list[list] = [[] for _ in range(n)]
-        for sample in samples:
+        prices: list[list] = [[] for _ in range(n)]
+        grid = dataclasses.replace(run_model, run_factor=1.0, prefill_run_factor=None)
+        for sample, price in zip(samples, price_run(grid, [(s[0], s[3]) for s in samples]), strict=True):
             buckets[int(sample[0].now_s // window_s)].append(sample)
+            prices[int(sample[0].now_s // window_s)].append(price)
         self.models, self.factors = [], []
-        for rows in buckets:
-            fit = fit_run_factors(rows, run_model, 1)
+        for rows, priced in zip(buckets, prices, strict=True):
+            fit = fit_run_factors(rows, run_model, 1, priced)
             decode, prefill = run_model.run_factor, run_model.factor(True)
             if fit is not None:
                 kinds = fit["by_kind"]
@@ -393,20 +396,32 @@ class SpeedTimeline:
             self.factors.append([decode, prefill])
             self.models.append(dataclasses.replace(run_model, run_factor=decode, prefill_run_factor=prefill))
 
+    def _model(self, plan: StepPlan) -> Any:
+        return self.models[min(int(plan.now_s // self.window_s), len(self.models) - 1)]
+
     def step_time_s(self, plan: StepPlan) -> float:
         """The step's price with the factors of the window it starts in (the last window's after the run)."""
-        return self.models[min(int(plan.now_s // self.window_s), len(self.models) - 1)].step_time_s(plan)
+        return self._model(plan).step_time_s(plan)
+
+    def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, Any]:
+        """step_time_s after a ubatch of graph key prev_graph, and the key after it (see backends.cost_graph)."""
+        return self._model(plan).step_after(plan, prev_graph, after_idle)
 
 
-def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int) -> dict | None:
+def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int,
+                    grid_prices: Sequence[float] | None = None) -> dict | None:
     """A run's steps against the table model's grid fit (its run factors set aside): sum of measured / sum of
     priced step time over all steps, and over its steps of decodes only and its steps with prompt tokens,
     each clamped to [0.5, 2]. A kind with fewer than min_steps steps takes the factor of all steps. None
-    when no step ran. Samples are TimedBackend.samples: (plan, seconds, of which driver, after idle).
+    when no step ran. Samples are TimedBackend.samples: (plan, seconds, of which driver, after idle), in the
+    order they ran (the graph llama.cpp reuses passes from step to step); grid_prices, when given, are
+    their grid prices already (for a slice of a run).
     """
-    grid = dataclasses.replace(model, run_factor=1.0, prefill_run_factor=None)
-    priced = [(grid.time_s(plan, idle), t, plan.num_prefill_tokens > 0)
-              for plan, t, _gap, idle in samples if plan.chunks]
+    if grid_prices is None:
+        grid = dataclasses.replace(model, run_factor=1.0, prefill_run_factor=None)
+        grid_prices = price_run(grid, [(plan, idle) for plan, _t, _gap, idle in samples])
+    priced = [(price, t, plan.num_prefill_tokens > 0)
+              for (plan, t, _gap, _idle), price in zip(samples, grid_prices, strict=True) if plan.chunks]
     if not priced:
         return None
 

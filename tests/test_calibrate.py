@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backends.cost import load_cost_model, save_cost_model
-from backends.cost_table import TILING, TableCostModel, Ubatch, fa_tiles, fit_table, split_ubatches
+from backends.cost_table import TILING, TableCostModel, Ubatch, fa_tiles, fit_table, price_run, split_ubatches
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
 from sim.calibrate import read_samples
 from sim.cli import main
@@ -526,9 +526,10 @@ def test_speed_timeline_prices_each_window_at_its_own_speed():
     steps = ([(i * 2.0, decode, 1.00) for i in range(20)] + [(i * 2.0 + 1, prompt, 1.03) for i in range(6)]
              + [(60 + i * 2.0, decode, 1.10) for i in range(20)] + [(61 + i * 2.0, prompt, 1.20) for i in range(6)]
              + [(121.0, decode, 1.0), (123.0, decode, 1.0)])
-    for now, plan, f in steps:
-        p = dataclasses.replace(plan, now_s=now)
-        samples.append((p, grid.time_s(p) * f, 0.0, False))
+    plans = [dataclasses.replace(plan, now_s=now) for now, plan, _f in steps]
+    # priced in the order they ran, as llama.cpp builds a graph at each change of shape
+    for p, price, (_now, _plan, f) in zip(plans, price_run(grid, [(p, False) for p in plans]), steps, strict=True):
+        samples.append((p, price * f, 0.0, False))
     run = dataclasses.replace(prof, run_factor=1.05, prefill_run_factor=1.1)
     tl = SpeedTimeline(run, samples)
     assert len(tl.factors) == 3
