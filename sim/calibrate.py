@@ -330,6 +330,18 @@ PROBE = {"requests": 48, "quick_requests": 16, "prompt": "uniform:16,240", "outp
 PROBE_MIN_STEPS = 10  # steps of a kind (decodes only / with prompt tokens) needed to fit that kind's factor
 
 
+def probe_sample(workload: Any, requests: int, seed: int) -> Any:
+    """validate's probe: `requests` requests drawn at random without replacement from the workload (all of
+    them if it has fewer), in their order; the same draw for the same seed."""
+    from sim.workload import Workload
+
+    pool = workload.requests
+    n = min(requests, len(pool))
+    pick = np.sort(np.random.default_rng(seed + 7919).choice(len(pool), size=n, replace=False))
+    return Workload(tuple(pool[i] for i in pick), f"{n} requests drawn from {workload.description}",
+                    {"kind": "sample", "base": workload.source, "n": n, "seed": seed + 7919})
+
+
 def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
                      say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
                      policy: Any = None) -> dict:
@@ -355,7 +367,7 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     above the validated runs' own on average).
     """
     from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
-    from sim.workload import Workload, synthetic_workload
+    from sim.workload import synthetic_workload
 
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
     policy = PROBE["policy"] if policy is None else policy
@@ -365,11 +377,8 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
                                   num_prefix_groups=PROBE["prefix_groups"])
         shape = {k: PROBE[k] for k in ("prompt", "output", "shared_prefix_tokens", "prefix_groups")}
     else:
-        pool = sample_of.requests
-        n = min(n, len(pool))
-        pick = np.sort(np.random.default_rng(seed + 7919).choice(len(pool), size=n, replace=False))
-        base = Workload(tuple(pool[i] for i in pick), f"{n} requests drawn from {sample_of.description}",
-                        {"kind": "sample", "base": sample_of.source, "n": n, "seed": seed + 7919})
+        base = probe_sample(sample_of, n, seed)
+        n = len(base.requests)
         shape = {"drawn_from": sample_of.description}
     rate = PROBE["load"] * estimate_capacity(model, base, policy, config)
     say(f"real-time probe: {n} requests{'' if sample_of is None else ' drawn from the workload'} at {rate:.2f} "
