@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  [{k + 1}] {n}")
     heads = "".join(f" {f'[{k + 1}]':>8}" for k in range(len(profiles)))
     print(f"{'steps':<26} {'passes':<16} {'previous step':<20} {'n':>5}{heads}")
-    for (kind, passes, after), idx in sorted(_groups(samples, grids[0].shape).items()):
+    groups = _groups(samples, grids[0].shape)
+    decodes = [i for key, idx in groups.items() if key[0].startswith("decode") for i in idx]
+    for (kind, passes, after), idx in [*sorted(groups.items()), (("all decode-only steps", "", ""), decodes)]:
         measured = sum(samples[i][1] for i in idx)
         cells = "".join(f" {(measured / sum(p[i] for i in idx) - 1) * 100:>+7.2f}%" for p in prices)
         print(f"{kind:<26} {passes:<16} {after:<20} {len(idx):>5}{cells}")
