@@ -24,16 +24,35 @@ def kv_cells(end: int) -> int:
     return max(KV_PAD, -(-end // KV_PAD) * KV_PAD)
 
 
-def decode_key(n_seqs: int, first_slot: int, n_outputs: int, end: int) -> tuple:
-    """The key of a ubatch of one token per sequence over slots first_slot .. first_slot + n_seqs - 1."""
-    return (1, n_seqs, first_slot, n_outputs, kv_cells(end))
+def graph_key(q_len: int, n_seqs: int, first_slot: int, n_outputs: int, end: int) -> tuple:
+    """The key of a ubatch of q_len tokens in each of the sequences in slots first_slot .. first_slot +
+    n_seqs - 1 (one KV stream each) with n_outputs output rows, whose sequences end at most at position end."""
+    return (q_len, n_seqs, first_slot, n_outputs, kv_cells(end))
+
+
+def key_slots(key: tuple) -> range:
+    """The slots of a ubatch with this (modelled) key."""
+    return range(key[2], key[2] + key[1])
+
+
+def with_end(key: tuple, end: int) -> tuple:
+    """The key of the same ubatch when its sequences end at most at position end."""
+    return key[:4] + (kv_cells(end),)
+
+
+def builds(keys: Sequence[tuple], prev) -> list[bool]:
+    """For ubatches with these keys (in order) after a ubatch with key prev: which build a new graph."""
+    out = []
+    for key in keys:
+        out.append(not key or key != prev)
+        prev = key
+    return out
 
 
 def build_s(keys: Sequence[tuple], n_seqs: Sequence[int], prev, per_build_s: float, per_build_seq_s: float) -> float:
     """Seconds of graph building for ubatches with these keys (in order) after a ubatch with key prev."""
     t = 0.0
-    for key, n in zip(keys, n_seqs, strict=True):
-        if not key or key != prev:
+    for built, n in zip(builds(keys, prev), n_seqs, strict=True):
+        if built:
             t += per_build_s + per_build_seq_s * n
-        prev = key
     return t

@@ -26,7 +26,7 @@ import numpy as np
 
 from backends.cost_base import CostModelError, StepFeatures, check_params, floor_time
 from backends.cost_fit import nnls
-from backends.cost_graph import KV_PAD, STEADY, build_s, decode_key, kv_cells
+from backends.cost_graph import KV_PAD, STEADY, build_s, builds, graph_key, key_slots, with_end
 from scheduler.messages import StepPlan
 
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
@@ -129,18 +129,17 @@ def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> l
                 break
             run.append(p)
         k = min(min(p[1] for p in run), max(1, n_ubatch // len(run)))
-        n_out = pairs = 0
         starts = tuple(p[3] for p in run)
-        end = max(starts) + k
+        n_out = sum(0 <= p[2] < k for p in run)
+        graph = graph_key(k, len(run), run[0][0], n_out, max(starts) + k)
+        pairs = 0
         for p in run:
-            n_out += 0 <= p[2] < k
             pairs += _pairs(p[3], k)
             p[1], p[2], p[3] = p[1] - k, p[2] - k, p[3] + k
         if k == 1:
-            out.append(Ubatch(len(run), len(run), n_out, pairs, graph=decode_key(len(run), run[0][0], n_out, end)))
+            out.append(Ubatch(len(run), len(run), n_out, pairs, graph=graph))
         else:
             inner = len(run) * (k * (k + 1) // 2)
-            graph = (k, len(run), run[0][0], n_out, kv_cells(end))
             out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner, starts, graph))
         live = [p for p in live if p[1]]
     return out
@@ -536,7 +535,7 @@ class TableCostModel:
         if feats.num_decode_seqs:
             n = feats.num_decode_seqs
             ubatches.append(Ubatch(n, n, n, feats.num_context_tokens - _prefill_context(feats),
-                                   graph=decode_key(n, 0, n, 1)))  # a decode ubatch reuses its graph
+                                   graph=graph_key(1, n, 0, n, 1)))  # a decode ubatch reuses its graph
         num_prefill_chunks = max(0, feats.num_seqs - feats.num_decode_seqs)
         if feats.num_prefill_tokens:
             k = max(1, num_prefill_chunks)
@@ -583,7 +582,7 @@ class TableCostModel:
 
     def describe(self) -> str:
         """One line: decode-like ubatch costs at a few sizes, and the held-out fit quality if known."""
-        pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0, graph=decode_key(n, 0, n, 1)),))) * 1e3:.1f}"
+        pts = ", ".join(f"{n}:{self.price(StepShape((Ubatch(n, n, n, 0, graph=graph_key(1, n, 0, n, 1)),))) * 1e3:.1f}"
                         for n in (1, 4, 16))
         fit = self.meta.get("fit", {}).get("held_out", {})
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
@@ -620,7 +619,7 @@ class DecodeStretch:
         self.last = ubatches[-1].graph if ubatches else prev_graph
         end = {s: e for s, e in zip(slots, ends, strict=True)}
         # the last ubatch's sequences' longest end: its KV length after step i is kv_cells(last_end + i)
-        self.last_end = max(end[s] for s in range(self.last[2], self.last[2] + self.last[1])) if self.last else 0
+        self.last_end = max(end[s] for s in key_slots(self.last)) if self.last else 0
         # one ubatch: the steps i >= 1 at which it crosses a multiple of 256 cells, cross + 256 t
         self.cross = -(-self.last_end // KV_PAD) * KV_PAD + 1 - self.last_end if len(ubatches) == 1 and self.last else 0
 
@@ -638,7 +637,7 @@ class DecodeStretch:
         """The graph key after step i."""
         if not self.last:
             return self.last
-        return self.last[:4] + (kv_cells(self.last_end + i),)
+        return with_end(self.last, self.last_end + i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -680,13 +679,13 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
         elif u.q_len:
             chunk_pairs += u.chunk_pairs
             ctx += np.array(_hats(u.q_len, pair_knots)) * u.context_pairs
-    builds = seqs = 0.0
+    n_builds = seqs = 0.0
     if graphs and shape.ubatches:
-        keys, n_seqs = [u.graph for u in shape.ubatches], [u.n_seqs for u in shape.ubatches]
-        prev = None if shape.resets_graph else prev_graph
-        builds, seqs = build_s(keys, n_seqs, prev, 1.0, 0.0), build_s(keys, n_seqs, prev, 0.0, 1.0)
+        built = builds([u.graph for u in shape.ubatches], None if shape.resets_graph else prev_graph)
+        n_builds = float(sum(built))
+        seqs = float(sum(u.n_seqs for u, b in zip(shape.ubatches, built, strict=True) if b))
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, builds, seqs]
+            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, n_builds, seqs]
     return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
 
 
