@@ -383,8 +383,9 @@ class SpeedTimeline:
         prices: list[list] = [[] for _ in range(n)]
         grid = dataclasses.replace(run_model, run_factor=1.0, prefill_run_factor=None)
         for sample, price in zip(samples, price_run(grid, [(s[0], s[3]) for s in samples]), strict=True):
-            buckets[int(sample[0].now_s // window_s)].append(sample)
-            prices[int(sample[0].now_s // window_s)].append(price)
+            w = int(sample[0].now_s // window_s)
+            buckets[w].append(sample)
+            prices[w].append(price)
         self.models, self.factors = [], []
         for rows, priced in zip(buckets, prices, strict=True):
             fit = fit_run_factors(rows, run_model, 1, priced)
