@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(v) for v in args.sizes.split(",") if v.strip()]
     except ValueError:
         ap.error(f"--sizes: comma-separated integers expected, got {args.sizes!r}")
-    profiles = [load_cost_model(name) for name in names]
+    try:
+        profiles = [load_cost_model(name) for name in names]
+    except ValueError as exc:  # CostModelError: no such profile, or a broken one
+        ap.error(f"--profile: {exc}")
     for name, profile in zip(names, profiles, strict=True):
         if not isinstance(profile, TableCostModel):
             ap.error(f"--profile {name}: a table profile (from tokenstep calibrate) is needed")

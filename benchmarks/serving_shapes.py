@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile, name = cv._profile(args)
         workload = cv._workload(args)
-    except (UsageError, ValueError) as exc:
+        profiles = [(name, profile)] + [(c, load_cost_model(c)) for c in args.compare]
+    except (UsageError, ValueError) as exc:  # CostModelError is a ValueError
         parser.error(str(exc))
-    profiles = [(name, profile)] + [(c, load_cost_model(c)) for c in args.compare]
     for n, p in profiles:
         if not isinstance(p, TableCostModel):
             parser.error(f"{n}: a table profile (from tokenstep calibrate) is needed")

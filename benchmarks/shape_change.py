@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.samples}: not a calibration samples file ({exc})")
     prices = []
     for name in names:
-        profile = load_cost_model(name)
+        try:
+            profile = load_cost_model(name)
+        except ValueError as exc:  # CostModelError: no such profile, or a broken one
+            ap.error(f"--profile {name}: {exc}")
         if not isinstance(profile, TableCostModel):
             ap.error(f"--profile {name}: a table profile (from tokenstep calibrate) is needed")
         grid = dataclasses.replace(profile, run_factor=1.0, prefill_run_factor=None)
