@@ -39,7 +39,7 @@ from sim.cli_common import (
 )
 from sim.cli_output import out_dir
 from sim.report import _plain as plain
-from sim.validate import STATS, TARGET_PCT, misses
+from sim.validate import STATS, TARGET_PCT, misses, misses_within
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
@@ -254,7 +254,7 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
                       "predicted": ld["predicted"], "rel_error": ld["rel_error"],
                       "sampling_noise": ld.get("sampling_noise"),
                       "rel_error_interval": ld.get("rel_error_interval"), "speed_probe": ld.get("speed_probe"),
-                      "price_sensitivity": ld.get("price_sensitivity"),
+                      "price_sensitivity": ld.get("price_sensitivity"), "step_noise": ld.get("step_noise"),
                       "at_run_speed": ld.get("at_run_speed"),
                       "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
@@ -308,19 +308,22 @@ def format_load(load: dict, policy: str) -> str:
 
     sens = load.get("price_sensitivity")
     spans = sens["rel_error_range"] if sens else {}
+    jitter = load.get("step_noise")
+    jspans = jitter["rel_error_range"] if jitter else {}
+    extra = [d for d in (spans, jspans) if d]
 
     rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")
-            + ((f"prices ±{sens['delta'] * 100:g}%",) if sens else ())]
+            + ((f"prices ±{sens['delta'] * 100:g}%",) if sens else ()) + (("step noise",) if jitter else ())]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
-                         ci(paired, k, s), ci(noise, k, s)) + ((ci(spans, k, s),) if sens else ()))
+                         ci(paired, k, s), ci(noise, k, s)) + tuple(ci(d, k, s) for d in extra))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
                  _fmt_rel(tp, TARGET_PCT["throughput_rps"]), "", "")
-                + ((span(spans["throughput_rps"]),) if sens else ()))
-    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", "") + (("",) if sens else ()))
+                + tuple(span(d["throughput_rps"]) for d in extra))
+    rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", "") + ("",) * len(extra))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
              f"{m['num_requests']} requests"]
@@ -343,6 +346,13 @@ def format_load(load: dict, policy: str) -> str:
         lines.append(f"prices ±{d}: range of the relative error over the prediction and {sens['runs'] - 1} reruns "
                      f"with the decode-only and prompt-step prices each {d} lower or higher (a range much wider "
                      "than that: the statistic turns on step timing, not on the price level)")
+    if jitter:
+        inside = misses_within(r, jspans)
+        lines.append(f"step noise: range of the relative error over {jitter['runs']} reruns with every step's price "
+                     f"multiplied by its own lognormal draw (sigma {jitter['sigma'] * 100:.1f}%, this real run's "
+                     "steps' scatter around their prices): where one real run of this workload can land by the "
+                     "order of events alone"
+                     + (f"; {len(inside)} of {len(bad)} misses lie inside it ({', '.join(inside)})" if bad else ""))
     probe = load.get("speed_probe")
     if probe:
         b, a = probe["before"], probe["after"]

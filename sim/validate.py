@@ -218,17 +218,37 @@ def error_interval(measured: RunResult, predicted: RunResult, seed: int = 0) -> 
     return out
 
 
-def misses(rel: dict) -> list[str]:
-    """Cells outside the targets (means and throughput within 5 %, p90/p99 within 10 %)."""
-    out = []
+def _missed_cells(rel: dict) -> list[tuple[str, str | None, float]]:
+    """(metric, statistic or None for throughput, relative error) of each cell outside the targets."""
+    out: list[tuple[str, str | None, float]] = []
     for k in METRICS:
         for s in ("mean", "p90", "p99"):
             v = rel[k][s]
             if v is not None and abs(v) * 100 > TARGET_PCT[s]:
-                out.append(f"{k} {s} {v * 100:+.1f}%")
+                out.append((k, s, v))
     v = rel["throughput_rps"]
     if v is not None and abs(v) * 100 > TARGET_PCT["throughput_rps"]:
-        out.append(f"throughput {v * 100:+.1f}%")
+        out.append(("throughput_rps", None, v))
+    return out
+
+
+def _cell_name(k: str, s: str | None, v: float) -> str:
+    return f"{k} {s} {v * 100:+.1f}%" if s else f"throughput {v * 100:+.1f}%"
+
+
+def misses(rel: dict) -> list[str]:
+    """Cells outside the targets (means and throughput within 5 %, p90/p99 within 10 %)."""
+    return [_cell_name(*cell) for cell in _missed_cells(rel)]
+
+
+def misses_within(rel: dict, ranges: dict) -> list[str]:
+    """The misses whose error range (noise_spread's or price_sensitivity's rel_error_range) holds 0: the
+    measured value lies among the reruns' predictions."""
+    out = []
+    for k, s, v in _missed_cells(rel):
+        span = ranges.get(k) if s is None else (ranges.get(k) or {}).get(s)
+        if span and span[0] <= 0 <= span[1]:
+            out.append(_cell_name(k, s, v))
     return out
 
 
@@ -272,6 +292,7 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
     sm, sp = summarize(measured), summarize(predicted)
     rel = rel_errors(sm, sp)
     sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
+    noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile), seed=seed)
     at_speed = None
     speed = run_speed_factors(samples, profile)
     if speed is not None:
@@ -288,7 +309,7 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
             "measured": sm, "predicted": sp, "rel_error": rel, "steps": step_breakdown(samples, profile),
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
-            "price_sensitivity": sensitivity, "cpu_load": m["cpu_load"],
+            "price_sensitivity": sensitivity, "step_noise": noise, "cpu_load": m["cpu_load"],
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
 
@@ -331,14 +352,85 @@ def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, 
             model = dataclasses.replace(profile, run_factor=min(max(rf * a, 0.5), 2.0),
                                         prefill_run_factor=min(max(pf * b, 0.5), 2.0))
             errors.append(rel_errors(measured, summarize(predict(workload, policy, config, model, instances, router))))
+    return {"delta": delta, "runs": len(errors), "rel_error_range": _error_ranges(errors)}
 
+
+NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st run lands inside their range with odds 19/21
+
+
+def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any) -> float | None:
+    """How much a real run's steps scatter around their prices: the robust standard deviation of
+    log(measured / priced) over its steps with work, each kind (decode-only, with prompt tokens) about its own
+    median (so the machine's speed, which the run factors carry, is not counted). None with fewer than 12 steps.
+
+    1.4826 x the median absolute deviation: a step slowed by another process now and then does not set it.
+    """
+    prices = price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
+    logs: dict[bool, list[float]] = {False: [], True: []}
+    for (plan, t, _gap, _idle), price in zip(samples, prices, strict=True):
+        if plan.chunks and price > 0 and t > 0:
+            logs[plan.num_prefill_tokens > 0].append(float(np.log(t / price)))
+    resid = np.concatenate([np.asarray(v) - np.median(v) for v in logs.values() if v] or [np.zeros(0)])
+    if resid.size < 12:
+        return None
+    return float(1.4826 * np.median(np.abs(resid)))
+
+
+class NoisyModel:
+    """A cost model whose every step price is multiplied by its own lognormal draw of mean 1 (seeded).
+
+    Real step times scatter around their price (the host, caches, the OS); in a policy whose decisions hang on
+    which of two events comes first (static batching: does a request arrive before the batch drains?) a few
+    milliseconds move a request into another batch, and the run's statistics with it. Reruns of the simulator
+    with this noise show how far one real run can land from another by that alone.
+    """
+
+    def __init__(self, inner: Any, sigma: float, seed: int) -> None:
+        self.inner, self.sigma = inner, sigma
+        self.idle_wakeup_s = getattr(inner, "idle_wakeup_s", 0.0)
+        self._rng = np.random.default_rng(seed)
+        self._mu = -sigma * sigma / 2  # E[exp(N(mu, sigma))] = 1
+
+    def _draw(self) -> float:
+        return float(np.exp(self._rng.normal(self._mu, self.sigma)))
+
+    def step_time_s(self, plan: StepPlan) -> float:
+        """The inner price times a fresh noise draw."""
+        return self.inner.step_time_s(plan) * self._draw()
+
+    def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, Any]:
+        """The inner step_after's price times a fresh noise draw, and its graph key."""
+        t, key = self.inner.step_after(plan, prev_graph, after_idle)
+        return t * self._draw(), key
+
+
+def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
+                 router: str, measured: dict, sigma: float | None, runs: int = NOISE_RUNS,
+                 seed: int = 0) -> dict | None:
+    """The range of each statistic's relative error over `runs` predictions with NoisyModel(profile, sigma).
+
+    A statistic whose range is wide turns on the order of events, not on the price level: a single real run
+    of it lands anywhere in about that range, so a prediction can be held to it no closer than that. A miss
+    whose range holds 0 is one another real run of the same workload could have shown. None without sigma
+    or for cost models without step_after (the roofline presets).
+    """
+    if not sigma or runs < 1 or not hasattr(profile, "step_after"):
+        return None
+    errors = [rel_errors(measured, summarize(predict(workload, policy, config, NoisyModel(profile, sigma, seed + k),
+                                                     instances, router)))
+              for k in range(runs)]
+    return {"sigma": sigma, "runs": runs, "rel_error_range": _error_ranges(errors)}
+
+
+def _error_ranges(errors: list[dict]) -> dict:
+    """[lowest, highest] of each statistic's relative error over several predictions (None where undefined)."""
     def span(values: list) -> list[float] | None:
         values = [v for v in values if v is not None]
         return [min(values), max(values)] if values else None
 
     out: dict = {k: {s: span([e[k][s] for e in errors]) for s in STATS} for k in METRICS}
     out["throughput_rps"] = span([e["throughput_rps"] for e in errors])
-    return {"delta": delta, "runs": len(errors), "rel_error_range": out}
+    return out
 
 
 def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> Any:

@@ -382,10 +382,16 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
             assert lo <= load["rel_error"][k][s] <= hi
     lo, hi = sens["rel_error_range"]["e2e_s"]["mean"]
     assert hi - lo > 0.01  # E2E of a light load moves about as much as the prices
+    # reruns with every step's price scattered as much as this real run's steps scattered around theirs
+    jitter = load["step_noise"]
+    assert 0.0 < jitter["sigma"] < 0.3 and jitter["runs"] == 20
+    for k in ("ttft_s", "tpot_s", "e2e_s"):
+        for lo, hi in jitter["rel_error_range"][k].values():
+            assert lo <= hi
     report = (tmp_path / "report.txt").read_text()
     for text in ("TTFT mean", "TPOT p99", "E2E p90", "throughput", "measured", "predicted", "rel. error",
                  "when the first token is computed", "step kind", "just before and just after this load", "error 95%",
-                 "own speed", "speed over time", "prices ±2%"):
+                 "own speed", "speed over time", "prices ±2%", "step noise"):
         assert text in report
 
 

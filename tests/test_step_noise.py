@@ -1,0 +1,111 @@
+"""Step-time noise: NoisyModel's draws, step_noise's estimate of a run's scatter, noise_spread, misses_within."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backends.cost import load_cost_model
+from backends.cost_table import price_run
+from backends.synthetic import SyntheticBackend
+from scheduler import SchedulerConfig
+from scheduler.messages import ScheduledChunk, StepPlan, StepResult
+from sim.metrics import summarize
+from sim.model import run_workload
+from sim.validate import NoisyModel, misses_within, noise_spread, predict, rel_errors, step_noise
+from sim.workload import synthetic_workload
+
+CONFIG = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512)
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return load_cost_model("cpu-gemma3-270m")
+
+
+def _workload(n: int = 60, rate: float = 3.0, seed: int = 3):
+    return synthetic_workload("poisson", rate, n, "uniform:20,120", "uniform:4,30", seed,
+                              shared_prefix_tokens=16, num_prefix_groups=2)
+
+
+def test_noisy_model_draws_have_mean_one_and_the_given_spread_and_repeat_with_the_seed(profile):
+    plan = StepPlan(0, 0.0, tuple(ScheduledChunk(f"r{i}", i, 50, (7,), True, is_decode=True) for i in range(4)))
+    base, _ = profile.step_after(plan, None)
+    noisy = NoisyModel(profile, 0.05, seed=1)
+    ratios = np.array([noisy.step_after(plan, None)[0] / base for _ in range(20000)])
+    assert ratios.mean() == pytest.approx(1.0, abs=0.002)
+    assert np.log(ratios).std() == pytest.approx(0.05, rel=0.03)
+    again = NoisyModel(profile, 0.05, seed=1)
+    assert [again.step_after(plan, None)[0] / base for _ in range(5)] == pytest.approx(ratios[:5].tolist())
+    assert NoisyModel(profile, 0.05, seed=2).step_time_s(plan) != NoisyModel(profile, 0.05, seed=1).step_time_s(plan)
+    assert noisy.idle_wakeup_s == profile.idle_wakeup_s
+
+
+class _Recorder:
+    """Records (plan, seconds, driver 0, after idle False) as TimedBackend does, around a simulated backend."""
+
+    def __init__(self, inner):
+        self.inner, self.samples = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, plan: StepPlan) -> StepResult:
+        result = self.inner.step(plan)
+        self.samples.append((plan, result.elapsed_s, 0.0, False))
+        return result
+
+
+@pytest.mark.parametrize("sigma", [0.01, 0.04])
+def test_step_noise_reads_back_the_scatter_a_run_was_made_with(profile, sigma):
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, sigma, seed=5)))
+    run_workload(_workload(), "continuous", CONFIG, [rec], fast_forward=False)
+    assert len(rec.samples) > 200
+    assert step_noise(rec.samples, profile) == pytest.approx(sigma, rel=0.15)
+    # the run's speed is not noise: the same steps 7 % slower read the same scatter
+    slow = [(p, t * 1.07, g, i) for p, t, g, i in rec.samples]
+    assert step_noise(slow, profile) == pytest.approx(step_noise(rec.samples, profile), rel=1e-9)
+    # exact prices: no scatter at all
+    exact = [(p, t, g, i) for (p, _t, g, i), t in zip(rec.samples, price_run(profile, [(s[0], False) for s in
+                                                                                         rec.samples]), strict=True)]
+    assert step_noise(exact, profile) == pytest.approx(0.0, abs=1e-12)
+    assert step_noise(rec.samples[:5], profile) is None  # too few steps to say
+
+
+def test_noise_spread_ranges_the_reruns_and_a_chaotic_policy_spreads_wider(profile):
+    w = _workload(n=80, rate=3.5)
+    measured = summarize(predict(w, "continuous", CONFIG, profile, 1))
+    assert noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, None) is None
+    out = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, 0.03, runs=6)
+    assert out["runs"] == 6 and out["sigma"] == 0.03
+    again = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, 0.03, runs=6)
+    assert again == out  # seeded: the same reruns
+    ranges = out["rel_error_range"]
+    for k in ("ttft_s", "tpot_s", "e2e_s"):
+        for s in ("mean", "p50", "p90", "p99"):
+            lo, hi = ranges[k][s]
+            assert lo <= hi
+    # each rerun is one noisy prediction measured against the noiseless one: the range is that of its errors
+    errs = [rel_errors(measured, summarize(predict(w, "continuous", CONFIG, NoisyModel(profile, 0.03, k), 1)))
+            for k in range(6)]
+    assert ranges["ttft_s"]["mean"] == [min(e["ttft_s"]["mean"] for e in errs), max(e["ttft_s"]["mean"] for e in errs)]
+    assert ranges["ttft_s"]["mean"][1] > ranges["ttft_s"]["mean"][0]
+    # static batching turns on which comes first, an arrival or the batch's drain: its TTFT spreads wider
+    static_measured = summarize(predict(w, "static", CONFIG, profile, 1))
+    static = noise_spread(w, "static", CONFIG, profile, 1, "least_outstanding", static_measured, 0.03, runs=6)
+    width = {name: r["rel_error_range"]["ttft_s"]["mean"][1] - r["rel_error_range"]["ttft_s"]["mean"][0]
+             for name, r in (("continuous", out), ("static", static))}
+    assert width["static"] > width["continuous"]
+
+
+def test_misses_within_names_the_misses_whose_range_holds_zero():
+    rel = {k: {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0} for k in ("ttft_s", "tpot_s", "e2e_s")}
+    rel["throughput_rps"] = 0.07
+    rel["ttft_s"]["mean"], rel["ttft_s"]["p99"], rel["tpot_s"]["mean"] = -0.09, 0.2, 0.06
+    ranges = {k: {s: [-0.01, 0.01] for s in ("mean", "p50", "p90", "p99")} for k in ("ttft_s", "tpot_s", "e2e_s")}
+    ranges["ttft_s"]["mean"] = [-0.12, 0.03]  # holds 0: inside
+    ranges["ttft_s"]["p99"] = [0.05, 0.25]  # all above 0: outside
+    ranges["tpot_s"]["mean"] = [0.0, 0.08]  # 0 on its edge: inside
+    ranges["throughput_rps"] = [0.02, 0.09]
+    assert misses_within(rel, ranges) == ["ttft_s mean -9.0%", "tpot_s mean +6.0%"]
+    assert misses_within(rel, {}) == []
