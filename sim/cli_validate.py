@@ -39,7 +39,7 @@ from sim.cli_common import (
 )
 from sim.cli_output import out_dir
 from sim.report import _plain as plain
-from sim.validate import STATS, TARGET_PCT, misses, misses_within
+from sim.validate import NOISE_RUNS, STATS, TARGET_PCT, misses, misses_within
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests, drawn from the workload, of the real-time probe runs before and after each "
                              "load whose mean refits a table profile's run factors to the machine's speed during it "
                              f"(default {PROBE_REQUESTS}; 0: use the profile's factors as they are)")
+    parser.add_argument("--noise-runs", type=nonnegative_int, default=NOISE_RUNS, metavar="N",
+                        help="reruns of each prediction with every step's price scattered as much as the real "
+                             "run's steps scattered around theirs, for the step-noise column "
+                             f"(default {NOISE_RUNS}; 0: none)")
     add_workload_args(parser)
     add_scheduler_args(parser)
     g = parser.add_argument_group("output")
@@ -158,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
                 measured = measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar)
             after = _speed_probe(args, backends[0], config, profile, workload)
             speed, load_profile = _bracket(profile, probe, after)
-            load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router)
+            load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
+                                noise_runs=args.noise_runs)
             load["factor_label"], load["speed_probe"], probe = label, speed, after
             _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
             loads.append(load)
@@ -349,9 +354,10 @@ def format_load(load: dict, policy: str) -> str:
     if jitter:
         inside = misses_within(r, jspans)
         lines.append(f"step noise: range of the relative error over {jitter['runs']} reruns with every step's price "
-                     f"multiplied by its own lognormal draw (sigma {jitter['sigma'] * 100:.1f}%, this real run's "
-                     "steps' scatter around their prices): where one real run of this workload can land by the "
-                     "order of events alone"
+                     f"scattered as this real run's steps scattered around theirs (lognormal, mean 1: each step's own "
+                     f"sigma {jitter['sigma'] * 100:.1f}% and a drift shared by each {jitter['block_s']:g} s of "
+                     f"steps, sigma {jitter['slow_sigma'] * 100:.1f}%): how far the order of events alone moves a "
+                     "run of this workload (two real runs can land further apart: the machine's speed moves too)"
                      + (f"; {len(inside)} of {len(bad)} misses lie inside it ({', '.join(inside)})" if bad else ""))
     probe = load.get("speed_probe")
     if probe:

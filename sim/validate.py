@@ -34,6 +34,7 @@ from sim.workload import Workload
 RATE_FACTORS = (0.3, 0.7, 1.2)  # of the profile's estimated capacity: light, medium, saturated
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
+NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st run lands inside their range with odds 19/21
 TARGET_PCT = {"mean": 5.0, "p90": 10.0, "p99": 10.0, "throughput_rps": 5.0}  # p50 is reported, not targeted
 TTFT_NOTE = ("TTFT on both sides: when the first token is computed (end of the step that sampled it), on the run's "
              "clock (measured: SimPy real time, following the wall clock; predicted: virtual time).")
@@ -284,7 +285,7 @@ def measure_load(backends: list, workload: Workload, rate: float, policy: Any, c
 
 
 def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, seed: int,
-                 router: str = "least_outstanding") -> dict:
+                 router: str = "least_outstanding", noise_runs: int = NOISE_RUNS) -> dict:
     """A measured load (measure_load) against its prediction with profile: errors, intervals, diagnostics."""
     w, measured, samples, instances = m["workload"], m["measured_run"], m["samples"], m["instances"]
     predicted = predict(w, policy, config, profile, instances, router)
@@ -292,7 +293,8 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
     sm, sp = summarize(measured), summarize(predicted)
     rel = rel_errors(sm, sp)
     sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
-    noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile), seed=seed)
+    noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile),
+                         runs=noise_runs, seed=seed) if noise_runs else None
     at_speed = None
     speed = run_speed_factors(samples, profile)
     if speed is not None:
@@ -355,29 +357,63 @@ def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, 
     return {"delta": delta, "runs": len(errors), "rel_error_range": _error_ranges(errors)}
 
 
-NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st run lands inside their range with odds 19/21
+NOISE_BLOCK_S = 1.0  # the slow part of step-time noise: one draw per second of the run's clock
 
 
-def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any) -> float | None:
-    """How much a real run's steps scatter around their prices: the robust standard deviation of
-    log(measured / priced) over its steps with work, each kind (decode-only, with prompt tokens) about its own
-    median (so the machine's speed, which the run factors carry, is not counted). None with fewer than 12 steps.
+@dataclasses.dataclass(frozen=True)
+class StepNoise:
+    """How a real run's step times scatter around their prices, in two parts (standard deviations of the log).
 
-    1.4826 x the median absolute deviation: a step slowed by another process now and then does not set it.
+    sigma: each step's own scatter; slow_sigma: a drift shared by the steps of each block_s seconds of the
+    run's clock (the host's speed moves within seconds: consecutive steps' errors correlate, 0.4 at lag 1 and
+    0.1 at lag 50 in a static run here), which moves a batch's drain more than the same scatter step by step.
+    """
+
+    sigma: float
+    slow_sigma: float
+    block_s: float = NOISE_BLOCK_S
+
+
+def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any) -> StepNoise | None:
+    """A real run's step times around their prices: log(measured / priced) over its steps with work, each kind
+    (decode-only, with prompt tokens) about its own median (so the machine's mean speed, which the run factors
+    carry, is not counted), cut into a slow part (the variance of NOISE_BLOCK_S block means beyond what the
+    steps' own scatter explains) and the rest. None with fewer than 12 steps.
+
+    Robust: the total is 1.4826 x the median absolute deviation and block means use residuals clipped at 4
+    of it, so a step slowed by another process now and then does not set either.
     """
     prices = price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
-    logs: dict[bool, list[float]] = {False: [], True: []}
+    rows: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for (plan, t, _gap, _idle), price in zip(samples, prices, strict=True):
         if plan.chunks and price > 0 and t > 0:
-            logs[plan.num_prefill_tokens > 0].append(float(np.log(t / price)))
-    resid = np.concatenate([np.asarray(v) - np.median(v) for v in logs.values() if v] or [np.zeros(0)])
-    if resid.size < 12:
+            rows[plan.num_prefill_tokens > 0].append((plan.now_s, float(np.log(t / price))))
+    when, resid = [], []
+    for kind in rows.values():
+        if kind:
+            med = float(np.median([r for _, r in kind]))
+            when += [w for w, _ in kind]
+            resid += [r - med for _, r in kind]
+    if len(resid) < 12:
         return None
-    return float(1.4826 * np.median(np.abs(resid)))
+    x = np.asarray(resid)
+    total = float(1.4826 * np.median(np.abs(x)))
+    x = np.clip(x, -4 * total, 4 * total)
+    block = (np.asarray(when) // NOISE_BLOCK_S).astype(int)
+    means, spread = [], []
+    for b in np.unique(block):
+        sel = x[block == b]
+        if sel.size >= 5:
+            means.append(sel.mean())
+            spread.append(x.var() / sel.size)
+    slow = float(np.sqrt(max(np.var(means) - np.mean(spread), 0.0))) if len(means) >= 5 else 0.0
+    slow = min(slow, total)
+    return StepNoise(float(np.sqrt(total * total - slow * slow)), slow)
 
 
 class NoisyModel:
-    """A cost model whose every step price is multiplied by its own lognormal draw of mean 1 (seeded).
+    """A cost model whose every step price is multiplied by lognormal noise of mean 1 (seeded): a draw of its
+    own (sigma) times a draw shared by every step starting in the same block_s seconds of the run (slow_sigma).
 
     Real step times scatter around their price (the host, caches, the OS); in a policy whose decisions hang on
     which of two events comes first (static batching: does a request arrive before the batch drains?) a few
@@ -385,41 +421,52 @@ class NoisyModel:
     with this noise show how far one real run can land from another by that alone.
     """
 
-    def __init__(self, inner: Any, sigma: float, seed: int) -> None:
-        self.inner, self.sigma = inner, sigma
+    def __init__(self, inner: Any, noise: StepNoise | float, seed: int) -> None:
+        self.inner = inner
+        self.noise = noise if isinstance(noise, StepNoise) else StepNoise(float(noise), 0.0)
         self.idle_wakeup_s = getattr(inner, "idle_wakeup_s", 0.0)
+        self._seed = seed
         self._rng = np.random.default_rng(seed)
-        self._mu = -sigma * sigma / 2  # E[exp(N(mu, sigma))] = 1
+        self._blocks: dict[int, float] = {}
 
-    def _draw(self) -> float:
-        return float(np.exp(self._rng.normal(self._mu, self.sigma)))
+    def _draw(self, plan: StepPlan) -> float:
+        n = self.noise
+        own = self._rng.normal(-n.sigma * n.sigma / 2, n.sigma)  # E[exp(N(-s^2/2, s))] = 1
+        if not n.slow_sigma:
+            return float(np.exp(own))
+        b = int(plan.now_s // n.block_s)
+        if b not in self._blocks:  # a block's draw depends on the seed and the block only, not on the order
+            rng = np.random.default_rng((self._seed, b))
+            self._blocks[b] = float(rng.normal(-n.slow_sigma * n.slow_sigma / 2, n.slow_sigma))
+        return float(np.exp(own + self._blocks[b]))
 
     def step_time_s(self, plan: StepPlan) -> float:
-        """The inner price times a fresh noise draw."""
-        return self.inner.step_time_s(plan) * self._draw()
+        """The inner price times a noise draw."""
+        return self.inner.step_time_s(plan) * self._draw(plan)
 
     def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, Any]:
-        """The inner step_after's price times a fresh noise draw, and its graph key."""
+        """The inner step_after's price times a noise draw, and its graph key."""
         t, key = self.inner.step_after(plan, prev_graph, after_idle)
-        return t * self._draw(), key
+        return t * self._draw(plan), key
 
 
 def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
-                 router: str, measured: dict, sigma: float | None, runs: int = NOISE_RUNS,
+                 router: str, measured: dict, noise: StepNoise | None, runs: int = NOISE_RUNS,
                  seed: int = 0) -> dict | None:
-    """The range of each statistic's relative error over `runs` predictions with NoisyModel(profile, sigma).
+    """The range of each statistic's relative error over `runs` predictions with NoisyModel(profile, noise).
 
     A statistic whose range is wide turns on the order of events, not on the price level: a single real run
     of it lands anywhere in about that range, so a prediction can be held to it no closer than that. A miss
     whose range holds 0 is one another real run of the same workload could have shown. None without sigma
     or for cost models without step_after (the roofline presets).
     """
-    if not sigma or runs < 1 or not hasattr(profile, "step_after"):
+    if noise is None or not (noise.sigma or noise.slow_sigma) or runs < 1 or not hasattr(profile, "step_after"):
         return None
-    errors = [rel_errors(measured, summarize(predict(workload, policy, config, NoisyModel(profile, sigma, seed + k),
+    errors = [rel_errors(measured, summarize(predict(workload, policy, config, NoisyModel(profile, noise, seed + k),
                                                      instances, router)))
               for k in range(runs)]
-    return {"sigma": sigma, "runs": runs, "rel_error_range": _error_ranges(errors)}
+    return {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "block_s": noise.block_s, "runs": runs,
+            "rel_error_range": _error_ranges(errors)}
 
 
 def _error_ranges(errors: list[dict]) -> dict:

@@ -12,7 +12,7 @@ from scheduler import SchedulerConfig
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
 from sim.metrics import summarize
 from sim.model import run_workload
-from sim.validate import NoisyModel, misses_within, noise_spread, predict, rel_errors, step_noise
+from sim.validate import NoisyModel, StepNoise, misses_within, noise_spread, predict, rel_errors, step_noise
 from sim.workload import synthetic_workload
 
 CONFIG = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512)
@@ -61,24 +61,44 @@ def test_step_noise_reads_back_the_scatter_a_run_was_made_with(profile, sigma):
     rec = _Recorder(SyntheticBackend(NoisyModel(profile, sigma, seed=5)))
     run_workload(_workload(), "continuous", CONFIG, [rec], fast_forward=False)
     assert len(rec.samples) > 200
-    assert step_noise(rec.samples, profile) == pytest.approx(sigma, rel=0.15)
+    noise = step_noise(rec.samples, profile)
+    assert noise.sigma == pytest.approx(sigma, rel=0.15)
+    assert noise.slow_sigma < 0.4 * sigma  # independent draws: no shared drift to find
     # the run's speed is not noise: the same steps 7 % slower read the same scatter
     slow = [(p, t * 1.07, g, i) for p, t, g, i in rec.samples]
-    assert step_noise(slow, profile) == pytest.approx(step_noise(rec.samples, profile), rel=1e-9)
+    assert step_noise(slow, profile).sigma == pytest.approx(noise.sigma, rel=1e-9)
     # exact prices: no scatter at all
     exact = [(p, t, g, i) for (p, _t, g, i), t in zip(rec.samples, price_run(profile, [(s[0], False) for s in
                                                                                          rec.samples]), strict=True)]
-    assert step_noise(exact, profile) == pytest.approx(0.0, abs=1e-12)
+    assert step_noise(exact, profile) == StepNoise(0.0, 0.0)
     assert step_noise(rec.samples[:5], profile) is None  # too few steps to say
+
+
+def test_step_noise_tells_a_drift_shared_by_a_second_of_steps_from_each_steps_own_scatter(profile):
+    made = StepNoise(0.01, 0.02)
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, made, seed=11)))
+    run_workload(_workload(n=300, rate=3.0, seed=4), "continuous", CONFIG, [rec], fast_forward=False)
+    noise = step_noise(rec.samples, profile)
+    assert noise.slow_sigma == pytest.approx(0.02, rel=0.3)
+    assert noise.sigma == pytest.approx(0.01, rel=0.5)
+    # the shared draw belongs to the block, not to the order steps ask for it
+    a, b = NoisyModel(profile, StepNoise(0.0, 0.05), seed=1), NoisyModel(profile, StepNoise(0.0, 0.05), seed=1)
+    chunk = ScheduledChunk("r", 0, 9, (7,), True, is_decode=True)
+    early, late = StepPlan(0, 0.2, (chunk,)), StepPlan(0, 7.5, (chunk,))
+    assert (a.step_time_s(early), a.step_time_s(late)) == (b.step_time_s(early), b.step_time_s(late))
+    c = NoisyModel(profile, StepNoise(0.0, 0.05), seed=1)
+    late_first = c.step_time_s(late)
+    assert (c.step_time_s(early), late_first) == (a.step_time_s(early), a.step_time_s(late))
 
 
 def test_noise_spread_ranges_the_reruns_and_a_chaotic_policy_spreads_wider(profile):
     w = _workload(n=80, rate=3.5)
     measured = summarize(predict(w, "continuous", CONFIG, profile, 1))
     assert noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, None) is None
-    out = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, 0.03, runs=6)
-    assert out["runs"] == 6 and out["sigma"] == 0.03
-    again = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, 0.03, runs=6)
+    noise = StepNoise(0.03, 0.0)
+    out = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, noise, runs=6)
+    assert out["runs"] == 6 and out["sigma"] == 0.03 and out["slow_sigma"] == 0.0
+    again = noise_spread(w, "continuous", CONFIG, profile, 1, "least_outstanding", measured, noise, runs=6)
     assert again == out  # seeded: the same reruns
     ranges = out["rel_error_range"]
     for k in ("ttft_s", "tpot_s", "e2e_s"):
@@ -92,7 +112,7 @@ def test_noise_spread_ranges_the_reruns_and_a_chaotic_policy_spreads_wider(profi
     assert ranges["ttft_s"]["mean"][1] > ranges["ttft_s"]["mean"][0]
     # static batching turns on which comes first, an arrival or the batch's drain: its TTFT spreads wider
     static_measured = summarize(predict(w, "static", CONFIG, profile, 1))
-    static = noise_spread(w, "static", CONFIG, profile, 1, "least_outstanding", static_measured, 0.03, runs=6)
+    static = noise_spread(w, "static", CONFIG, profile, 1, "least_outstanding", static_measured, noise, runs=6)
     width = {name: r["rel_error_range"]["ttft_s"]["mean"][1] - r["rel_error_range"]["ttft_s"]["mean"][0]
              for name, r in (("continuous", out), ("static", static))}
     assert width["static"] > width["continuous"]
@@ -109,3 +129,18 @@ def test_misses_within_names_the_misses_whose_range_holds_zero():
     ranges["throughput_rps"] = [0.02, 0.09]
     assert misses_within(rel, ranges) == ["ttft_s mean -9.0%", "tpot_s mean +6.0%"]
     assert misses_within(rel, {}) == []
+
+
+def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_on_request(profile):
+    from sim.validate import compare_load
+
+    w = _workload(n=40, rate=2.0)
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, 0.03, seed=9)))
+    run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
+    m = {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
+         "cpu_load": {"before": {}, "after": {}}}
+    load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=3)
+    assert load["step_noise"]["runs"] == 3
+    jitter = load["step_noise"]
+    assert (jitter["sigma"] ** 2 + jitter["slow_sigma"] ** 2) ** 0.5 == pytest.approx(0.03, rel=0.25)
+    assert compare_load(m, profile, "static", CONFIG, 0, noise_runs=0)["step_noise"] is None
