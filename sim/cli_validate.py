@@ -353,11 +353,13 @@ def format_load(load: dict, policy: str) -> str:
                      "than that: the statistic turns on step timing, not on the price level)")
     if jitter:
         inside = misses_within(r, jspans)
+        drawn = ("lognormal, as this real run's steps scattered" if jitter.get("draws", "lognormal") == "lognormal"
+                 else "drawn from this real run's own steps' deviations from their prices")
         lines.append(f"step noise: range of the relative error over {jitter['runs']} reruns with every step's price "
-                     f"scattered as this real run's steps scattered around theirs (lognormal, mean 1: each step's own "
-                     f"sigma {jitter['sigma'] * 100:.1f}% and a drift shared by each {jitter['block_s']:g} s of "
-                     f"steps, sigma {jitter['slow_sigma'] * 100:.1f}%): how far the order of events alone moves a "
-                     "run of this workload (two real runs can land further apart: the machine's speed moves too)"
+                     f"times noise of mean 1 ({drawn}: each step's own, sigma {jitter['sigma'] * 100:.1f}%, times a "
+                     f"drift shared by each {jitter['block_s']:g} s of steps, sigma "
+                     f"{jitter['slow_sigma'] * 100:.1f}%): how far the order of events alone moves a run of this "
+                     "workload (two real runs can land further apart: the machine's speed moves too)"
                      + (f"; {len(inside)} of {len(bad)} misses lie inside it ({', '.join(inside)})" if bad else ""))
     probe = load.get("speed_probe")
     if probe:

@@ -34,7 +34,8 @@ from sim.workload import Workload
 RATE_FACTORS = (0.3, 0.7, 1.2)  # of the profile's estimated capacity: light, medium, saturated
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
-NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st run lands inside their range with odds 19/21
+NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st draw of the same noise lands inside their range
+# with odds 19/21
 TARGET_PCT = {"mean": 5.0, "p90": 10.0, "p99": 10.0, "throughput_rps": 5.0}  # p50 is reported, not targeted
 TTFT_NOTE = ("TTFT on both sides: when the first token is computed (end of the step that sampled it), on the run's "
              "clock (measured: SimPy real time, following the wall clock; predicted: virtual time).")
@@ -372,6 +373,12 @@ class StepNoise:
     sigma: float
     slow_sigma: float
     block_s: float = NOISE_BLOCK_S
+    # the run's own residuals, when known: each step's deviation from its block's mean, and the block means
+    # (log, each pool shifted so exp() averages 1). NoisyModel draws from them instead of a lognormal, so the
+    # rare slow step a real run meets (one 13 % over its price turned a request's TPOT from 26 to 670 ms in
+    # a light sjf load here) shows up in the reruns too.
+    own_draws: tuple[float, ...] = ()
+    block_draws: tuple[float, ...] = ()
 
 
 def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any) -> StepNoise | None:
@@ -396,24 +403,34 @@ def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: An
             resid += [r - med for _, r in kind]
     if len(resid) < 12:
         return None
-    x = np.asarray(resid)
-    total = float(1.4826 * np.median(np.abs(x)))
-    x = np.clip(x, -4 * total, 4 * total)
+    raw = np.asarray(resid)
+    total = float(1.4826 * np.median(np.abs(raw)))
+    x = np.clip(raw, -4 * total, 4 * total)
     block = (np.asarray(when) // NOISE_BLOCK_S).astype(int)
-    means, spread = [], []
+    means, spread, own, shared = [], [], [], []
     for b in np.unique(block):
-        sel = x[block == b]
-        if sel.size >= 5:
-            means.append(sel.mean())
-            spread.append(x.var() / sel.size)
+        sel = block == b
+        if sel.sum() >= 5:
+            means.append(x[sel].mean())
+            spread.append(x.var() / sel.sum())  # all of the scatter counted as the steps' own: slow errs low
+            shared.append(raw[sel].mean())
+            own += list(raw[sel] - raw[sel].mean())
     slow = float(np.sqrt(max(np.var(means) - np.mean(spread), 0.0))) if len(means) >= 5 else 0.0
     slow = min(slow, total)
-    return StepNoise(float(np.sqrt(total * total - slow * slow)), slow)
+    if len(means) < 5:  # too few blocks to tell a drift: every step's own deviation, no shared draw
+        own, shared = list(raw), []
+
+    def pool(values: list) -> tuple[float, ...]:
+        v = np.asarray(values, dtype=float)
+        return tuple(float(a) for a in v - np.log(np.mean(np.exp(v)))) if v.size else ()
+
+    return StepNoise(float(np.sqrt(total * total - slow * slow)), slow, NOISE_BLOCK_S, pool(own), pool(shared))
 
 
 class NoisyModel:
-    """A cost model whose every step price is multiplied by lognormal noise of mean 1 (seeded): a draw of its
-    own (sigma) times a draw shared by every step starting in the same block_s seconds of the run (slow_sigma).
+    """A cost model whose every step price is multiplied by noise of mean 1 (seeded): a draw of its own times a
+    draw shared by every step starting in the same block_s seconds of the run; from the noise's pools of a real
+    run's residuals when it has them, else lognormal with sigma and slow_sigma.
 
     Real step times scatter around their price (the host, caches, the OS); in a policy whose decisions hang on
     which of two events comes first (static batching: does a request arrive before the batch drains?) a few
@@ -431,13 +448,17 @@ class NoisyModel:
 
     def _draw(self, plan: StepPlan) -> float:
         n = self.noise
-        own = self._rng.normal(-n.sigma * n.sigma / 2, n.sigma)  # E[exp(N(-s^2/2, s))] = 1
-        if not n.slow_sigma:
+        if n.own_draws:
+            own = n.own_draws[int(self._rng.integers(len(n.own_draws)))]
+        else:
+            own = self._rng.normal(-n.sigma * n.sigma / 2, n.sigma)  # E[exp(N(-s^2/2, s))] = 1
+        if not (n.block_draws or n.slow_sigma):
             return float(np.exp(own))
         b = int(plan.now_s // n.block_s)
         if b not in self._blocks:  # a block's draw depends on the seed and the block only, not on the order
             rng = np.random.default_rng((self._seed, b))
-            self._blocks[b] = float(rng.normal(-n.slow_sigma * n.slow_sigma / 2, n.slow_sigma))
+            self._blocks[b] = (n.block_draws[int(rng.integers(len(n.block_draws)))] if n.block_draws
+                               else float(rng.normal(-n.slow_sigma * n.slow_sigma / 2, n.slow_sigma)))
         return float(np.exp(own + self._blocks[b]))
 
     def step_time_s(self, plan: StepPlan) -> float:
@@ -455,10 +476,10 @@ def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profi
                  seed: int = 0) -> dict | None:
     """The range of each statistic's relative error over `runs` predictions with NoisyModel(profile, noise).
 
-    A statistic whose range is wide turns on the order of events, not on the price level: a single real run
-    of it lands anywhere in about that range, so a prediction can be held to it no closer than that. A miss
-    whose range holds 0 is one another real run of the same workload could have shown. None without sigma
-    or for cost models without step_after (the roofline presets).
+    A statistic whose range is wide turns on the order of events, not on the price level: one real run of it
+    can land at least that far from another (real runs also differ in the machine's speed), so no prediction
+    holds it closer than that. A miss whose range holds 0 is one another real run of the same workload could
+    have shown. None without noise, or for cost models without step_after (the roofline presets).
     """
     if noise is None or not (noise.sigma or noise.slow_sigma) or runs < 1 or not hasattr(profile, "step_after"):
         return None
@@ -466,6 +487,7 @@ def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profi
                                                      instances, router)))
               for k in range(runs)]
     return {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "block_s": noise.block_s, "runs": runs,
+            "draws": "the run's own residuals" if noise.own_draws else "lognormal",
             "rel_error_range": _error_ranges(errors)}
 
 

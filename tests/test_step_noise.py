@@ -70,8 +70,23 @@ def test_step_noise_reads_back_the_scatter_a_run_was_made_with(profile, sigma):
     # exact prices: no scatter at all
     exact = [(p, t, g, i) for (p, _t, g, i), t in zip(rec.samples, price_run(profile, [(s[0], False) for s in
                                                                                          rec.samples]), strict=True)]
-    assert step_noise(exact, profile) == StepNoise(0.0, 0.0)
+    flat = step_noise(exact, profile)
+    assert (flat.sigma, flat.slow_sigma) == (0.0, 0.0) and not any(flat.own_draws) and not any(flat.block_draws)
+    # the pools are the run's own residuals, each shifted so that a draw averages 1
+    for pool in (noise.own_draws, noise.block_draws):
+        assert len(pool) > 5 and np.mean(np.exp(pool)) == pytest.approx(1.0, abs=1e-12)
+    assert len(noise.own_draws) > 0.8 * len(rec.samples)
     assert step_noise(rec.samples[:5], profile) is None  # too few steps to say
+
+
+def test_noisy_model_draws_from_a_runs_own_residuals_when_it_has_them(profile):
+    plan = StepPlan(0, 3.0, (ScheduledChunk("r", 0, 50, (7,), True, is_decode=True),))
+    base, _ = profile.step_after(plan, None)
+    slow = float(np.log(1.13))  # the rare slow step: kept, not smoothed into a lognormal
+    own = tuple(float(v) for v in np.array([0.0] * 9 + [slow]) - np.log(np.mean(np.exp([0.0] * 9 + [slow]))))
+    noisy = NoisyModel(profile, StepNoise(0.01, 0.0, own_draws=own), seed=4)
+    ratios = {round(noisy.step_after(plan, None)[0] / base, 9) for _ in range(400)}
+    assert ratios == {round(float(np.exp(v)), 9) for v in set(own)}
 
 
 def test_step_noise_tells_a_drift_shared_by_a_second_of_steps_from_each_steps_own_scatter(profile):
@@ -142,5 +157,6 @@ def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_
     load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=3)
     assert load["step_noise"]["runs"] == 3
     jitter = load["step_noise"]
+    assert jitter["draws"] == "the run's own residuals"
     assert (jitter["sigma"] ** 2 + jitter["slow_sigma"] ** 2) ** 0.5 == pytest.approx(0.03, rel=0.25)
     assert compare_load(m, profile, "static", CONFIG, 0, noise_runs=0)["step_noise"] is None
