@@ -375,7 +375,7 @@ class StepNoise:
     block_s: float = NOISE_BLOCK_S
     # the run's own residuals, when known: each step's deviation from its block's mean, and the block means
     # (log, each pool shifted so exp() averages 1). NoisyModel draws from them instead of a lognormal, so the
-    # rare slow step a real run meets (one 13 % over its price turned a request's TPOT from 26 to 670 ms in
+    # rare slow step a real run meets (one 11 % over its price turned a request's TPOT from 26 to 670 ms in
     # a light sjf load here) shows up in the reruns too.
     own_draws: tuple[float, ...] = ()
     block_draws: tuple[float, ...] = ()
