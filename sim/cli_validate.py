@@ -312,22 +312,22 @@ def format_load(load: dict, policy: str) -> str:
         return span((d.get(k) or {}).get(s))
 
     sens = load.get("price_sensitivity")
-    spans = sens["rel_error_range"] if sens else {}
     jitter = load.get("step_noise")
-    jspans = jitter["rel_error_range"] if jitter else {}
-    extra = [d for d in (spans, jspans) if d]
+    # the range columns: (header, rel_error_range) of each rerun diagnostic the load has
+    extra = ([(f"prices ±{sens['delta'] * 100:g}%", sens["rel_error_range"])] if sens else []) \
+        + ([("step noise", jitter["rel_error_range"])] if jitter else [])
 
     rows = [("metric", "measured", "predicted", "rel. error", "error 95%", "sampling 95%")
-            + ((f"prices ±{sens['delta'] * 100:g}%",) if sens else ()) + (("step noise",) if jitter else ())]
+            + tuple(head for head, _ in extra)]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s], TARGET_PCT.get(s)),
-                         ci(paired, k, s), ci(noise, k, s)) + tuple(ci(d, k, s) for d in extra))
+                         ci(paired, k, s), ci(noise, k, s)) + tuple(ci(d, k, s) for _, d in extra))
     tp = r["throughput_rps"]
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-",
                  _fmt_rel(tp, TARGET_PCT["throughput_rps"]), "", "")
-                + tuple(span(d["throughput_rps"]) for d in extra))
+                + tuple(span(d["throughput_rps"]) for _, d in extra))
     rows.append(("finished", str(m["num_finished"]), str(p["num_finished"]), "", "", "") + ("",) * len(extra))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
@@ -352,8 +352,8 @@ def format_load(load: dict, policy: str) -> str:
                      f"with the decode-only and prompt-step prices each {d} lower or higher (a range much wider "
                      "than that: the statistic turns on step timing, not on the price level)")
     if jitter:
-        inside = misses_within(r, jspans)
-        drawn = ("lognormal, as this real run's steps scattered" if jitter.get("draws", "lognormal") == "lognormal"
+        inside = misses_within(r, jitter["rel_error_range"])
+        drawn = ("lognormal, as this real run's steps scattered" if jitter["draws"] == "lognormal"
                  else "drawn from this real run's own steps' deviations from their prices")
         lines.append(f"step noise: range of the relative error over {jitter['runs']} reruns with every step's price "
                      f"times noise of mean 1 ({drawn}: each step's own, sigma {jitter['sigma'] * 100:.1f}%, times a "

@@ -406,19 +406,20 @@ def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: An
     raw = np.asarray(resid)
     total = float(1.4826 * np.median(np.abs(raw)))
     x = np.clip(raw, -4 * total, 4 * total)
+    var = x.var()  # all of the scatter counted as the steps' own in a block mean's variance: slow errs low
     block = (np.asarray(when) // NOISE_BLOCK_S).astype(int)
     means, spread, own, shared = [], [], [], []
     for b in np.unique(block):
         sel = block == b
         if sel.sum() >= 5:
             means.append(x[sel].mean())
-            spread.append(x.var() / sel.sum())  # all of the scatter counted as the steps' own: slow errs low
+            spread.append(var / sel.sum())
             shared.append(raw[sel].mean())
             own += list(raw[sel] - raw[sel].mean())
-    slow = float(np.sqrt(max(np.var(means) - np.mean(spread), 0.0))) if len(means) >= 5 else 0.0
-    slow = min(slow, total)
-    if len(means) < 5:  # too few blocks to tell a drift: every step's own deviation, no shared draw
-        own, shared = list(raw), []
+    if len(means) >= 5:
+        slow = min(float(np.sqrt(max(np.var(means) - np.mean(spread), 0.0))), total)
+    else:  # too few blocks to tell a drift: every step's own deviation, no shared draw
+        slow, own, shared = 0.0, list(raw), []
 
     def pool(values: list) -> tuple[float, ...]:
         v = np.asarray(values, dtype=float)
@@ -438,9 +439,9 @@ class NoisyModel:
     with this noise show how far one real run can land from another by that alone.
     """
 
-    def __init__(self, inner: Any, noise: StepNoise | float, seed: int) -> None:
+    def __init__(self, inner: Any, noise: StepNoise, seed: int) -> None:
         self.inner = inner
-        self.noise = noise if isinstance(noise, StepNoise) else StepNoise(float(noise), 0.0)
+        self.noise = noise
         self.idle_wakeup_s = getattr(inner, "idle_wakeup_s", 0.0)
         self._seed = seed
         self._rng = np.random.default_rng(seed)

@@ -31,13 +31,14 @@ def _workload(n: int = 60, rate: float = 3.0, seed: int = 3):
 def test_noisy_model_draws_have_mean_one_and_the_given_spread_and_repeat_with_the_seed(profile):
     plan = StepPlan(0, 0.0, tuple(ScheduledChunk(f"r{i}", i, 50, (7,), True, is_decode=True) for i in range(4)))
     base, _ = profile.step_after(plan, None)
-    noisy = NoisyModel(profile, 0.05, seed=1)
+    noisy = NoisyModel(profile, StepNoise(0.05, 0.0), seed=1)
     ratios = np.array([noisy.step_after(plan, None)[0] / base for _ in range(20000)])
     assert ratios.mean() == pytest.approx(1.0, abs=0.002)
     assert np.log(ratios).std() == pytest.approx(0.05, rel=0.03)
-    again = NoisyModel(profile, 0.05, seed=1)
+    again = NoisyModel(profile, StepNoise(0.05, 0.0), seed=1)
     assert [again.step_after(plan, None)[0] / base for _ in range(5)] == pytest.approx(ratios[:5].tolist())
-    assert NoisyModel(profile, 0.05, seed=2).step_time_s(plan) != NoisyModel(profile, 0.05, seed=1).step_time_s(plan)
+    other, same = (NoisyModel(profile, StepNoise(0.05, 0.0), seed=k) for k in (2, 1))
+    assert other.step_time_s(plan) != same.step_time_s(plan)
     assert noisy.idle_wakeup_s == profile.idle_wakeup_s
 
 
@@ -58,7 +59,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("sigma", [0.01, 0.04])
 def test_step_noise_reads_back_the_scatter_a_run_was_made_with(profile, sigma):
-    rec = _Recorder(SyntheticBackend(NoisyModel(profile, sigma, seed=5)))
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(sigma, 0.0), seed=5)))
     run_workload(_workload(), "continuous", CONFIG, [rec], fast_forward=False)
     assert len(rec.samples) > 200
     noise = step_noise(rec.samples, profile)
@@ -121,7 +122,7 @@ def test_noise_spread_ranges_the_reruns_and_a_chaotic_policy_spreads_wider(profi
             lo, hi = ranges[k][s]
             assert lo <= hi
     # each rerun is one noisy prediction measured against the noiseless one: the range is that of its errors
-    errs = [rel_errors(measured, summarize(predict(w, "continuous", CONFIG, NoisyModel(profile, 0.03, k), 1)))
+    errs = [rel_errors(measured, summarize(predict(w, "continuous", CONFIG, NoisyModel(profile, noise, k), 1)))
             for k in range(6)]
     assert ranges["ttft_s"]["mean"] == [min(e["ttft_s"]["mean"] for e in errs), max(e["ttft_s"]["mean"] for e in errs)]
     assert ranges["ttft_s"]["mean"][1] > ranges["ttft_s"]["mean"][0]
@@ -150,7 +151,7 @@ def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_
     from sim.validate import compare_load
 
     w = _workload(n=40, rate=2.0)
-    rec = _Recorder(SyntheticBackend(NoisyModel(profile, 0.03, seed=9)))
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=9)))
     run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
     m = {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
          "cpu_load": {"before": {}, "after": {}}}
