@@ -270,27 +270,37 @@ def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name
 
 
 def calibrate(model: str | None = None, options: dict | None = None, quick: bool = False, repeats: int | None = None,
-              seed: int = 0, name: str = "calibrated",
-              progress: Callable[[str], None] | None = None) -> Calibration:
-    """Profile the real backend on the grid and fit a TableCostModel; meta says where it came from."""
-    from sim.real import DEFAULT_LLAMA_OPTIONS, close_instances, make_llama_instances
+              seed: int = 0, name: str = "calibrated", progress: Callable[[str], None] | None = None,
+              instances: int = 1) -> Calibration:
+    """Profile the real backend on the grid and fit a TableCostModel; meta says where it came from.
+
+    instances > 1: a profile for one of that many instances sharing the machine. The grid is timed on one
+    context while the others serve a steady load on their own threads (sim.neighbours), and the run
+    factors' probe runs on all of them at once, as `validate --instances N` runs them. Without n_threads
+    in options, each context gets the machine's threads shared out (sim.real.threads_per_instance).
+    """
+    from sim.neighbours import Neighbours
+    from sim.real import DEFAULT_LLAMA_OPTIONS, close_instances, make_llama_instances, threads_per_instance
 
     say = progress or (lambda _text: None)
     opts = {**DEFAULT_LLAMA_OPTIONS, **(options or {})}
+    opts["n_threads"] = threads_per_instance(instances, (options or {}).get("n_threads"))
     repeats = repeats or (2 if quick else 3)
     before = load_snapshot()
     t0 = time.perf_counter()
-    backends, config = make_llama_instances(model, 1, opts)
+    backends, config = make_llama_instances(model, instances, opts)
     try:
         b = backends[0]
         scenarios = grid(quick, config.max_model_len)
         say(f"calibrate: {b.model.name} ({b.model.path.name}), {opts['n_threads']} threads, n_ctx {b.n_ctx}, "
-            f"{b.num_slots} slots; {len(scenarios)} scenarios x {repeats} repeats")
+            f"{b.num_slots} slots; {len(scenarios)} scenarios x {repeats} repeats"
+            + (f"; {instances - 1} more instance(s) serving meanwhile" if instances > 1 else ""))
         if before.get("cpu_pressure_some_avg10_pct", 0.0) > SHARED_CPU_PSI:
             psi = before["cpu_pressure_some_avg10_pct"]
             say(f"calibrate: warning: the CPU is shared (tasks waited for a CPU {psi:.0f}% of the last 10 s)"
                 ": step times will be inflated and noisy; the profile records the load")
-        samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
+        with Neighbours(backends[1:], config, seed) as busy:
+            samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
         split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots,
                  "fa_heads": b.model.n_head, "fa_threads": opts["n_threads"]}
         meta = {
@@ -299,7 +309,8 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             **build_info(),
             "context": {"n_threads": opts["n_threads"], "n_ctx": b.n_ctx, "n_seq_max": b.num_slots,
                         "n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified,
-                        "swa_full": b.swa_full, "use_extra_bufts": b.model.use_extra_bufts},
+                        "swa_full": b.swa_full, "use_extra_bufts": b.model.use_extra_bufts,
+                        "instances": instances, "neighbour_steps": busy.num_steps},
             "scheduler": {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
                           "max_model_len": config.max_model_len, "num_kv_blocks": config.num_kv_blocks,
                           "block_size": config.block_size},
@@ -315,7 +326,7 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
         cal = fit_and_score(samples, split, name, meta)
         cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
-        probe = probe_run_factor(b, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
+        probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
         cal.model = replace(cal.model, run_factor=probe["run_factor"],
                             prefill_run_factor=probe["prefill_run_factor"], meta={**cal.model.meta, "run_probe": probe})
         cal.meta, cal.stats["run_probe"] = cal.model.meta, probe
@@ -342,7 +353,7 @@ def probe_sample(workload: Any, requests: int, seed: int) -> Any:
                     {"kind": "sample", "base": workload.source, "n": n, "seed": seed + 7919})
 
 
-def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
+def probe_run_factor(backends, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
                      say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
                      policy: Any = None) -> dict:
     """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
@@ -365,11 +376,17 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
     the same 0.7x of the capacity the model predicts for the sample, under `policy`: so its mix of step
     shapes is that workload's (validate uses this; the synthetic mix read the prompt-step factor 1.2 %
     above the validated runs' own on average).
+
+    backends: one backend, or a list of instances sharing the machine; with several, the probe has
+    `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
+    factors are fitted on every instance's steps.
     """
     from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
     from sim.workload import synthetic_workload
 
+    backends = list(backends) if isinstance(backends, (list, tuple)) else [backends]
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
+    n *= len(backends)
     policy = PROBE["policy"] if policy is None else policy
     if sample_of is None:
         base = synthetic_workload("poisson", 1.0, n, PROBE["prompt"], PROBE["output"], seed + 7919,
@@ -380,18 +397,21 @@ def probe_run_factor(backend, config: SchedulerConfig, model: TableCostModel, qu
         base = probe_sample(sample_of, n, seed)
         n = len(base.requests)
         shape = {"drawn_from": sample_of.description}
-    rate = PROBE["load"] * estimate_capacity(model, base, policy, config)
+    rate = PROBE["load"] * estimate_capacity(model, base, policy, config, len(backends))
     say(f"real-time probe: {n} requests{'' if sample_of is None else ' drawn from the workload'} at {rate:.2f} "
-        f"req/s ({PROBE['load']}x the fitted capacity)")
-    timed = TimedBackend(backend)
+        f"req/s ({PROBE['load']}x the fitted capacity"
+        + (f" of {len(backends)} instances)" if len(backends) > 1 else ")"))
+    timed = [TimedBackend(b) for b in backends]
     t0 = time.perf_counter()
-    run_workload(retime(base, rate, seed + 7919), policy, config, [timed], realtime=True)
-    backend.clear_kv()
-    fit = fit_run_factors(timed.samples, model, PROBE_MIN_STEPS)
+    run_workload(retime(base, rate, seed + 7919), policy, config, timed, realtime=True)
+    for b in backends:
+        b.clear_kv()
+    samples = [s for t in timed for s in t.samples]
+    fit = fit_run_factors(samples, model, PROBE_MIN_STEPS)
     if fit is None:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
     kinds = fit["by_kind"]
-    gaps = [g for _plan, _t, g, _idle in timed.samples]
+    gaps = [g for _plan, _t, g, _idle in samples]
     probe = {**shape, "load": PROBE["load"], "policy": str(policy), "requests": n, "rate_rps": rate, **fit,
              "wall_s": round(time.perf_counter() - t0, 1),
              "run_factor": kinds["decode"]["factor"], "prefill_run_factor": kinds["prefill"]["factor"],

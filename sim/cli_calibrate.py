@@ -28,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE", help="profile to write (default results/calibration-<timestamp>.json)")
     parser.add_argument("--quick", action="store_true", help="a short grid, 2 repeats: under a minute on an idle CPU")
     parser.add_argument("--repeats", type=positive_int, help="runs of the grid, round-robin (default 3, --quick 2)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the context (default 2)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads of each context (default: the machine's 2 "
+                                                             "shared among the instances, at least 1)")
+    parser.add_argument("--instances", type=positive_int, default=1, metavar="N",
+                        help="profile one of N instances sharing this machine: the grid is timed while the other "
+                             "N-1 serve a steady load, and the probe runs on all N at once (default 1); for "
+                             "`simulate/validate --instances N`")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
@@ -64,7 +69,9 @@ def report(meta: dict, stats: dict, path: Path) -> str:
     lines = [
         f"calibrated {m['name']} ({m['file']}, {m['size_bytes'] / 1e6:.1f} MB, sha256 {m['sha256'][:12]}...) with "
         f"llama-cpp-python {meta['llama_cpp_python']}: {c['n_threads']} threads, n_ctx {c['n_ctx']}, "
-        f"{c['n_seq_max']} slots, n_batch {c['n_batch']}, n_ubatch {c['n_ubatch']}, kv_unified {c['kv_unified']}",
+        f"{c['n_seq_max']} slots, n_batch {c['n_batch']}, n_ubatch {c['n_ubatch']}, kv_unified {c['kv_unified']}"
+        + (f"; one of {c['instances']} instances sharing the machine (the others served meanwhile: "
+           f"{', '.join(str(n) for n in c['neighbour_steps'])} steps)" if c.get("instances", 1) > 1 else ""),
         f"machine: {mach['cpu_model']}, {mach['nproc']} cores; load before: {_load(meta['load']['before'])}; "
         f"after: {_load(meta['load']['after'])}",
         f"grid: {len(meta['grid']['scenarios'])} scenarios, {meta['grid']['num_steps']} steps, {noise['repeats']} "
@@ -112,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
     if args.refit:
         cal = refit(args.refit, out.stem)
     else:
-        cal = calibrate(args.model or DEFAULT_MODEL, {"n_threads": args.threads}, quick=args.quick,
-                        repeats=args.repeats, seed=args.seed, name=out.stem, progress=say)
+        options = {} if args.threads is None else {"n_threads": args.threads}
+        cal = calibrate(args.model or DEFAULT_MODEL, options, quick=args.quick, repeats=args.repeats, seed=args.seed,
+                        name=out.stem, progress=say, instances=args.instances)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(cal.model, out)
     if args.samples:

@@ -26,6 +26,9 @@ from sim.workload import MIN_TOKEN_ID, Workload, scale_workload, synthetic_workl
 
 # Preferred bundled cost model first; the placeholder stands in until a calibrated profile is bundled.
 DEFAULT_COST_MODELS = ("cpu-gemma3-270m", "cpu-gemma3-270m-placeholder")
+# N instances on this machine share its cores: cpu-gemma3-270m-x2 is one of two instances with a thread each,
+# calibrated while the other served (`tokenstep calibrate --instances 2`).
+SHARED_PROFILE = "{}-x{}"
 # The bundled Azure conversation slice (200 requests over 61 s, prompts ~900 and outputs ~235 tokens)
 # on the 2-CPU gemma-3-270m profile: lengths / 10 and gaps x 1.5 offer 2.2 req/s against ~2 req/s
 # served by continuous batching, so the load sits just past saturation during the trace's bursts.
@@ -157,7 +160,8 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="NAME|PATH", help="GGUF model for --backend llama (default gemma3-270m)")
     g.add_argument("--cost", metavar="NAME|FILE", help="cost model (default: see below)")
     g.add_argument("--threads", type=positive_int, metavar="N",
-                   help="--backend llama: CPU threads per context (default 2)")
+                   help="--backend llama: CPU threads per context (default: the machine's 2 shared among the "
+                        "instances, at least 1 each)")
     g.add_argument("--llama-option", action="append", metavar="KEY=VALUE",
                    help="--backend llama: context option such as n_ubatch=256, kv_unified=true (repeatable)")
     g.add_argument("--virtual-time", action="store_true",
@@ -270,19 +274,40 @@ def overlay_prefix(w: Workload, num_tokens: int, num_groups: int, seed: int) -> 
     return Workload(tuple(requests), desc, source)
 
 
+def default_profile(instances: int = 1) -> tuple[str, str]:
+    """(name, note) of the bundled profile for `instances` instances sharing this machine.
+
+    One instance: the first of DEFAULT_COST_MODELS that is bundled. N > 1: its -xN variant (one of N
+    instances sharing the cores) when bundled, else the one-instance profile, which prices each instance
+    as if it had a machine of its own.
+    """
+    from backends.cost import known_cost_models
+
+    known = known_cost_models()
+    for name in DEFAULT_COST_MODELS:
+        if name not in known:
+            continue
+        note = "default" if name == DEFAULT_COST_MODELS[0] else (
+            f"default; {DEFAULT_COST_MODELS[0]} is not bundled yet, so the uncalibrated placeholder is used")
+        if instances > 1:
+            shared = SHARED_PROFILE.format(name, instances)
+            if shared in known:
+                return shared, (f"default for {instances} instances: one of {instances} sharing this machine's cores "
+                                f"(give --cost {name} to price each instance as a machine of its own)")
+            note += (f"; no bundled profile for {instances} instances sharing one machine, so each instance is "
+                     "priced as a machine of its own")
+        return name, note
+    raise UsageError(f"none of the default cost models {', '.join(DEFAULT_COST_MODELS)} is bundled; give --cost")
+
+
 def resolve_cost_model(args: argparse.Namespace):
-    """(cost model, name, note): --cost, else the first bundled default that exists."""
-    from backends.cost import known_cost_models, load_cost_model
+    """(cost model, name, note): --cost, else the bundled default for --instances (default_profile)."""
+    from backends.cost import load_cost_model
 
     if args.cost:
         return load_cost_model(args.cost), str(args.cost), "given by --cost"
-    known = known_cost_models()
-    for name in DEFAULT_COST_MODELS:
-        if name in known:
-            note = "default" if name == DEFAULT_COST_MODELS[0] else (
-                f"default; {DEFAULT_COST_MODELS[0]} is not bundled yet, so the uncalibrated placeholder is used")
-            return load_cost_model(name), name, note
-    raise UsageError(f"none of the default cost models {', '.join(DEFAULT_COST_MODELS)} is bundled; give --cost")
+    name, note = default_profile(getattr(args, "instances", 1) or 1)
+    return load_cost_model(name), name, note
 
 
 _LIMITS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "max_prefill_chunk_tokens",

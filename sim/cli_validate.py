@@ -33,6 +33,7 @@ from sim.cli_common import (
     add_workload_args,
     build_config,
     build_workload,
+    default_profile,
     float_list,
     nonnegative_int,
     workload_kind,
@@ -48,7 +49,8 @@ PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated wo
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """validate's flags."""
     parser.add_argument("--profile", metavar="NAME|FILE",
-                        help=f"calibrated profile (default: the bundled {DEFAULT_COST_MODELS[0]})")
+                        help=f"calibrated profile (default: the bundled {DEFAULT_COST_MODELS[0]}, or its -xN "
+                             "variant with --instances N)")
     parser.add_argument("--model", metavar="NAME|PATH", help="GGUF model of the real run (default gemma3-270m)")
     parser.add_argument("--policy", default="continuous", metavar="SPEC", help="policy spec (default continuous)")
     parser.add_argument("--rates", type=float_list, metavar="R1,R2,...",
@@ -77,14 +79,12 @@ def _log(args: argparse.Namespace, text: str) -> None:
 
 
 def _profile(args: argparse.Namespace):
-    from backends.cost import known_cost_models, load_cost_model
+    from backends.cost import load_cost_model
 
     if args.profile:
         return load_cost_model(args.profile), str(args.profile)
-    for name in DEFAULT_COST_MODELS:
-        if name in known_cost_models():
-            return load_cost_model(name), name
-    raise UsageError(f"no bundled profile ({', '.join(DEFAULT_COST_MODELS)}); give --profile FILE")
+    name, _note = default_profile(args.instances)
+    return load_cost_model(name), name
 
 
 def _llama_options(profile) -> dict:
@@ -108,9 +108,6 @@ def _check_limits(config, real) -> None:
 
 
 def _workload(args: argparse.Namespace):
-    if args.instances != 1:
-        raise UsageError("validate compares one real instance: the real multi-instance driver steps its contexts one "
-                         "at a time, so its timing is not comparable; drop --instances")
     if workload_kind(args) != "synthetic" and args.limit is None:
         args.limit = DEFAULT_LIMIT
     if args.time_scale is not None:
@@ -126,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     from sim.validate import (
         RATE_FACTORS,
         build_info,
+        check_instances,
         check_profile,
         compare_load,
         estimate_capacity,
@@ -137,10 +135,11 @@ def run(args: argparse.Namespace) -> int:
     profile, profile_name = _profile(args)
     policy = make_policy(args.policy).describe()  # a bad spec fails before the model loads
     workload = _workload(args)
-    backends, real = make_llama_instances(args.model, 1, _llama_options(profile))
+    warnings = check_instances(profile, profile_name, args.instances, force=args.force)
+    backends, real = make_llama_instances(args.model, args.instances, _llama_options(profile))
     try:
-        warnings = check_profile(profile, profile_name, model_fingerprint(backends[0].model), build_info(),
-                                 machine_info(), force=args.force)
+        warnings += check_profile(profile, profile_name, model_fingerprint(backends[0].model), build_info(),
+                                  machine_info(), force=args.force)
         for w in warnings:
             _log(args, f"validate: warning: {w}")
         config = build_config(args, base=real)
@@ -148,19 +147,22 @@ def run(args: argparse.Namespace) -> int:
         if args.rates:
             rates, labels = list(args.rates), ["given"] * len(args.rates)
         else:
-            cap = estimate_capacity(profile, workload, args.policy, config)
+            cap = estimate_capacity(profile, workload, args.policy, config, args.instances, args.router)
             rates, labels = [f * cap for f in RATE_FACTORS], [f"{f:g}x est. capacity {cap:.3g} req/s"
                                                               for f in RATE_FACTORS]
-        _warm_up(backends[0], config)
+        for b in backends:
+            _warm_up(b, config)
         out = out_dir(args, "validate")
         _log(args, f"validate: profile {profile_name}; {len(workload.requests)} requests; policy {policy}; "
-                   f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
+                   + (f"{args.instances} instances ({_llama_options(profile)['n_threads']} thread(s) each, stepping "
+                      f"at the same time), router {args.router}; " if args.instances > 1 else "")
+                   + f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
-        probe = _speed_probe(args, backends[0], config, profile, workload)
+        probe = _speed_probe(args, backends, config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
                 measured = measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar)
-            after = _speed_probe(args, backends[0], config, profile, workload)
+            after = _speed_probe(args, backends, config, profile, workload)
             speed, load_profile = _bracket(profile, probe, after)
             load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
                                 noise_runs=args.noise_runs)
@@ -177,18 +179,21 @@ def run(args: argparse.Namespace) -> int:
              f"(seed {args.seed}), lengths kept\n"
              f"scheduler (both sides, from the real context): max_num_seqs={c.max_num_seqs}, "
              f"max_num_batched_tokens={c.max_num_batched_tokens}, max_model_len={c.max_model_len}, "
-             f"kv={c.num_kv_blocks}x{c.block_size} tokens, prefix caching {'on' if c.enable_prefix_caching else 'off'}")
+             f"kv={c.num_kv_blocks}x{c.block_size} tokens, prefix caching {'on' if c.enable_prefix_caching else 'off'}"
+             + (f"\ninstances: {args.instances} on both sides, router {args.router}; the real ones step at the same "
+                "time, each on its own thread" if args.instances > 1 else ""))
     return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
 
 
-def _speed_probe(args: argparse.Namespace, backend, config, profile, workload) -> dict | None:
+def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> dict | None:
     """A real-time probe run that fits a table profile's two run factors to the machine's speed now (None: no probe).
 
     This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
     load's run factors come from probes run just before and just after it (see _bracket), against the
     profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the validated
     workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts for them,
-    under the validated policy and scheduler limits, so its mix of step shapes is the workload's.
+    under the validated policy and scheduler limits, so its mix of step shapes is the workload's. With
+    several instances it runs on all of them at once (that many requests each), as the load does.
     """
     from backends.cost_table import TableCostModel
     from sim.calibrate import probe_run_factor
@@ -196,7 +201,7 @@ def _speed_probe(args: argparse.Namespace, backend, config, profile, workload) -
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
     if n == 0 or not isinstance(profile, TableCostModel):
         return None
-    return probe_run_factor(backend, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
+    return probe_run_factor(backends, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
                             requests=n, sample_of=workload, policy=args.policy)
 
 

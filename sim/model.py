@@ -30,6 +30,7 @@ from scheduler._fastforward import (
     take_announced,
 )
 from sim.records import RequestRecord, RunResult, StepSample
+from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
 
 
@@ -54,6 +55,7 @@ class Engine:
         self.wake = env.event()
         self.idle = False
         self.closed = False
+        self.threaded = hasattr(env, "run_in_thread")
 
     def submit(self, request: Request) -> None:
         """Hand a request to this instance's scheduler; wake the engine if it sleeps."""
@@ -86,9 +88,12 @@ class Engine:
                 self.idle = False
                 continue
             start = env.now
-            result = self.backend.step(plan)
-            if result.elapsed_s > 0:
-                yield env.timeout(result.elapsed_s)
+            if self.threaded:  # the step runs on this instance's thread; the event fires at start + elapsed_s
+                result = yield env.run_in_thread(self.index, self.backend.step, plan)
+            else:
+                result = self.backend.step(plan)
+                if result.elapsed_s > 0:
+                    yield env.timeout(result.elapsed_s)
             now = env.now
             for out in sched.commit(plan, result, now):
                 rec.output(out, sched.requests[out.request_id], now)
@@ -325,7 +330,10 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     """
     if not backends:
         raise ValueError("run_workload needs at least one backend")
-    env = simpy.rt.RealtimeEnvironment(factor=1.0, strict=False) if realtime else simpy.Environment()
+    if realtime:  # several real instances step at the same time, each on its own thread (sim.rt)
+        env = ThreadedRealtimeEnvironment() if len(backends) > 1 else simpy.rt.RealtimeEnvironment(strict=False)
+    else:
+        env = simpy.Environment()
     recorder = Recorder(len(workload.requests), progress)
     configs = list(configs) if configs is not None else [config] * len(backends)
     schedulers = [Scheduler(c, policy) for c in configs]
@@ -367,6 +375,8 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     try:
         env.run(until=simpy.AllOf(env, procs))
     finally:
+        if isinstance(env, ThreadedRealtimeEnvironment):
+            env.close()
         if collecting:
             if gc.get_freeze_count() == 0:
                 # the run's survivors would make the first young collection scan all of them (~0.15 s for a
@@ -386,6 +396,8 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
            "num_instances": len(backends), "router": router, "realtime": realtime,
            "workload": workload.description, "wall_s": time.perf_counter() - wall_start,
            "fast_forward": skip}
+    if isinstance(env, ThreadedRealtimeEnvironment):
+        cfg["parallel_instances"] = {"threads": True, "late_steps": env.num_late, "max_late_s": env.max_late_s}
     return RunResult(policy=schedulers[0].policy.describe(), records=records, steps=recorder.steps,
                      duration_s=last - first, config=cfg,
                      num_preemptions=sum(s.stats.num_preemptions for s in schedulers),

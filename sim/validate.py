@@ -77,6 +77,25 @@ def check_profile(profile: Any, profile_name: str, model: dict, build: dict, mac
     return warnings
 
 
+def check_instances(profile: Any, profile_name: str, instances: int, force: bool = False) -> list[str]:
+    """Refuse a profile calibrated for another number of instances sharing the machine, unless force.
+
+    A step's time depends on the cores its instance has and on what the other instances run meanwhile,
+    so a profile of one instance with the machine to itself misprices each of two sharing it (here a
+    B = 4 decode on 1 thread took 1.9x its 2-thread time) and the reverse.
+    """
+    ctx = (getattr(profile, "meta", {}) or {}).get("context") or {}
+    calibrated = int(ctx.get("instances", 1))
+    if calibrated == instances:
+        return []
+    problem = (f"profile {profile_name!r} was calibrated as one of {calibrated} instance(s) sharing the machine "
+               f"({ctx.get('n_threads', '?')} thread(s) each) but this run has {instances}")
+    if not force:
+        raise ProfileMismatch(f"{problem}. Calibrate one with `tokenstep calibrate --instances {instances} --out FILE` "
+                              "and pass --profile FILE, or pass --force to compare anyway.")
+    return [f"forced: {problem}"]
+
+
 def retime(workload: Workload, rate: float, seed: int) -> Workload:
     """The workload with Poisson arrivals at rate (req/s), seeded; lengths and order kept."""
     n = len(workload.requests)
@@ -132,11 +151,12 @@ class IdleAwareBackend:
         return StepResult(result.sampled_token_ids, elapsed, result.failed)
 
 
-def estimate_capacity(profile: Any, workload: Workload, policy: Any, config: SchedulerConfig) -> float:
-    """Requests/s the profile predicts when the whole workload arrives at once (the saturated rate)."""
+def estimate_capacity(profile: Any, workload: Workload, policy: Any, config: SchedulerConfig, instances: int = 1,
+                      router: str = "least_outstanding") -> float:
+    """Requests/s the profile predicts for `instances` instances when the whole workload arrives at once."""
     burst = Workload(tuple(dataclasses.replace(r, arrival_s=0.0) for r in workload.requests), workload.description,
                      workload.source)
-    s = summarize(predict(burst, policy, config, profile, 1))
+    s = summarize(predict(burst, policy, config, profile, instances, router))
     if not s["throughput_rps"]:
         raise ValueError("the profile predicts no finished request for this workload; give --rates explicitly")
     return float(s["throughput_rps"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import io
 import json
@@ -545,3 +546,59 @@ def test_speed_timeline_prices_each_window_at_its_own_speed():
     for now, factor in ((10.0, 1.00), (70.0, 1.10), (130.0, 1.05), (500.0, 1.05)):
         assert tl.step_time_s(dataclasses.replace(decode, now_s=now)) == pytest.approx(base * factor)
     assert tl.step_time_s(dataclasses.replace(prompt, now_s=65.0)) == pytest.approx(grid.step_time_s(prompt) * 1.2)
+
+
+# -- several instances sharing the machine ---------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_x2(tmp_path_factory):
+    """`tokenstep calibrate --quick --repeats 1 --instances 2` once: (profile path, its --json document)."""
+    profile = tmp_path_factory.mktemp("calibration_x2") / "quick-x2.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["calibrate", "--quick", "--repeats", "1", "--instances", "2", "--out", str(profile), "--json",
+                     "--quiet"])
+    assert code == 0
+    return profile, json.loads(out.getvalue())
+
+
+def test_a_two_instance_profile_is_timed_with_a_busy_neighbour_and_probed_on_both(quick_x2):
+    profile, doc = quick_x2
+    ctx = load_cost_model(str(profile)).meta["context"]
+    assert ctx["instances"] == 2 and ctx["n_threads"] == 1  # the machine's 2 threads shared out
+    (steps,) = ctx["neighbour_steps"]
+    assert steps >= 50  # the other instance served while the grid was timed
+    probe = doc["fit"]["run_probe"]
+    assert probe["requests"] == 2 * 16 and 0.5 <= probe["run_factor"] <= 2.0
+
+
+def test_validate_refuses_a_profile_of_another_instance_count_before_loading(quick, capsys, tmp_path):
+    argv = ["validate", "--profile", str(quick[0]), "--instances", "2", "--num-requests", "2", "--rates", "1",
+            "--out", str(tmp_path / "v"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "calibrated as one of 1 instance(s)" in err and "this run has 2" in err
+    assert "tokenstep calibrate --instances 2" in err and "--force" in err
+    assert not (tmp_path / "v").exists()
+
+
+def test_validate_two_instances_steps_them_at_the_same_time_on_both_sides(quick_x2, tmp_path):
+    profile, _ = quick_x2
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["validate", "--profile", str(profile), "--instances", "2", "--num-requests", "16",
+                     "--prompt-len", "24", "--output-len", "12", "--rates", "8", "--probe-requests", "6",
+                     "--noise-runs", "3", "--out", str(tmp_path), "--json", "--quiet", "--no-plots"])
+    assert code == 0
+    (load,) = json.loads(out.getvalue())["loads"]
+    assert load["measured"]["num_finished"] == load["predicted"]["num_finished"] == 16
+    assert load["speed_probe"]["before"]["requests"] == 12  # 6 per instance
+    folder = tmp_path / "load1-8rps"
+    for side in ("measured", "predicted"):
+        rows = list(csv.DictReader((folder / f"requests_{side}.csv").open()))
+        assert {r["instance"] for r in rows} == {"0", "1"}
+    steps = list(csv.DictReader((folder / "steps_measured.csv").open()))
+    spans = {i: [(float(r["start_s"]), float(r["end_s"])) for r in steps if r["instance"] == i] for i in "01"}
+    # the real instances ran at the same time: much of instance 1's busy time overlaps instance 0's steps
+    overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in spans["0"] for b0, b1 in spans["1"])
+    assert overlap > 0.3 * min(sum(b - a for a, b in spans[i]) for i in "01")
+    assert "instances: 2 on both sides" in (tmp_path / "report.txt").read_text()
