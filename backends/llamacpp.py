@@ -62,6 +62,7 @@ class LlamaCppBackend:
         if self.model.closed:
             raise ValueError("the shared LlamaModel is closed")
         self.seed = seed
+        self.n_threads = n_threads
         self.return_logits = return_logits
         self.kv_unified = kv_unified
         self.swa_full = swa_full

@@ -144,8 +144,13 @@ class Context:
         meta = getattr(self.cost, "meta", {}) or {}
         note = f"; {meta['note']}" if "note" in meta else ""
         c = self.config
-        lines = [f"tokenstep {self.command}: backend {self.backend}"
-                 + (f" (model {self.llama.model})" if self.llama else ""),
+        llama = ""
+        if self.llama:
+            b = self.llama.backends[0]
+            llama = f" (model {self.llama.model}, {getattr(b, 'n_threads', '?')} thread(s) per context" + (
+                f", {len(self.llama.backends)} contexts stepping at the same time)" if len(self.llama.backends) > 1
+                else ")")
+        lines = [f"tokenstep {self.command}: backend {self.backend}{llama}",
                  f"cost model: {self.cost_name} ({self.cost_note}{note})",
                  f"scheduler: max_num_seqs={c.max_num_seqs}, max_num_batched_tokens={c.max_num_batched_tokens}, "
                  f"max_model_len={c.max_model_len}, kv={c.num_kv_blocks}x{c.block_size} tokens, "

@@ -432,15 +432,18 @@ def test_a_profile_without_calibration_meta_is_refused(capsys, tmp_path):
     assert "names no model" in capsys.readouterr().err
 
 
-def test_the_bundled_profile_was_calibrated_on_the_installed_model_and_build():
+@pytest.mark.parametrize(("name", "instances", "threads"), [("cpu-gemma3-270m", 1, 2), ("cpu-gemma3-270m-x2", 2, 1)])
+def test_the_bundled_profiles_were_calibrated_on_the_installed_model_and_build(name, instances, threads):
     from backends.models import LlamaModel
-    from sim.validate import build_info, machine_info, model_fingerprint
+    from sim.validate import build_info, check_instances, machine_info, model_fingerprint
 
-    profile = load_cost_model("cpu-gemma3-270m")
+    profile = load_cost_model(name)
     assert isinstance(profile, TableCostModel) and profile.meta["fit"]["held_out"]["n"] >= 100
     with LlamaModel() as model:
         fp = model_fingerprint(model)
-    assert check_profile(profile, "cpu-gemma3-270m", fp, build_info(), machine_info()) is not None
+    assert check_profile(profile, name, fp, build_info(), machine_info()) is not None
+    assert check_instances(profile, name, instances) == []
+    assert profile.meta["context"]["n_threads"] == threads
 
 
 def test_sampling_noise_brackets_each_statistic_and_narrows_with_more_requests():
