@@ -98,13 +98,18 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
         if sched.pool.slot_tokens[ch.slot] > ch.start_pos:
             _fail(f"{ch.request_id}: slot {ch.slot} holds {sched.pool.slot_tokens[ch.slot]} tokens, chunk starts at "
                   f"{ch.start_pos}")
-    moved_from = set()
+    # the backend runs copies in order, and moves (slot compaction) come after every plain copy: a copy may
+    # read a slot whose running request a later move takes elsewhere, never one a move already emptied
+    moves_from = {cp.src_slot for cp in plan.copies if cp.move}
+    moved = False
     for cp in plan.copies:
         if cp.move:  # slot compaction: a running request's KV now lives in dst, src is empty
             if sched.pool.slot_state[cp.dst_slot] != SLOT_RUNNING or sched.pool.slot_state[cp.src_slot] == SLOT_RUNNING:
                 _fail(f"move {cp.src_slot}->{cp.dst_slot} does not leave its request running in {cp.dst_slot}")
-            moved_from.add(cp.src_slot)
-        elif sched.pool.slot_state[cp.src_slot] != SLOT_RUNNING and cp.src_slot not in moved_from:
+            moved = True
+        elif moved:
+            _fail(f"prefix copy {cp.src_slot}->{cp.dst_slot} after a move: moves must come after every copy")
+        elif sched.pool.slot_state[cp.src_slot] != SLOT_RUNNING and cp.src_slot not in moves_from:
             _fail(f"prefix copy from slot {cp.src_slot}, which no running request owns")
     if c.slot_choice == "compact":
         running = sorted(r.slot for r in sched.running)

@@ -267,7 +267,8 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
                       "price_sensitivity": ld.get("price_sensitivity"), "step_noise": ld.get("step_noise"),
                       "at_run_speed": ld.get("at_run_speed"),
                       "steps": ld["steps"],
-                      "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"]} for ld in loads]}
+                      "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"],
+                      "parallel_instances": ld.get("parallel_instances")} for ld in loads]}
     text = "\n\n".join([f"tokenstep validate: profile {profile_name} ({prof['describe']})\n{TTFT_NOTE}\n{setup}"]
                        + [format_load(ld, policy) for ld in loads])
     out.mkdir(parents=True, exist_ok=True)
@@ -396,6 +397,10 @@ def format_load(load: dict, policy: str) -> str:
     if oh["mean_ms"] is not None:
         lines.append(f"driver work charged to measured steps: {oh['mean_ms']:.2f} ms/step ({oh['share_pct']:.1f}% of "
                      "step time)")
+    par = load.get("parallel_instances")
+    if par:
+        lines.append(f"instances stepping at the same time: {par['late_steps']} step end(s) reached after the clock "
+                     f"had passed them (by at most {par['max_late_s'] * 1e3:.2f} ms; they end when reached)")
     lines.append("real run's steps priced by the profile (predicted vs measured step time):")
     lines.append(f"  {'step kind':<20} {'steps':>6} {'median ms':>10} {'total err':>10} {'MAPE':>7} {'bias':>7}")
     for s in load["steps"]:

@@ -334,7 +334,8 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
             "price_sensitivity": sensitivity, "step_noise": noise, "cpu_load": m["cpu_load"],
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
-                                "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None}}
+                                "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None},
+            "parallel_instances": measured.config.get("parallel_instances")}
 
 
 def predict(workload: Workload, policy: Any, config: SchedulerConfig, model: Any, instances: int,

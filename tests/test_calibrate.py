@@ -604,4 +604,7 @@ def test_validate_two_instances_steps_them_at_the_same_time_on_both_sides(quick_
     # the real instances ran at the same time: much of instance 1's busy time overlaps instance 0's steps
     overlap = sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in spans["0"] for b0, b1 in spans["1"])
     assert overlap > 0.3 * min(sum(b - a for a, b in spans[i]) for i in "01")
-    assert "instances: 2 on both sides" in (tmp_path / "report.txt").read_text()
+    report = (tmp_path / "report.txt").read_text()
+    assert "instances: 2 on both sides" in report and "instances stepping at the same time:" in report
+    par = load["parallel_instances"]
+    assert par["threads"] is True and par["max_late_s"] < 0.05

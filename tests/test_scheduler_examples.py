@@ -1,5 +1,6 @@
 """One example per strategy for its defining behaviour, plus rejection, abort and preemption rules."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -382,3 +383,38 @@ def test_compaction_prefers_a_free_slot_to_a_cached_one():
     assert sorted(r.slot for r in s.running) == [2, 3] and s.pool.slot_state[1] == 2  # r1's cache is kept
     assert s.stats.num_evictions == 0
     check_invariants(s)
+
+
+def test_a_prefix_copy_reads_a_slot_before_compaction_moves_its_request_away():
+    # found by the sjf state machine: q5 takes over q0's cached slot 0 (prefix (10,)), q6 copies that prefix from
+    # slot 0 into slot 5, then compaction moves q5 from slot 0 into the gap at slot 3. The copy comes before
+    # the move in the plan, so the backend reads slot 0 before the move empties it; the plan is valid.
+    from scheduler.testing import DeterministicExecutor, check_plan
+
+    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=4, max_model_len=16, num_kv_blocks=6, block_size=1,
+                          slot_choice="compact")
+    s = Scheduler(cfg, "sjf")
+    for i, prompt in enumerate([(10,), (10,), (100,), (10,), (10,), (10, 10), (10, 10)]):
+        s.add_request(Request(f"q{i}", prompt, SamplingParams(max_tokens=1)), 0.0)
+    ex, now, plans = DeterministicExecutor(), 0.0, []
+    while s.has_unfinished():
+        plan = s.schedule(now)
+        check_plan(s, plan)
+        result = ex.step(plan)
+        now += result.elapsed_s
+        s.commit(plan, result, now)
+        check_invariants(s)
+        plans.append(plan)
+    copies = [(c.src_slot, c.dst_slot, c.move) for c in plans[1].copies]
+    assert copies == [(0, 5, False), (0, 3, True)]
+    assert all(r.finish_reason == FinishReason.LENGTH for r in s.requests.values())
+    # the reverse order would read an emptied slot: the checker refuses it
+    bad = dataclasses.replace(plans[1], copies=tuple(reversed(plans[1].copies)))
+    s2 = Scheduler(cfg, "sjf")
+    for i, prompt in enumerate([(10,), (10,), (100,), (10,), (10,), (10, 10), (10, 10)]):
+        s2.add_request(Request(f"q{i}", prompt, SamplingParams(max_tokens=1)), 0.0)
+    p0 = s2.schedule(0.0)
+    s2.commit(p0, DeterministicExecutor().step(p0), 1.0)
+    s2.schedule(1.0)
+    with pytest.raises(AssertionError, match="after a move"):
+        check_plan(s2, bad)
