@@ -16,7 +16,7 @@ import datetime as dt
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -280,19 +280,17 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
     in options, each context gets the machine's threads shared out (sim.real.threads_per_instance).
     """
     from sim.neighbours import Neighbours
-    from sim.real import DEFAULT_LLAMA_OPTIONS, close_instances, make_llama_instances, threads_per_instance
+    from sim.real import close_instances, make_llama_instances
 
     say = progress or (lambda _text: None)
-    opts = {**DEFAULT_LLAMA_OPTIONS, **(options or {})}
-    opts["n_threads"] = threads_per_instance(instances, (options or {}).get("n_threads"))
     repeats = repeats or (2 if quick else 3)
     before = load_snapshot()
     t0 = time.perf_counter()
-    backends, config = make_llama_instances(model, instances, opts)
+    backends, config = make_llama_instances(model, instances, options)
     try:
         b = backends[0]
         scenarios = grid(quick, config.max_model_len)
-        say(f"calibrate: {b.model.name} ({b.model.path.name}), {opts['n_threads']} threads, n_ctx {b.n_ctx}, "
+        say(f"calibrate: {b.model.name} ({b.model.path.name}), {b.n_threads} threads, n_ctx {b.n_ctx}, "
             f"{b.num_slots} slots; {len(scenarios)} scenarios x {repeats} repeats"
             + (f"; {instances - 1} more instance(s) serving meanwhile" if instances > 1 else ""))
         if before.get("cpu_pressure_some_avg10_pct", 0.0) > SHARED_CPU_PSI:
@@ -302,12 +300,12 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         with Neighbours(backends[1:], config, seed) as busy:
             samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
         split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots,
-                 "fa_heads": b.model.n_head, "fa_threads": opts["n_threads"]}
+                 "fa_heads": b.model.n_head, "fa_threads": b.n_threads}
         meta = {
             "note": f"calibrated by `tokenstep calibrate{' --quick' if quick else ''}` on the real backend",
             "model": model_fingerprint(b.model),
             **build_info(),
-            "context": {"n_threads": opts["n_threads"], "n_ctx": b.n_ctx, "n_seq_max": b.num_slots,
+            "context": {"n_threads": b.n_threads, "n_ctx": b.n_ctx, "n_seq_max": b.num_slots,
                         "n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified,
                         "swa_full": b.swa_full, "use_extra_bufts": b.model.use_extra_bufts,
                         "instances": instances, "neighbour_steps": busy.num_steps},
@@ -353,7 +351,7 @@ def probe_sample(workload: Any, requests: int, seed: int) -> Any:
                     {"kind": "sample", "base": workload.source, "n": n, "seed": seed + 7919})
 
 
-def probe_run_factor(backends, config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
+def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
                      say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
                      policy: Any = None) -> dict:
     """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
@@ -377,14 +375,13 @@ def probe_run_factor(backends, config: SchedulerConfig, model: TableCostModel, q
     shapes is that workload's (validate uses this; the synthetic mix read the prompt-step factor 1.2 %
     above the validated runs' own on average).
 
-    backends: one backend, or a list of instances sharing the machine; with several, the probe has
+    backends: the instances sharing the machine (one or more); with several, the probe has
     `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
     factors are fitted on every instance's steps.
     """
     from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
     from sim.workload import synthetic_workload
 
-    backends = list(backends) if isinstance(backends, (list, tuple)) else [backends]
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
     n *= len(backends)
     policy = PROBE["policy"] if policy is None else policy

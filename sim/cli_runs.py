@@ -147,7 +147,7 @@ class Context:
         llama = ""
         if self.llama:
             b = self.llama.backends[0]
-            llama = f" (model {self.llama.model}, {getattr(b, 'n_threads', '?')} thread(s) per context" + (
+            llama = f" (model {self.llama.model}, {b.n_threads} thread(s) per context" + (
                 f", {len(self.llama.backends)} contexts stepping at the same time)" if len(self.llama.backends) > 1
                 else ")")
         lines = [f"tokenstep {self.command}: backend {self.backend}{llama}",

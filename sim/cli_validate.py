@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             _warm_up(b, config)
         out = out_dir(args, "validate")
         _log(args, f"validate: profile {profile_name}; {len(workload.requests)} requests; policy {policy}; "
-                   + (f"{args.instances} instances ({_llama_options(profile)['n_threads']} thread(s) each, stepping "
+                   + (f"{args.instances} instances ({backends[0].n_threads} thread(s) each, stepping "
                       f"at the same time), router {args.router}; " if args.instances > 1 else "")
                    + f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
