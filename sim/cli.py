@@ -34,6 +34,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": ("sim.cli_validate", "add_arguments", "run"),
 }
 PROG = "tokenstep"
+# the project's required dependencies (pyproject.toml), by import name: a missing one is an install problem
+REQUIRED_PACKAGES = frozenset({"simpy", "numpy", "hypothesis", "matplotlib"})
 
 
 def _module_exists(name: str) -> bool:
@@ -51,8 +53,9 @@ def available_commands(selected: str | None = None) -> dict[str, ModuleType]:
             continue
         try:
             out[name] = importlib.import_module(module_name)
-        except Exception:
-            if name == selected:
+        except Exception as exc:
+            missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in REQUIRED_PACKAGES
+            if name == selected or missing:
                 raise
             print(f"{PROG}: warning: subcommand {name!r} is unavailable ({module_name} failed to import)",
                   file=sys.stderr)
@@ -156,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in REQUIRED_PACKAGES:
+            print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            traceback.print_exc()
+            return 1
+        print(f"{PROG}: error: the package {exc.name.split('.')[0]!r} is not installed in this Python "
+              f"({sys.executable}); install tokenstep with its dependencies: pip install -e . (from the "
+              "repository; add [llama] for the real backend)", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as exc:  # TraceError, CostModelError, ModelError are ValueErrors
         if os.environ.get("TOKENSTEP_DEBUG") == "1":
             traceback.print_exc()

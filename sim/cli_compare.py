@@ -8,29 +8,43 @@ the simulator. With --backend llama every strategy runs on real llama.cpp in
 real time, and after each measured run the simulator replays the same workload
 and config on the cost model; its predictions appear as "<policy> (sim)" columns.
 The table's ratio columns compare against the (measured) static run when present.
+
+With --backend llama and a calibrated profile, short real-time speed probes run
+before the first strategy and after the last (--probe-requests requests drawn
+from the workload, continuous, at 0.7x the capacity the profile predicts, as
+`tokenstep validate` does around each load); the predictions use the mean of
+their run factors, so they price steps at the machine's speed of the moment,
+and a table of the simulator's relative errors follows the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from sim.cli_common import (
+    UsageError,
     add_backend_args,
     add_output_args,
     add_scheduler_args,
     add_workload_args,
     build_workload,
+    nonnegative_int,
     workload_kind,
 )
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
 from sim.cli_runs import close, execute, parse_run_specs, prepare
 from sim.report import format_table, safe_name
+from sim.validate import bracket_factors, rel_errors
 
 DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 # the main job on real compute: what 2 CPU cores serve in a few minutes
 LLAMA_DEFAULT_POLICIES = "static,continuous,continuous+noprefix"
 LLAMA_DEFAULT_LIMIT = 60
 LLAMA_DEFAULT_TIME_SCALE = 0.4  # about 3.3 req/s: near what 2 cores serve with these lengths (saturation)
+# requests of each speed probe (before the first strategy and after the last): about 9 s each here, and
+# they cut the predictions' mean absolute error on the main job from 13.0 % to 4.1 % (docs/BENCHMARKS.md)
+LLAMA_PROBE_REQUESTS = 24
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_workload_args(parser)
     add_scheduler_args(parser)
     add_backend_args(parser)
+    parser.add_argument("--probe-requests", type=nonnegative_int, default=None, metavar="N",
+                        help="--backend llama: requests, drawn from the workload, of the real-time speed probes run "
+                             f"before the first strategy and after the last (default {LLAMA_PROBE_REQUESTS}; 0: none, "
+                             "the predictions use the profile's own run factors)")
     add_output_args(parser)
 
 
@@ -54,31 +72,100 @@ def run(args: argparse.Namespace) -> int:
             args.limit = LLAMA_DEFAULT_LIMIT
         if workload_kind(args) == "default" and args.time_scale is None:
             args.time_scale = LLAMA_DEFAULT_TIME_SCALE
+    elif args.probe_requests is not None:
+        raise UsageError("--probe-requests applies to --backend llama (it times the real backend)")
     specs = parse_run_specs(args.policies)
     workload = build_workload(args)
     ctx = prepare(args, "compare")
     try:
         out = out_dir(args, "compare")
         log(args, f"compare: {len(specs)} strategies on {len(workload.requests)} requests, backend {ctx.backend}")
-        runs, summaries = [], []
+        before = _speed_probe(ctx, workload)
+        measured = []
         for spec in specs:
             log(args, f"running {spec.label} ...")
-            run_, summary = execute(ctx, spec, workload)
+            measured.append(execute(ctx, spec, workload))
+        speed, sim_ctx, model = None, ctx, ctx.cost
+        if ctx.llama is not None:
+            speed, model = bracket_factors(ctx.cost, before, _speed_probe(ctx, workload), "the strategies")
+            sim_ctx = dataclasses.replace(ctx, cost=model)
+        runs, summaries = [], []
+        for spec, (run_, summary) in zip(specs, measured, strict=True):
             runs.append(run_)
             summaries.append(summary)
             if ctx.llama is not None:
-                run_, summary = execute(ctx, spec, workload, simulate=True, label=f"{spec.label} (sim)")
-                runs.append(run_)
-                summaries.append(summary)
+                sim_run, sim_summary = execute(sim_ctx, spec, workload, simulate=True, label=f"{spec.label} (sim)")
+                sim_summary["rel_error"] = rel_errors(summary, sim_summary)
+                if hasattr(model, "run_factor"):
+                    sim_summary["run_factors"] = {"decode": model.run_factor, "prompt": model.factor(True),
+                                                  "from": "speed probes" if speed else "profile"}
+                runs.append(sim_run)
+                summaries.append(sim_summary)
         base = baseline_index(summaries)
         table = format_table(summaries, title="", baseline=base)
         report = ctx.header(workload) + "\n\n" + table
-        measured = [r for r in runs if not r.policy.endswith("(sim)")]
-        plot_jobs = _plot_jobs(runs, measured)
-        config = resolved_config(ctx, workload, {"runs": [s["policy"] for s in summaries]})
-        return finish(ctx, out, runs, summaries, config, report, plot_jobs)
+        if ctx.llama is not None:
+            report += "\n\n" + prediction_report(summaries, speed, ctx.cost)
+        measured_runs = [r for r in runs if not r.policy.endswith("(sim)")]
+        plot_jobs = _plot_jobs(runs, measured_runs)
+        extra = {"runs": [s["policy"] for s in summaries]}
+        if ctx.llama is not None:
+            extra["speed_probe"] = speed
+        config = resolved_config(ctx, workload, extra)
+        return finish(ctx, out, runs, summaries, config, report, plot_jobs,
+                      extra_json={"speed_probe": speed} if ctx.llama is not None else None)
     finally:
         close(ctx)
+
+
+def _speed_probe(ctx, workload) -> dict | None:
+    """A real-time probe fitting the profile's run factors to the machine now (None: no llama, no table profile,
+    or --probe-requests 0). The instances' KV is cleared after it; the runs take fresh backends anyway."""
+    from backends.cost_table import TableCostModel
+    from sim.calibrate import probe_run_factor
+
+    args = ctx.args
+    n = LLAMA_PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
+    if ctx.llama is None or n == 0 or not isinstance(ctx.cost, TableCostModel):
+        return None
+    return probe_run_factor(ctx.llama.fresh_backends(), ctx.config, ctx.cost, False, args.seed,
+                            lambda text: log(args, f"compare: {text}"), requests=n, sample_of=workload,
+                            policy="continuous")
+
+
+ERROR_COLUMNS = [("TTFT mean", "ttft_s", "mean"), ("TTFT p99", "ttft_s", "p99"), ("TPOT mean", "tpot_s", "mean"),
+                 ("TPOT p99", "tpot_s", "p99"), ("E2E mean", "e2e_s", "mean"), ("E2E p99", "e2e_s", "p99"),
+                 ("throughput", "throughput_rps", None)]
+
+
+def prediction_report(summaries: list[dict], speed: dict | None, profile) -> str:
+    """How the predictions were priced, and each one's relative error against its measured run."""
+    if speed is None:
+        factors = (f"at the profile's own run factors (decode-only steps x{profile.run_factor:.3f}, steps with "
+                   f"prompt tokens x{profile.factor(True):.3f}): no speed probe ran"
+                   if hasattr(profile, "run_factor") else "with the cost model as it is: no speed probe ran")
+    else:
+        b, a = speed["before"], speed["after"]
+        factors = (f"at the machine's speed from real-time probes before the first strategy and after the last "
+                   f"({speed['requests']} requests drawn from the workload each, {speed['wall_s']:.0f} s in all): "
+                   f"decode-only steps x{speed['run_factor']:.3f} (x{b['run_factor']:.3f}, x{a['run_factor']:.3f}), "
+                   f"steps with prompt tokens x{speed['prefill_run_factor']:.3f} (x{b['prefill_run_factor']:.3f}, "
+                   f"x{a['prefill_run_factor']:.3f}); the profile's own: x{speed['profile_run_factor']:.3f}, "
+                   f"x{speed['profile_prefill_run_factor']:.3f}")
+    rows = [s for s in summaries if "rel_error" in s]
+    width = max(len(s["policy"]) for s in rows)
+    lines = [f"simulator's error, (predicted - measured) / measured; predictions priced {factors}",
+             f"{'prediction':<{width}} | " + " | ".join(f"{name:>10}" for name, *_ in ERROR_COLUMNS)]
+    lines.append("-" * (width + 1) + "+" + "+".join("-" * 12 for _ in ERROR_COLUMNS))
+    for s in rows:
+        cells = []
+        for _name, key, stat in ERROR_COLUMNS:
+            v = s["rel_error"][key] if stat is None else s["rel_error"][key][stat]
+            cells.append(f"{'n/a' if v is None else f'{v * 100:+.1f} %':>10}")
+        lines.append(f"{s['policy']:<{width}} | " + " | ".join(cells))
+    lines.append("one run per strategy: near saturation its TTFT and tails turn on which step each prompt lands in; "
+                 "`tokenstep validate` runs loads from light to saturated, with step-noise ranges and targets")
+    return "\n".join(lines)
 
 
 def _plot_jobs(runs, measured):

@@ -40,7 +40,7 @@ from sim.cli_common import (
 )
 from sim.cli_output import out_dir
 from sim.report import _plain as plain
-from sim.validate import NOISE_RUNS, STATS, TARGET_PCT, misses, misses_within
+from sim.validate import NOISE_RUNS, STATS, TARGET_PCT, bracket_factors, misses, misses_within
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
                 measured = measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar)
             after = _speed_probe(args, backends, config, profile, workload)
-            speed, load_profile = _bracket(profile, probe, after)
+            speed, load_profile = bracket_factors(profile, probe, after)
             load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
                                 noise_runs=args.noise_runs)
             load["factor_label"], load["speed_probe"], probe = label, speed, after
@@ -189,8 +189,8 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
     """A real-time probe run that fits a table profile's two run factors to the machine's speed now (None: no probe).
 
     This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
-    load's run factors come from probes run just before and just after it (see _bracket), against the
-    profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the validated
+    load's run factors come from probes run just before and just after it (sim.validate.bracket_factors),
+    against the profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the validated
     workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts for them,
     under the validated policy and scheduler limits, so its mix of step shapes is the workload's. With
     several instances it runs on all of them at once (that many requests each), as the load does.
@@ -203,27 +203,6 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
         return None
     return probe_run_factor(backends, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
                             requests=n, sample_of=workload, policy=args.policy)
-
-
-def _bracket(profile, before: dict | None, after: dict | None):
-    """(speed summary, profile for this load): each run factor the mean of the probes before and after the load.
-
-    Drift within an hour is smooth enough that the mean of the two probes around a load reads the machine's
-    speed during it better than the probe before it alone (over sixteen loads, decode-only factor 1.1 % -> 0.6 %
-    RMS error against the run's own), and one probe caught in a slow moment counts half.
-    """
-    import dataclasses
-
-    if before is None or after is None:
-        return None, profile
-    speed = {"method": "mean of the real-time probes just before and just after the load",
-             "requests": before["requests"], "wall_s": before["wall_s"] + after["wall_s"],
-             "run_factor": (before["run_factor"] + after["run_factor"]) / 2,
-             "prefill_run_factor": (before["prefill_run_factor"] + after["prefill_run_factor"]) / 2,
-             "profile_run_factor": profile.run_factor, "profile_prefill_run_factor": profile.factor(True),
-             "before": before, "after": after}
-    return speed, dataclasses.replace(profile, run_factor=speed["run_factor"],
-                                      prefill_run_factor=speed["prefill_run_factor"])
 
 
 def _warm_up(backend, config) -> None:

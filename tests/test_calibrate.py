@@ -507,17 +507,17 @@ def test_error_interval_is_paired_over_requests():
 
 
 def test_bracket_takes_the_mean_of_the_probes_around_a_load():
-    from sim.cli_validate import _bracket
+    from sim.validate import bracket_factors
 
     prof = load_cost_model("cpu-gemma3-270m")
     before = {"requests": 64, "wall_s": 30.0, "run_factor": 1.00, "prefill_run_factor": 1.06}
     after = {"requests": 64, "wall_s": 31.0, "run_factor": 1.04, "prefill_run_factor": 1.02}
-    speed, model = _bracket(prof, before, after)
+    speed, model = bracket_factors(prof, before, after)
     assert model.run_factor == pytest.approx(1.02) and model.factor(True) == pytest.approx(1.04)
     assert speed["before"] is before and speed["after"] is after and speed["wall_s"] == 61.0
     assert speed["profile_run_factor"] == prof.run_factor
     # no probe on either side (--probe-requests 0, or a profile without run factors): the profile as it is
-    assert _bracket(prof, None, after) == (None, prof) and _bracket(prof, before, None) == (None, prof)
+    assert bracket_factors(prof, None, after) == (None, prof) and bracket_factors(prof, before, None) == (None, prof)
 
 
 def test_speed_timeline_prices_each_window_at_its_own_speed():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -107,6 +108,30 @@ def test_llama_backend_without_the_extra_exits_2(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "sim.real", None)  # import raises ImportError
     assert main(["compare", "--backend", "llama", "--limit", "3", "--out", str(tmp_path)]) == 2
     assert "pip install -e '.[llama]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("package", ["simpy", "numpy"])
+def test_a_missing_required_package_exits_2_naming_it_and_the_install_command(package):
+    # a fresh interpreter, so the package's absence reaches every import of it
+    code = (f"import sys; sys.modules[{package!r}] = None\n"
+            "from sim.cli import main\n"
+            "sys.exit(main(['compare']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    assert f"the package {package!r} is not installed" in proc.stderr and "pip install -e ." in proc.stderr
+    assert "Traceback" not in proc.stderr and "warning" not in proc.stderr
+
+
+def test_a_missing_module_of_our_own_is_still_an_internal_error(monkeypatch, capsys):
+    import sim.cli_simulate
+
+    def boom(args):
+        raise ModuleNotFoundError("No module named 'sim.nothing'", name="sim.nothing")
+
+    monkeypatch.setattr(sim.cli_simulate, "run", boom)
+    assert main(["simulate"]) == 1
+    assert "internal error" in capsys.readouterr().err
 
 
 def test_toml_config_sets_flags_and_flags_win(tmp_path, capsys):
@@ -216,3 +241,54 @@ def test_progress_bar_draws_only_when_enabled():
     with Progress("run", enabled=False, stream=quiet, delay_s=0.0) as bar:
         bar(10, 10)
     assert quiet.getvalue() == ""
+
+
+def _real_compare(tmp_path, capsys, *extra):
+    argv = ["compare", "--backend", "llama", "--policies", "continuous,static", "--num-requests", "6",
+            "--prompt-len", "24", "--output-len", "6", "--rate", "4", "--out", str(tmp_path), "--json", "--no-plots",
+            "--quiet", *extra]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    measured = [r for r in doc["runs"] if not r["policy"].endswith("(sim)")]
+    predicted = [r for r in doc["runs"] if r["policy"].endswith("(sim)")]
+    return doc, measured, predicted
+
+
+def test_real_compare_probes_the_speed_and_prices_its_predictions_with_it(tmp_path, capsys, default_model_path):
+    doc, measured, predicted = _real_compare(tmp_path, capsys, "--probe-requests", "6")
+    assert [r["policy"] for r in measured] == ["continuous", "static"]
+    assert [r["policy"] for r in predicted] == ["continuous (sim)", "static (sim)"]
+    assert all(r["num_finished"] == 6 for r in doc["runs"])
+    speed = doc["speed_probe"]
+    before, after = speed["before"], speed["after"]
+    assert before["requests"] == after["requests"] == 6 and before["steps"] >= 6 and after["steps"] >= 6
+    assert speed["run_factor"] == pytest.approx((before["run_factor"] + after["run_factor"]) / 2)
+    for m, p in zip(measured, predicted, strict=True):
+        assert p["run_factors"] == {"decode": pytest.approx(speed["run_factor"]),
+                                    "prompt": pytest.approx(speed["prefill_run_factor"]), "from": "speed probes"}
+        # the error table's numbers: (predicted - measured) / measured, cell by cell
+        rel = p["rel_error"]
+        assert rel["ttft_s"]["mean"] == pytest.approx((p["ttft_s"]["mean"] - m["ttft_s"]["mean"]) / m["ttft_s"]["mean"])
+        assert rel["throughput_rps"] == pytest.approx((p["throughput_rps"] - m["throughput_rps"]) / m["throughput_rps"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["speed_probe"]["run_factor"] == speed["run_factor"]
+
+
+def test_real_compare_without_probes_prices_at_the_profile_and_says_so(tmp_path, capsys, default_model_path):
+    from backends.cost import load_cost_model
+
+    argv = ["compare", "--backend", "llama", "--policies", "continuous", "--num-requests", "3", "--prompt-len", "16",
+            "--output-len", "4", "--rate", "4", "--out", str(tmp_path), "--no-plots", "--quiet", "--probe-requests",
+            "0"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    profile = load_cost_model("cpu-gemma3-270m")
+    assert "simulator's error" in text and "no speed probe ran" in text
+    assert f"decode-only steps x{profile.run_factor:.3f}" in text
+    row = next(line for line in text.splitlines() if line.startswith("continuous (sim)"))
+    assert row.count("%") == 7  # TTFT mean/p99, TPOT mean/p99, E2E mean/p99, throughput
+
+
+def test_probe_requests_belong_to_the_real_backend(capsys):
+    assert main(["compare", "--probe-requests", "4"]) == 2
+    assert "--probe-requests applies to --backend llama" in capsys.readouterr().err
