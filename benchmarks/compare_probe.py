@@ -10,7 +10,7 @@ strategies and after the last. Then predicts every measured run several ways, si
 - bundled: the profile's own run factors (what compare printed before it had a probe);
 - before: the factors of the one probe before the first strategy;
 - ends: the mean of the probes before the first and after the last strategy;
-- bracket: the mean of the probes just before and just after that strategy (validate's method);
+- bracket: the mean of the probes just before and just after that strategy (what compare and validate do);
 - own: the factors read off that run's own steps (the best any probe could do).
 
 Prints the relative error (predicted - measured) / measured of TTFT, TPOT and E2E means and throughput for

@@ -9,12 +9,12 @@ real time, and after each measured run the simulator replays the same workload
 and config on the cost model; its predictions appear as "<policy> (sim)" columns.
 The table's ratio columns compare against the (measured) static run when present.
 
-With --backend llama and a calibrated profile, short real-time speed probes run
-before the first strategy and after the last (--probe-requests requests drawn
+With --backend llama and a calibrated profile, a short real-time speed probe runs
+before the first strategy and after each one (--probe-requests requests drawn
 from the workload, continuous, at 0.7x the capacity the profile predicts, as
-`tokenstep validate` does around each load); the predictions use the mean of
-their run factors, so they price steps at the machine's speed of the moment,
-and a table of the simulator's relative errors follows the comparison.
+`tokenstep validate` does around each load); each prediction uses the mean run
+factors of the two probes around its run, so it prices steps at the machine's
+speed of the moment, and a table of the simulator's relative errors follows.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 LLAMA_DEFAULT_POLICIES = "static,continuous,continuous+noprefix"
 LLAMA_DEFAULT_LIMIT = 60
 LLAMA_DEFAULT_TIME_SCALE = 0.4  # about 3.3 req/s: near what 2 cores serve with these lengths (saturation)
-# requests of each speed probe (before the first strategy and after the last): about 9 s each here, and
-# they cut the predictions' mean absolute error on the main job from 13.0 % to 4.1 % (docs/BENCHMARKS.md)
+# requests of each speed probe (before the first strategy and after each one): about 9 s each here; the
+# predictions' mean absolute error on the main job, 13.0 % and 9.9 % at the profile's own factors, was 5.2 % and
+# 5.3 % with them (benchmarks/compare_probe.py, docs/BENCHMARKS.md)
 LLAMA_PROBE_REQUESTS = 24
 
 
@@ -58,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_backend_args(parser)
     parser.add_argument("--probe-requests", type=nonnegative_int, default=None, metavar="N",
                         help="--backend llama: requests, drawn from the workload, of the real-time speed probes run "
-                             f"before the first strategy and after the last (default {LLAMA_PROBE_REQUESTS}; 0: none, "
+                             f"before the first strategy and after each one (default {LLAMA_PROBE_REQUESTS}; 0: none, "
                              "the predictions use the profile's own run factors)")
     add_output_args(parser)
 
@@ -80,40 +81,43 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = out_dir(args, "compare")
         log(args, f"compare: {len(specs)} strategies on {len(workload.requests)} requests, backend {ctx.backend}")
-        before = _speed_probe(ctx, workload)
+        probes = [_speed_probe(ctx, workload)]
         measured = []
         for spec in specs:
             log(args, f"running {spec.label} ...")
             measured.append(execute(ctx, spec, workload))
-        speed, sim_ctx, model = None, ctx, ctx.cost
-        if ctx.llama is not None:
-            speed, model = bracket_factors(ctx.cost, before, _speed_probe(ctx, workload), "the strategies")
-            sim_ctx = dataclasses.replace(ctx, cost=model)
+            probes.append(_speed_probe(ctx, workload))
         runs, summaries = [], []
-        for spec, (run_, summary) in zip(specs, measured, strict=True):
+        for i, (spec, (run_, summary)) in enumerate(zip(specs, measured, strict=True)):
             runs.append(run_)
             summaries.append(summary)
-            if ctx.llama is not None:
-                sim_run, sim_summary = execute(sim_ctx, spec, workload, simulate=True, label=f"{spec.label} (sim)")
-                sim_summary["rel_error"] = rel_errors(summary, sim_summary)
-                if hasattr(model, "run_factor"):
-                    sim_summary["run_factors"] = {"decode": model.run_factor, "prompt": model.factor(True),
-                                                  "from": "speed probes" if speed else "profile"}
-                runs.append(sim_run)
-                summaries.append(sim_summary)
+            if ctx.llama is None:
+                continue
+            # each prediction at the speed read just before and just after its own run: on this shared host
+            # the speed moves by several percent within a minute
+            speed, model = bracket_factors(ctx.cost, probes[i], probes[i + 1], "this strategy's run")
+            sim_run, sim_summary = execute(dataclasses.replace(ctx, cost=model), spec, workload, simulate=True,
+                                           label=f"{spec.label} (sim)")
+            sim_summary["rel_error"] = rel_errors(summary, sim_summary)
+            if hasattr(model, "run_factor"):
+                sim_summary["run_factors"] = {"decode": model.run_factor, "prompt": model.factor(True),
+                                              "from": "speed probes" if speed else "profile"}
+            sim_summary["speed_probe"] = speed
+            runs.append(sim_run)
+            summaries.append(sim_summary)
         base = baseline_index(summaries)
         table = format_table(summaries, title="", baseline=base)
         report = ctx.header(workload) + "\n\n" + table
         if ctx.llama is not None:
-            report += "\n\n" + prediction_report(summaries, speed, ctx.cost)
+            report += "\n\n" + prediction_report(summaries, probes, ctx.cost)
         measured_runs = [r for r in runs if not r.policy.endswith("(sim)")]
         plot_jobs = _plot_jobs(runs, measured_runs)
         extra = {"runs": [s["policy"] for s in summaries]}
         if ctx.llama is not None:
-            extra["speed_probe"] = speed
+            extra["speed_probes"] = probes
         config = resolved_config(ctx, workload, extra)
         return finish(ctx, out, runs, summaries, config, report, plot_jobs,
-                      extra_json={"speed_probe": speed} if ctx.llama is not None else None)
+                      extra_json={"speed_probes": probes} if ctx.llama is not None else None)
     finally:
         close(ctx)
 
@@ -133,33 +137,37 @@ def _speed_probe(ctx, workload) -> dict | None:
                             policy="continuous")
 
 
-ERROR_COLUMNS = [("TTFT mean", "ttft_s", "mean"), ("TTFT p99", "ttft_s", "p99"), ("TPOT mean", "tpot_s", "mean"),
-                 ("TPOT p99", "tpot_s", "p99"), ("E2E mean", "e2e_s", "mean"), ("E2E p99", "e2e_s", "p99"),
+# p90s, not p99s: of the main job's 60 requests a p99 is the slowest one (--json has every statistic)
+ERROR_COLUMNS = [("TTFT mean", "ttft_s", "mean"), ("TTFT p90", "ttft_s", "p90"), ("TPOT mean", "tpot_s", "mean"),
+                 ("TPOT p90", "tpot_s", "p90"), ("E2E mean", "e2e_s", "mean"), ("E2E p90", "e2e_s", "p90"),
                  ("throughput", "throughput_rps", None)]
 
 
-def prediction_report(summaries: list[dict], speed: dict | None, profile) -> str:
+def prediction_report(summaries: list[dict], probes: list[dict | None], profile) -> str:
     """How the predictions were priced, and each one's relative error against its measured run."""
-    if speed is None:
-        factors = (f"at the profile's own run factors (decode-only steps x{profile.run_factor:.3f}, steps with "
-                   f"prompt tokens x{profile.factor(True):.3f}): no speed probe ran"
-                   if hasattr(profile, "run_factor") else "with the cost model as it is: no speed probe ran")
-    else:
-        b, a = speed["before"], speed["after"]
-        factors = (f"at the machine's speed from real-time probes before the first strategy and after the last "
-                   f"({speed['requests']} requests drawn from the workload each, {speed['wall_s']:.0f} s in all): "
-                   f"decode-only steps x{speed['run_factor']:.3f} (x{b['run_factor']:.3f}, x{a['run_factor']:.3f}), "
-                   f"steps with prompt tokens x{speed['prefill_run_factor']:.3f} (x{b['prefill_run_factor']:.3f}, "
-                   f"x{a['prefill_run_factor']:.3f}); the profile's own: x{speed['profile_run_factor']:.3f}, "
-                   f"x{speed['profile_prefill_run_factor']:.3f}")
     rows = [s for s in summaries if "rel_error" in s]
+    if any(p is None for p in probes):
+        how = (f"at the profile's own run factors (x{profile.run_factor:.3f} decode-only steps, "
+               f"x{profile.factor(True):.3f} steps with prompt tokens): no speed probe ran"
+               if hasattr(profile, "run_factor") else "with the cost model as it is: no speed probe ran")
+    else:
+        how = (f"at the machine's speed: real-time probes ({probes[0]['requests']} requests drawn from the workload, "
+               f"continuous) ran before the first strategy and after each one, and each prediction takes the mean run "
+               f"factors of the probes around its run (the profile's own: x{profile.run_factor:.3f} decode-only "
+               f"steps, x{profile.factor(True):.3f} steps with prompt tokens; the probes read "
+               + ", ".join(f"x{p['run_factor']:.3f}/x{p['prefill_run_factor']:.3f}" for p in probes) + ")")
+    columns = ERROR_COLUMNS + ([("decode x", None, None), ("prompt x", None, None)]
+                               if all("run_factors" in s for s in rows) else [])
     width = max(len(s["policy"]) for s in rows)
-    lines = [f"simulator's error, (predicted - measured) / measured; predictions priced {factors}",
-             f"{'prediction':<{width}} | " + " | ".join(f"{name:>10}" for name, *_ in ERROR_COLUMNS)]
-    lines.append("-" * (width + 1) + "+" + "+".join("-" * 12 for _ in ERROR_COLUMNS))
+    lines = [f"simulator's error, (predicted - measured) / measured; predictions priced {how}",
+             f"{'prediction':<{width}} | " + " | ".join(f"{name:>10}" for name, *_ in columns),
+             "-" * (width + 1) + "+" + "+".join("-" * 12 for _ in columns)]
     for s in rows:
         cells = []
-        for _name, key, stat in ERROR_COLUMNS:
+        for name, key, stat in columns:
+            if key is None:
+                cells.append(f"{s['run_factors']['decode' if name.startswith('decode') else 'prompt']:>10.3f}")
+                continue
             v = s["rel_error"][key] if stat is None else s["rel_error"][key][stat]
             cells.append(f"{'n/a' if v is None else f'{v * 100:+.1f} %':>10}")
         lines.append(f"{s['policy']:<{width}} | " + " | ".join(cells))

@@ -259,11 +259,14 @@ def test_real_compare_probes_the_speed_and_prices_its_predictions_with_it(tmp_pa
     assert [r["policy"] for r in measured] == ["continuous", "static"]
     assert [r["policy"] for r in predicted] == ["continuous (sim)", "static (sim)"]
     assert all(r["num_finished"] == 6 for r in doc["runs"])
-    speed = doc["speed_probe"]
-    before, after = speed["before"], speed["after"]
-    assert before["requests"] == after["requests"] == 6 and before["steps"] >= 6 and after["steps"] >= 6
-    assert speed["run_factor"] == pytest.approx((before["run_factor"] + after["run_factor"]) / 2)
-    for m, p in zip(measured, predicted, strict=True):
+    probes = doc["speed_probes"]
+    assert len(probes) == 3  # before the first strategy and after each one
+    assert all(p["requests"] == 6 and p["steps"] >= 6 and p["policy"] == "continuous" for p in probes)
+    for i, (m, p) in enumerate(zip(measured, predicted, strict=True)):
+        # each prediction at the mean of the probes just before and just after its own run
+        speed = p["speed_probe"]
+        assert speed["before"] == probes[i] and speed["after"] == probes[i + 1]
+        assert speed["run_factor"] == pytest.approx((probes[i]["run_factor"] + probes[i + 1]["run_factor"]) / 2)
         assert p["run_factors"] == {"decode": pytest.approx(speed["run_factor"]),
                                     "prompt": pytest.approx(speed["prefill_run_factor"]), "from": "speed probes"}
         # the error table's numbers: (predicted - measured) / measured, cell by cell
@@ -271,7 +274,7 @@ def test_real_compare_probes_the_speed_and_prices_its_predictions_with_it(tmp_pa
         assert rel["ttft_s"]["mean"] == pytest.approx((p["ttft_s"]["mean"] - m["ttft_s"]["mean"]) / m["ttft_s"]["mean"])
         assert rel["throughput_rps"] == pytest.approx((p["throughput_rps"] - m["throughput_rps"]) / m["throughput_rps"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["config"]["speed_probe"]["run_factor"] == speed["run_factor"]
+    assert [p["run_factor"] for p in summary["config"]["speed_probes"]] == [p["run_factor"] for p in probes]
 
 
 def test_real_compare_without_probes_prices_at_the_profile_and_says_so(tmp_path, capsys, default_model_path):
@@ -284,9 +287,10 @@ def test_real_compare_without_probes_prices_at_the_profile_and_says_so(tmp_path,
     text = capsys.readouterr().out
     profile = load_cost_model("cpu-gemma3-270m")
     assert "simulator's error" in text and "no speed probe ran" in text
-    assert f"decode-only steps x{profile.run_factor:.3f}" in text
+    assert f"x{profile.run_factor:.3f} decode-only steps" in text
     row = next(line for line in text.splitlines() if line.startswith("continuous (sim)"))
-    assert row.count("%") == 7  # TTFT mean/p99, TPOT mean/p99, E2E mean/p99, throughput
+    assert row.count("%") == 7  # TTFT mean/p90, TPOT mean/p90, E2E mean/p90, throughput
+    assert row.split("|")[-2:] == [f"{profile.run_factor:>11.3f} ", f"{profile.factor(True):>11.3f}"]
 
 
 def test_probe_requests_belong_to_the_real_backend(capsys):
