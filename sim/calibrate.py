@@ -62,7 +62,7 @@ def _decode_grid(quick: bool, max_len: int) -> list[Scenario]:
             out.append(Scenario(f"decode B={b} L={long}", "continuous", ((0, long, 8, 0),) * b))
     patterns = [[12 if i % 2 == 0 else 3 for i in range(16)], [2 if i % 3 == 1 else 12 for i in range(16)],
                 [3 + (7 * i) % 11 for i in range(16)], [12 if 4 <= i < 12 else 2 for i in range(16)]]
-    for k, pattern in enumerate(patterns[:1] if quick else patterns):
+    for k, pattern in enumerate(patterns[:2] if quick else patterns):
         out.append(Scenario(f"fragmented decode {k}", "continuous", tuple((0, 40, t, 0) for t in pattern)))
     return out
 
