@@ -353,7 +353,7 @@ def probe_sample(workload: Any, requests: int, seed: int) -> Any:
 
 def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
                      say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
-                     policy: Any = None) -> dict:
+                     policy: Any = None, samples_out: list | None = None) -> dict:
     """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
     one for steps of decodes only (run_factor) and one for steps with prompt tokens (prefill_run_factor).
 
@@ -374,6 +374,8 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     the same 0.7x of the capacity the model predicts for the sample, under `policy`: so its mix of step
     shapes is that workload's (validate uses this; the synthetic mix read the prompt-step factor 1.2 %
     above the validated runs' own on average).
+
+    samples_out: a list that receives the probe's timed steps, one list per instance (TimedBackend.samples).
 
     backends: the instances sharing the machine (one or more); with several, the probe has
     `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
@@ -404,6 +406,8 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     for b in backends:
         b.clear_kv()
     samples = [s for t in timed for s in t.samples]
+    if samples_out is not None:
+        samples_out.extend(t.samples for t in timed)
     fit = fit_run_factors(samples, model, PROBE_MIN_STEPS)
     if fit is None:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")

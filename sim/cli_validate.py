@@ -25,6 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from sim.cli_common import (
     DEFAULT_COST_MODELS,
@@ -40,7 +41,17 @@ from sim.cli_common import (
 )
 from sim.cli_output import out_dir
 from sim.report import _plain as plain
-from sim.validate import NOISE_RUNS, STATS, TARGET_PCT, bracket_factors, misses, misses_within
+from sim.validate import (
+    ENSEMBLE_RUNS,
+    NOISE_RUNS,
+    STATS,
+    TARGET_PCT,
+    bracket_factors,
+    merge_noise,
+    misses,
+    misses_within,
+    step_noise,
+)
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
@@ -60,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests, drawn from the workload, of the real-time probe runs before and after each "
                              "load whose mean refits a table profile's run factors to the machine's speed during it "
                              f"(default {PROBE_REQUESTS}; 0: use the profile's factors as they are)")
+    parser.add_argument("--ensemble-runs", type=nonnegative_int, default=ENSEMBLE_RUNS, metavar="N",
+                        help="simulated runs, each with every step's price scattered as the speed probes' steps "
+                             "scattered around theirs, whose median is the prediction "
+                             f"(default {ENSEMBLE_RUNS}; 0, or no probes: one noiseless run)")
     parser.add_argument("--noise-runs", type=nonnegative_int, default=NOISE_RUNS, metavar="N",
                         help="reruns of each prediction with every step's price scattered as much as the real "
                              "run's steps scattered around theirs, for the step-noise column "
@@ -158,15 +173,17 @@ def run(args: argparse.Namespace) -> int:
                       f"at the same time), router {args.router}; " if args.instances > 1 else "")
                    + f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads = []
-        probe = _speed_probe(args, backends, config, profile, workload)
+        probe, noise = _speed_probe(args, backends, config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
             with Progress(f"validate {rate:.3g} req/s (real time)", enabled=progress_enabled(args.quiet)) as bar:
                 measured = measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar)
-            after = _speed_probe(args, backends, config, profile, workload)
+            after, noise_after = _speed_probe(args, backends, config, profile, workload)
             speed, load_profile = bracket_factors(profile, probe, after)
+            # the prediction: the median of noisy reruns, with the step noise the probes around this load met
             load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
-                                noise_runs=args.noise_runs)
-            load["factor_label"], load["speed_probe"], probe = label, speed, after
+                                noise_runs=args.noise_runs, ensemble_noise=merge_noise([noise, noise_after]),
+                                ensemble_runs=args.ensemble_runs)
+            load["factor_label"], load["speed_probe"], probe, noise = label, speed, after, noise_after
             _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
             loads.append(load)
             bad = misses(load["rel_error"])
@@ -185,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
     return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
 
 
-def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> dict | None:
-    """A real-time probe run that fits a table profile's two run factors to the machine's speed now (None: no probe).
+def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> tuple[dict | None, Any]:
+    """A real-time probe run that fits a table profile's two run factors to the machine's speed now, and the
+    scatter of its steps around their prices (sim.validate.StepNoise); (None, None): no probe.
 
     This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
     load's run factors come from probes run just before and just after it (sim.validate.bracket_factors),
@@ -200,9 +218,15 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
 
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
     if n == 0 or not isinstance(profile, TableCostModel):
-        return None
-    return probe_run_factor(backends, config, profile, False, args.seed, lambda text: _log(args, f"validate: {text}"),
-                            requests=n, sample_of=workload, policy=args.policy)
+        return None, None
+    steps: list = []
+    probe = probe_run_factor(backends, config, profile, False, args.seed,
+                             lambda text: _log(args, f"validate: {text}"), requests=n, sample_of=workload,
+                             policy=args.policy, samples_out=steps)
+    noise = merge_noise([step_noise(s, profile) for s in steps])
+    if noise is not None:
+        probe["step_noise"] = {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "steps": sum(map(len, steps))}
+    return probe, noise
 
 
 def _warm_up(backend, config) -> None:
@@ -244,6 +268,7 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
                       "sampling_noise": ld.get("sampling_noise"),
                       "rel_error_interval": ld.get("rel_error_interval"), "speed_probe": ld.get("speed_probe"),
                       "price_sensitivity": ld.get("price_sensitivity"), "step_noise": ld.get("step_noise"),
+                      "deterministic": ld.get("deterministic"),
                       "at_run_speed": ld.get("at_run_speed"),
                       "steps": ld["steps"],
                       "driver_overhead": ld["driver_overhead"], "cpu_load": ld["cpu_load"],
@@ -325,6 +350,18 @@ def format_load(load: dict, policy: str) -> str:
     bad = misses(r)
     lines.append("targets (means and throughput within 5%, p90/p99 within 10%): "
                  + ("all met" if not bad else "missed " + ", ".join(bad)))
+    det = load.get("deterministic")
+    if det:
+        ens = det["ensemble"]
+        missed = misses(det["rel_error"])
+        lines.append(f"predicted: the median of {ens['runs']} simulated runs, each with every step's price times noise "
+                     f"of mean 1 drawn from the speed probes' own steps (each step's own, sigma "
+                     f"{ens['sigma'] * 100:.1f}%, times a drift shared by each second, sigma "
+                     f"{ens['slow_sigma'] * 100:.1f}%); CSVs and plots show the run nearest that median (run "
+                     f"{ens['medoid'] + 1}). One noiseless run instead: " + _means(det["rel_error"])
+                     + (f", {len(missed)} miss{'es' if len(missed) != 1 else ''}" if missed else ", no miss"))
+    else:
+        lines.append("predicted: one noiseless simulated run (no speed probe, or --ensemble-runs 0)")
     if paired:
         lines.append("error 95%: paired bootstrap interval of the relative error (the same resampled requests on both "
                      "sides): how much of the error a few requests carry")

@@ -35,6 +35,7 @@ RATE_FACTORS = (0.3, 0.7, 1.2)  # of the profile's estimated capacity: light, me
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 STATS = ("mean", "p50", "p90", "p99")
 NOISE_RUNS = 20  # simulated reruns with noisy step prices: a 21st draw of the same noise lands inside their range
+ENSEMBLE_RUNS = 20  # noisy reruns whose median is the prediction (validate --ensemble-runs)
 # with odds 19/21
 TARGET_PCT = {"mean": 5.0, "p90": 10.0, "p99": 10.0, "throughput_rps": 5.0}  # p50 is reported, not targeted
 TTFT_NOTE = ("TTFT on both sides: when the first token is computed (end of the step that sampled it), on the run's "
@@ -306,12 +307,25 @@ def measure_load(backends: list, workload: Workload, rate: float, policy: Any, c
 
 
 def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, seed: int,
-                 router: str = "least_outstanding", noise_runs: int = NOISE_RUNS) -> dict:
-    """A measured load (measure_load) against its prediction with profile: errors, intervals, diagnostics."""
+                 router: str = "least_outstanding", noise_runs: int = NOISE_RUNS,
+                 ensemble_noise: StepNoise | None = None, ensemble_runs: int = ENSEMBLE_RUNS) -> dict:
+    """A measured load (measure_load) against its prediction with profile: errors, intervals, diagnostics.
+
+    With ensemble_noise (the speed probes' step noise, not this run's), the prediction is the median of
+    ensemble_runs simulated runs with noisy step prices (ensemble_predict); the noiseless run is kept as
+    "deterministic". Without it, the noiseless run is the prediction.
+    """
     w, measured, samples, instances = m["workload"], m["measured_run"], m["samples"], m["instances"]
     predicted = predict(w, policy, config, profile, instances, router)
     measured.policy, predicted.policy = "measured", "predicted"
     sm, sp = summarize(measured), summarize(predicted)
+    deterministic = None
+    if ensemble_noise is not None and ensemble_runs > 0:
+        ens = ensemble_predict(w, policy, config, profile, instances, router, ensemble_noise, ensemble_runs, seed)
+        deterministic = {"predicted": sp, "rel_error": rel_errors(sm, sp)}
+        predicted, sp = ens.pop("run"), {**ens.pop("summary"), "policy": "predicted"}
+        predicted.policy = "predicted"
+        deterministic["ensemble"] = ens
     rel = rel_errors(sm, sp)
     sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
     noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile),
@@ -333,6 +347,7 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
             "price_sensitivity": sensitivity, "step_noise": noise, "cpu_load": m["cpu_load"],
+            "deterministic": deterministic,
             "driver_overhead": {"mean_ms": float(np.mean(overhead)) * 1e3 if overhead else None,
                                 "share_pct": float(sum(overhead) / sum(step_s) * 100) if step_s else None},
             "parallel_instances": measured.config.get("parallel_instances")}
@@ -493,6 +508,60 @@ class NoisyModel:
         return t * self._draw(plan), key
 
 
+def merge_noise(noises: Sequence[StepNoise | None]) -> StepNoise | None:
+    """One StepNoise from several runs' (the speed probes before and after a load): their pools joined, their
+    sigmas combined as root mean squares. None when none of them has noise."""
+    got = [n for n in noises if n is not None]
+    if not got:
+        return None
+
+    def rms(values: list[float]) -> float:
+        return float(np.sqrt(np.mean(np.square(values))))
+
+    own = tuple(d for n in got for d in n.own_draws) if all(n.own_draws for n in got) else ()
+    blocks = tuple(d for n in got for d in n.block_draws) if all(n.block_draws for n in got) else ()
+    return StepNoise(rms([n.sigma for n in got]), rms([n.slow_sigma for n in got]), got[0].block_s, own, blocks)
+
+
+ENSEMBLE_SEED = 104729  # the ensemble's reruns draw apart from noise_spread's
+
+
+def ensemble_predict(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
+                     router: str, noise: StepNoise, runs: int = ENSEMBLE_RUNS, seed: int = 0) -> dict:
+    """The prediction as the median of `runs` simulated runs with every step's price times noise of mean 1
+    (NoisyModel): {"summary", "run", "runs", "medoid", "sigma", "slow_sigma"}.
+
+    One noiseless run is one path of a system whose decisions hang on which of two events comes first: under
+    static batching a request that arrives a millisecond before or after a batch starts rides in another
+    batch, and the runs part from there. A real run is another such path. The median over noisy reruns sits
+    at the centre of the paths, where one noiseless run can sit anywhere among them. summary: the medoid
+    run's summary with every latency statistic and throughput replaced by its median over the reruns; run:
+    the medoid, the rerun nearest those medians (sum of |log| ratios), for per-request CSVs and plots.
+    """
+    sims = [predict(workload, policy, config, NoisyModel(profile, noise, seed + ENSEMBLE_SEED + k), instances, router)
+            for k in range(runs)]
+    sums = [summarize(r) for r in sims]
+
+    def med(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    medians = {k: {s: med([x[k][s] for x in sums]) for s in STATS} for k in METRICS}
+    medians["throughput_rps"] = med([x["throughput_rps"] for x in sums])
+
+    def distance(x: dict) -> float:
+        pairs = [(x[k][s], medians[k][s]) for k in METRICS for s in STATS]
+        pairs.append((x["throughput_rps"], medians["throughput_rps"]))
+        return sum(abs(np.log(a / b)) for a, b in pairs if a and b and a > 0 and b > 0)
+
+    best = min(range(runs), key=lambda i: distance(sums[i]))
+    summary = {**sums[best], **{k: {**sums[best][k], **medians[k]} for k in METRICS},
+               "throughput_rps": medians["throughput_rps"]}
+    return {"summary": summary, "run": sims[best], "runs": runs, "medoid": best, "sigma": noise.sigma,
+            "slow_sigma": noise.slow_sigma,
+            "draws": "the speed probes' own residuals" if noise.own_draws else "lognormal"}
+
+
 def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
                  router: str, measured: dict, noise: StepNoise | None, runs: int = NOISE_RUNS,
                  seed: int = 0) -> dict | None:
@@ -510,7 +579,19 @@ def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profi
               for k in range(runs)]
     return {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "block_s": noise.block_s, "runs": runs,
             "draws": "the run's own residuals" if noise.own_draws else "lognormal",
-            "rel_error_range": _error_ranges(errors)}
+            "rel_error_range": _error_ranges(errors), "rel_error_median": _error_medians(errors)}
+
+
+def _error_medians(errors: list[dict]) -> dict:
+    """The median of each statistic's relative error over several predictions (None where undefined): the
+    error of the reruns' median prediction, since each statistic's measured value is the same in all."""
+    def median(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return float(np.median(values)) if values else None
+
+    out: dict = {k: {s: median([e[k][s] for e in errors]) for s in STATS} for k in METRICS}
+    out["throughput_rps"] = median([e["throughput_rps"] for e in errors])
+    return out
 
 
 def _error_ranges(errors: list[dict]) -> dict:

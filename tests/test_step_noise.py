@@ -161,3 +161,72 @@ def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_
     assert jitter["draws"] == "the run's own residuals"
     assert (jitter["sigma"] ** 2 + jitter["slow_sigma"] ** 2) ** 0.5 == pytest.approx(0.03, rel=0.25)
     assert compare_load(m, profile, "static", CONFIG, 0, noise_runs=0)["step_noise"] is None
+
+
+def test_merge_noise_joins_the_probes_pools_and_combines_their_sigmas():
+    from sim.validate import merge_noise
+
+    a = StepNoise(0.03, 0.01, 1.0, (0.1, -0.1), (0.02,))
+    b = StepNoise(0.04, 0.02, 1.0, (0.2,), (-0.02, 0.0))
+    m = merge_noise([a, None, b])
+    assert m.own_draws == (0.1, -0.1, 0.2) and m.block_draws == (0.02, -0.02, 0.0)
+    assert m.sigma == pytest.approx(((0.03**2 + 0.04**2) / 2) ** 0.5)
+    assert m.slow_sigma == pytest.approx(((0.01**2 + 0.02**2) / 2) ** 0.5)
+    assert merge_noise([None, None]) is None and merge_noise([]) is None
+    # a probe without pools (lognormal draws) makes the merged noise lognormal too
+    assert merge_noise([a, StepNoise(0.03, 0.01)]).own_draws == ()
+
+
+def test_ensemble_prediction_is_the_median_of_its_reruns_and_its_run_the_nearest_one(profile):
+    from sim.validate import ENSEMBLE_SEED, METRICS, STATS, ensemble_predict
+
+    w = _workload(n=60, rate=3.0)
+    noise = StepNoise(0.03, 0.015)
+    ens = ensemble_predict(w, "static", CONFIG, profile, 1, "least_outstanding", noise, runs=7, seed=5)
+    sums = [summarize(predict(w, "static", CONFIG, NoisyModel(profile, noise, 5 + ENSEMBLE_SEED + k), 1))
+            for k in range(7)]
+    for k in METRICS:
+        for s in STATS:
+            assert ens["summary"][k][s] == pytest.approx(float(np.median([x[k][s] for x in sums])))
+    assert ens["summary"]["throughput_rps"] == pytest.approx(float(np.median([x["throughput_rps"] for x in sums])))
+    assert ens["runs"] == 7 and summarize(ens["run"]) == sums[ens["medoid"]]
+    assert ens["summary"]["num_finished"] == 60 and ens["sigma"] == 0.03
+    again = ensemble_predict(w, "static", CONFIG, profile, 1, "least_outstanding", noise, runs=7, seed=5)
+    assert again["summary"] == ens["summary"]  # seeded
+
+
+def test_under_static_batching_the_ensemble_lands_nearer_other_noisy_runs_than_one_noiseless_run(profile):
+    """The reason the prediction is an ensemble: stand-ins for real runs (noisy runs with seeds of their own)
+    scatter around a centre that one noiseless run misses and the reruns' median finds."""
+    from sim.validate import ensemble_predict
+
+    w = _workload(n=80, rate=3.2, seed=11)
+    noise = StepNoise(0.03, 0.015)
+    truths = [summarize(predict(w, "static", CONFIG, NoisyModel(profile, noise, 900 + k), 1)) for k in range(8)]
+    det = summarize(predict(w, "static", CONFIG, profile, 1))
+    ens = ensemble_predict(w, "static", CONFIG, profile, 1, "least_outstanding", noise, runs=15)["summary"]
+
+    def mean_abs_error(pred: dict) -> float:
+        errs = [rel_errors(t, pred) for t in truths]
+        return float(np.mean([abs(e[k]["mean"]) for e in errs for k in ("ttft_s", "tpot_s", "e2e_s")]))
+
+    assert mean_abs_error(ens) < mean_abs_error(det)
+
+
+def test_compare_load_predicts_with_the_ensemble_when_given_probe_noise(profile):
+    from sim.validate import compare_load
+
+    w = _workload(n=40, rate=2.0)
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=9)))
+    run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
+    m = {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
+         "cpu_load": {"before": {}, "after": {}}}
+    load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=0, ensemble_noise=StepNoise(0.03, 0.01),
+                        ensemble_runs=5)
+    det, ens = load["deterministic"], load["deterministic"]["ensemble"]
+    assert ens["runs"] == 5 and load["predicted_run"].policy == "predicted"
+    assert det["predicted"] == {**summarize(predict(w, "static", CONFIG, profile, 1)), "policy": "predicted"}
+    assert load["rel_error"] == rel_errors(load["measured"], load["predicted"])
+    plain = compare_load(m, profile, "static", CONFIG, 0, noise_runs=0, ensemble_noise=StepNoise(0.03, 0.01),
+                         ensemble_runs=0)
+    assert plain["deterministic"] is None and plain["predicted"] == det["predicted"]
