@@ -35,7 +35,8 @@ SPLIT = ("n_batch", "n_ubatch", "kv_unified")
 # params a profile may omit (older profiles): defaults apply; without the prompt-pair params, a prompt
 # chunk's attention pairs are priced like a decode's (per_attention_pair_s)
 OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
-            "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s")
+            "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s",
+            "idle_wakeup_curve")
 GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
 # the fitted scalars, in design_row's order
 FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH
@@ -328,6 +329,9 @@ class TableCostModel:
     per_copied_token_s: float = 0.0
     per_attention_pair_s: float = 0.0  # per query-key pair of a decode (one-token piece)
     idle_wakeup_s: float = 0.0  # extra time of the first step after the engine idled (threads and caches wake)
+    # the same by how long the engine idled, when measured: ((idle seconds, extra seconds), ...) in rising idle
+    # order (see wakeup_from_curve); empty: idle_wakeup_s whatever the wait
+    idle_wakeup_curve: tuple[tuple[float, float], ...] = ()
     # a step's price times this: what a real-time serving run adds to the calibration grid's step times
     # (the driver's own work between steps, occasional slow steps), fitted on a short real-time probe run;
     # run_factor for steps of decodes only, prefill_run_factor (None: run_factor) for steps with prompt tokens
@@ -570,6 +574,12 @@ class TableCostModel:
         for n in ("prompt_pair_knots", "prompt_context_pair_s"):
             if isinstance(kw.get(n), list):
                 kw[n] = tuple(kw[n])
+        if "idle_wakeup_curve" in kw:
+            curve = kw["idle_wakeup_curve"]
+            if not (isinstance(curve, list) and all(isinstance(k, list) and len(k) == 2 for k in curve)):
+                raise CostModelError(f"{source}: table param 'idle_wakeup_curve' must be a list of "
+                                     "[idle seconds, extra seconds] pairs")
+            kw["idle_wakeup_curve"] = tuple((float(a), float(b)) for a, b in curve)
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):
@@ -792,6 +802,23 @@ def graph_chain(plans: Sequence[tuple[StepPlan, bool]], model: TableCostModel) -
         out.append(prev)
         prev = model.graph_after(model.shape(plan, idle), prev)
     return out
+
+
+def wakeup_from_curve(curve: Sequence[tuple[float, float]], idle_s: float) -> float:
+    """Extra seconds of the first step after an idle wait of idle_s: linear between the curve's knots, from
+    (0, 0) to the first, and the last knot's value beyond it (no measurement says how it grows further)."""
+    xs = [0.0] + [float(a) for a, _ in curve]
+    ys = [0.0] + [float(b) for _, b in curve]
+    return float(np.interp(max(idle_s, 0.0), xs, ys))
+
+
+def wakeup_cost(model, idle_s: float | None) -> float:
+    """A cost model's wake-up price for a step after idle_s seconds of idling (None: not known): from its
+    idle_wakeup_curve when it has one and the wait is known, else its flat idle_wakeup_s."""
+    curve = getattr(model, "idle_wakeup_curve", ())
+    if curve and idle_s is not None:
+        return wakeup_from_curve(curve, idle_s)
+    return float(getattr(model, "idle_wakeup_s", 0.0))
 
 
 def price_run(model, steps: Sequence[tuple[StepPlan, bool]]) -> list[float]:

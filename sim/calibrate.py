@@ -375,7 +375,9 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     shapes is that workload's (validate uses this; the synthetic mix read the prompt-step factor 1.2 %
     above the validated runs' own on average).
 
-    samples_out: a list that receives the probe's timed steps, one list per instance (TimedBackend.samples).
+    samples_out: a list that receives the probe's timed steps, one (samples, idle_s) pair per instance
+    (TimedBackend.samples and .idle_s). A model with an idle_wakeup_curve prices each step after idle by its
+    wait (sim.validate.price_samples), so the factors do not take in the wake-ups.
 
     backends: the instances sharing the machine (one or more); with several, the probe has
     `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
@@ -407,8 +409,8 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
         b.clear_kv()
     samples = [s for t in timed for s in t.samples]
     if samples_out is not None:
-        samples_out.extend(t.samples for t in timed)
-    fit = fit_run_factors(samples, model, PROBE_MIN_STEPS)
+        samples_out.extend((t.samples, t.idle_s) for t in timed)
+    fit = fit_run_factors(samples, model, PROBE_MIN_STEPS, idle_s=[d for t in timed for d in t.idle_s])
     if fit is None:
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
     kinds = fit["by_kind"]
@@ -424,6 +426,62 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
         f"{probe['run_factor']:.4f}, steps with prompt tokens {probe['prefill_run_factor']:.4f}), driver "
         f"{probe['driver_ms_per_step']:.2f} ms/step, {probe['wall_s']} s")
     return probe
+
+
+WAKEUP = {"idles_s": (0.1, 0.3, 1.0, 2.5), "repeats": 3, "prompt": 16}
+
+
+def prefill_after_idle(backend, config: SchedulerConfig, prompt_len: int, idle_s: float,
+                       rng: np.random.Generator) -> tuple[float, float]:
+    """Seconds of one prompt's prefill step after the engine waited idle_s with nothing to do (time.sleep, as
+    the real-time driver waits for an arrival), and of the same shape's prefill right after it, no wait."""
+    sched = Scheduler(replace(config, enable_prefix_caching=False), "sequential")
+    backend.clear_kv()
+    times = []
+    for k, wait in enumerate((idle_s, 0.0)):
+        tokens = tuple(int(t) for t in rng.integers(100, 20000, prompt_len))
+        sched.add_request(Request(f"wake-{k}", tokens, SamplingParams(max_tokens=1)), 0.0)
+        plan = sched.schedule(0.0)
+        if wait:
+            time.sleep(wait)
+        t0 = time.perf_counter()
+        result = backend.step(plan)
+        times.append(time.perf_counter() - t0)
+        if result.failed:
+            raise RuntimeError(f"the wake-up probe's prefill failed: {result.failed}")
+        sched.commit(plan, result, 0.0)
+    backend.clear_kv()
+    return times[0], times[1]
+
+
+def probe_wakeup(backend, config: SchedulerConfig, seed: int, say: Callable[[str], None],
+                 idles_s: Sequence[float] = WAKEUP["idles_s"], repeats: int = WAKEUP["repeats"],
+                 prompt_len: int = WAKEUP["prompt"]) -> dict:
+    """What the first step after an idle wait costs beyond the same step without one, by the wait's length.
+
+    The engine's threads, and the host under them, go to sleep while it waits for an arrival; waking them
+    costs the next step time that grows with the wait (here, one evening: +1 ms after 0.1 s, +13 ms after
+    0.5 s, +26 ms after 2 s, the same for a 16- and a 200-token prompt: benchmarks/idle_wakeup.py) and moves
+    from day to day (the same machine's calibration grid read 0.8 ms after 0.25 s). Each wait runs `repeats`
+    times in a shuffled order; each knot is the median over its repeats of (after the wait - right after),
+    at least 0. Returns {"knots": [[idle_s, extra_s], ...], ...}: a TableCostModel's idle_wakeup_curve.
+    """
+    rng = np.random.default_rng(seed + 4099)
+    order = [i for i in idles_s for _ in range(repeats)]
+    rng.shuffle(order)
+    t0 = time.perf_counter()
+    prefill_after_idle(backend, config, prompt_len, 0.0, rng)  # warm
+    diffs: dict[float, list[float]] = {i: [] for i in idles_s}
+    for idle in order:
+        after, right_after = prefill_after_idle(backend, config, prompt_len, idle, rng)
+        diffs[idle].append(after - right_after)
+    knots = [[float(i), max(0.0, float(np.median(diffs[i])))] for i in sorted(idles_s)]
+    out = {"knots": knots, "repeats": repeats, "prompt_tokens": prompt_len,
+           "wall_s": round(time.perf_counter() - t0, 1),
+           "note": "extra seconds of a prefill after an idle wait of idle_s over the same prefill right after it "
+                   "(median over repeats)"}
+    say("wake-up probe: " + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in knots) + f", {out['wall_s']} s")
+    return out
 
 
 # -- the measured steps as a file (for audits, re-fits and tests) -------------------------

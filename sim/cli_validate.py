@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests, drawn from the workload, of the real-time probe runs before and after each "
                              "load whose mean refits a table profile's run factors to the machine's speed during it "
                              f"(default {PROBE_REQUESTS}; 0: use the profile's factors as they are)")
+    parser.add_argument("--no-wakeup-probe", dest="wakeup_probe", action="store_false",
+                        help="skip the wake-up probe run with each speed probe (prefills after idle waits of "
+                             "0.1-2.5 s, about 13 s), and price a step after idle at the profile's flat wake-up")
     parser.add_argument("--ensemble-runs", type=nonnegative_int, default=ENSEMBLE_RUNS, metavar="N",
                         help="simulated runs, each with every step's price scattered as the speed probes' steps "
                              "scattered around theirs, whose median is the prediction "
@@ -213,19 +216,27 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
     under the validated policy and scheduler limits, so its mix of step shapes is the workload's. With
     several instances it runs on all of them at once (that many requests each), as the load does.
     """
+    import dataclasses
+
     from backends.cost_table import TableCostModel
-    from sim.calibrate import probe_run_factor
+    from sim.calibrate import probe_run_factor, probe_wakeup
 
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
     if n == 0 or not isinstance(profile, TableCostModel):
         return None, None
+    say = lambda text: _log(args, f"validate: {text}")  # noqa: E731
+    # the wake-up first: the run-factor probe then prices its steps after idle by their waits
+    wakeup = probe_wakeup(backends[0], config, args.seed, say) if args.wakeup_probe else None
+    model = dataclasses.replace(profile, idle_wakeup_curve=tuple(map(tuple, wakeup["knots"]))) if wakeup else profile
     steps: list = []
-    probe = probe_run_factor(backends, config, profile, False, args.seed,
-                             lambda text: _log(args, f"validate: {text}"), requests=n, sample_of=workload,
+    probe = probe_run_factor(backends, config, model, False, args.seed, say, requests=n, sample_of=workload,
                              policy=args.policy, samples_out=steps)
-    noise = merge_noise([step_noise(s, profile) for s in steps])
+    noise = merge_noise([step_noise(s, model, idle) for s, idle in steps])
     if noise is not None:
-        probe["step_noise"] = {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "steps": sum(map(len, steps))}
+        probe["step_noise"] = {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma,
+                               "steps": sum(len(s) for s, _ in steps)}
+    if wakeup:
+        probe["wakeup"] = wakeup
     return probe, noise
 
 
@@ -393,6 +404,12 @@ def format_load(load: dict, policy: str) -> str:
                      f"x{a['run_factor']:.3f}; profile x{probe['profile_run_factor']:.3f}), steps with prompt tokens "
                      f"x{probe['prefill_run_factor']:.3f} (before x{b['prefill_run_factor']:.3f}, after "
                      f"x{a['prefill_run_factor']:.3f}; profile x{probe['profile_prefill_run_factor']:.3f})")
+        curve = probe.get("idle_wakeup_curve")
+        if curve:
+            lines.append("a step after idle priced by its wait, from wake-up probes before and after this load: "
+                         + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
+                         + f" (linear between, flat beyond; profile: +{probe['profile_idle_wakeup_s'] * 1e3:.1f} ms "
+                           "whatever the wait)")
     speed = load.get("at_run_speed")
     if speed:
         pf = speed["prefill_run_factor"]

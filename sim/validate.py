@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import percent_errors, price_run
+from backends.cost_table import percent_errors, price_run, wakeup_cost
 from scheduler import SchedulerConfig
 from scheduler.messages import StepPlan, StepResult
 from sim.arrivals import poisson
@@ -113,6 +113,7 @@ class TimedBackend:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.samples: list[tuple[StepPlan, float, float, bool]] = []  # (plan, seconds, of which driver, after idle)
+        self.idle_s: list[float | None] = []  # each sample's idle wait before it on the run's clock (None: unknown)
         self._last: tuple[float, float] | None = None  # (run-clock end of the last step, wall clock at its return)
 
     def clear_kv(self) -> None:
@@ -129,13 +130,16 @@ class TimedBackend:
         busy = self._last is not None and plan.now_s == self._last[0]
         gap = t0 - self._last[1] if busy else 0.0
         elapsed = (t1 - t0) + gap
+        idle = None if self._last is None else (plan.now_s - self._last[0] if not busy else 0.0)
         self._last = (plan.now_s + elapsed, t1)
         self.samples.append((plan, elapsed, gap, not busy and bool(plan.chunks)))
+        self.idle_s.append(idle)
         return StepResult(result.sampled_token_ids, elapsed, result.failed)
 
 
 class IdleAwareBackend:
-    """SyntheticBackend(profile) that adds the profile's idle_wakeup_s to a step that follows an idle engine."""
+    """SyntheticBackend(profile) that adds the profile's wake-up price (backends.cost_table.wakeup_cost: by the
+    idle wait's length when the profile has an idle_wakeup_curve) to a step that follows an idle engine."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -147,7 +151,7 @@ class IdleAwareBackend:
         result = self.inner.step(plan)
         elapsed = result.elapsed_s
         if (self._end is None or plan.now_s != self._end) and plan.chunks:
-            elapsed += getattr(self.cost_model, "idle_wakeup_s", 0.0)
+            elapsed += wakeup_cost(self.cost_model, None if self._end is None else plan.now_s - self._end)
         self._end = plan.now_s + elapsed
         return StepResult(result.sampled_token_ids, elapsed, result.failed)
 
@@ -275,9 +279,23 @@ def misses_within(rel: dict, ranges: dict) -> list[str]:
     return out
 
 
-def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> list[dict]:
+def price_samples(model: Any, samples: Sequence[tuple[StepPlan, float, float, bool]],
+                  idle_s: Sequence[float | None] | None = None) -> list[float]:
+    """A real run's steps (TimedBackend.samples) priced in the order they ran (price_run). idle_s: each step's
+    idle wait before it (TimedBackend.idle_s), so that a step after idle pays the wake-up its wait costs
+    (wakeup_cost: the model's idle_wakeup_curve) instead of the flat idle_wakeup_s."""
+    prices = price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
+    if idle_s is None or not getattr(model, "idle_wakeup_curve", ()):
+        return prices
+    flat = float(getattr(model, "idle_wakeup_s", 0.0))
+    return [p + (wakeup_cost(model, d) - flat if idle and d is not None else 0.0)
+            for p, (_plan, _t, _gap, idle), d in zip(prices, samples, idle_s, strict=True)]
+
+
+def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any,
+                   idle_s: Sequence[float | None] | None = None) -> list[dict]:
     """The real run's steps priced by the profile, by step kind: where the cost model is off."""
-    prices = price_run(profile, [(plan, idle) for plan, _t, _gap, idle in samples])
+    prices = price_samples(profile, samples, idle_s)
     groups: dict[str, list[tuple[float, float]]] = {}
     for (plan, t, _gap, idle), price in zip(samples, prices, strict=True):
         groups.setdefault(step_kind(plan, idle), []).append((price, t))
@@ -303,7 +321,8 @@ def measure_load(backends: list, workload: Workload, rate: float, policy: Any, c
     measured = run_workload(w, policy, config, timed, router=router, realtime=True, progress=progress)
     after = load_snapshot()
     return {"rate": rate, "workload": w, "measured_run": measured, "instances": len(backends),
-            "samples": [s for t in timed for s in t.samples], "cpu_load": {"before": before, "after": after}}
+            "samples": [s for t in timed for s in t.samples], "idle_s": [d for t in timed for d in t.idle_s],
+            "cpu_load": {"before": before, "after": after}}
 
 
 def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, seed: int,
@@ -328,22 +347,24 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
         deterministic["ensemble"] = ens
     rel = rel_errors(sm, sp)
     sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
-    noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile),
+    idle_s = m.get("idle_s")
+    noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile, idle_s),
                          runs=noise_runs, seed=seed) if noise_runs else None
     at_speed = None
-    speed = run_speed_factors(samples, profile)
+    speed = run_speed_factors(samples, profile, idle_s)
     if speed is not None:
         sa = summarize(predict(w, policy, config, speed, instances, router))
         at_speed = {"run_factor": speed.run_factor, "prefill_run_factor": speed.prefill_run_factor,
                     "predicted": sa, "rel_error": rel_errors(sm, sa)}
-        timeline = SpeedTimeline(speed, samples)
+        timeline = SpeedTimeline(speed, samples, idle_s=idle_s)
         st = summarize(predict(w, policy, config, timeline, instances, router))
         at_speed["over_time"] = {"window_s": timeline.window_s, "windows": timeline.factors,
                                  "predicted": st, "rel_error": rel_errors(sm, st)}
     overhead = [s[2] for s in samples]
     step_s = [s[1] for s in samples]
     return {"rate": m["rate"], "workload": w, "measured_run": measured, "predicted_run": predicted,
-            "measured": sm, "predicted": sp, "rel_error": rel, "steps": step_breakdown(samples, profile),
+            "measured": sm, "predicted": sp, "rel_error": rel,
+            "steps": step_breakdown(samples, profile, idle_s),
             "sampling_noise": sampling_noise(measured, seed),
             "rel_error_interval": error_interval(measured, predicted, seed), "at_run_speed": at_speed,
             "price_sensitivity": sensitivity, "step_noise": noise, "cpu_load": m["cpu_load"],
@@ -417,7 +438,8 @@ class StepNoise:
     block_draws: tuple[float, ...] = ()
 
 
-def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any) -> StepNoise | None:
+def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any,
+               idle_s: Sequence[float | None] | None = None) -> StepNoise | None:
     """A real run's step times around their prices: log(measured / priced) over its steps with work, each kind
     (decode-only, with prompt tokens) about its own median (so the machine's mean speed, which the run factors
     carry, is not counted), cut into a slow part (the variance of NOISE_BLOCK_S block means beyond what the
@@ -426,7 +448,7 @@ def step_noise(samples: Sequence[tuple[StepPlan, float, float, bool]], model: An
     Robust: the total is 1.4826 x the median absolute deviation and block means use residuals clipped at 4
     of it, so a step slowed by another process now and then does not set either.
     """
-    prices = price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
+    prices = price_samples(model, samples, idle_s)
     rows: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     for (plan, t, _gap, _idle), price in zip(samples, prices, strict=True):
         if plan.chunks and price > 0 and t > 0:
@@ -479,6 +501,7 @@ class NoisyModel:
         self.inner = inner
         self.noise = noise
         self.idle_wakeup_s = getattr(inner, "idle_wakeup_s", 0.0)
+        self.idle_wakeup_curve = getattr(inner, "idle_wakeup_curve", ())
         self._seed = seed
         self._rng = np.random.default_rng(seed)
         self._blocks: dict[int, float] = {}
@@ -605,7 +628,8 @@ def _error_ranges(errors: list[dict]) -> dict:
     return out
 
 
-def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any) -> Any:
+def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any,
+                      idle_s: Sequence[float | None] | None = None) -> Any:
     """The table profile with both run factors refitted on the measured run's own steps (None for other models).
 
     A diagnostic, not a prediction: it uses the measured run's step times (not its latencies) to say how
@@ -616,7 +640,7 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
 
     if not isinstance(profile, TableCostModel):
         return None
-    fit = fit_run_factors(samples, profile, min_steps=1)
+    fit = fit_run_factors(samples, profile, min_steps=1, idle_s=idle_s)
     if fit is None:  # no step ran: nothing to refit
         return dataclasses.replace(profile, prefill_run_factor=None)
     decode, prefill = fit["by_kind"]["decode"], fit["by_kind"]["prefill"]
@@ -639,14 +663,15 @@ class SpeedTimeline:
     """
 
     def __init__(self, run_model: Any, samples: Sequence[tuple[StepPlan, float, float, bool]],
-                 window_s: float = SPEED_WINDOW_S) -> None:
+                 window_s: float = SPEED_WINDOW_S, idle_s: Sequence[float | None] | None = None) -> None:
         self.window_s = window_s
         self.idle_wakeup_s = run_model.idle_wakeup_s
+        self.idle_wakeup_curve = run_model.idle_wakeup_curve
         n = 1 + max((int(plan.now_s // window_s) for plan, *_ in samples), default=0)
         buckets: list[list] = [[] for _ in range(n)]
         prices: list[list] = [[] for _ in range(n)]
         grid = dataclasses.replace(run_model, run_factor=1.0, prefill_run_factor=None)
-        for sample, price in zip(samples, price_run(grid, [(s[0], s[3]) for s in samples]), strict=True):
+        for sample, price in zip(samples, price_samples(grid, samples, idle_s), strict=True):
             w = int(sample[0].now_s // window_s)
             buckets[w].append(sample)
             prices[w].append(price)
@@ -690,12 +715,20 @@ def bracket_factors(profile: Any, before: dict | None, after: dict | None,
              "prefill_run_factor": (before["prefill_run_factor"] + after["prefill_run_factor"]) / 2,
              "profile_run_factor": profile.run_factor, "profile_prefill_run_factor": profile.factor(True),
              "before": before, "after": after}
-    return speed, dataclasses.replace(profile, run_factor=speed["run_factor"],
-                                      prefill_run_factor=speed["prefill_run_factor"])
+    changes = {"run_factor": speed["run_factor"], "prefill_run_factor": speed["prefill_run_factor"]}
+    wb, wa = before.get("wakeup"), after.get("wakeup")
+    if wb and wa and [i for i, _ in wb["knots"]] == [i for i, _ in wa["knots"]]:
+        # the wake-up by idle wait: each knot the mean of the two probes' (see sim.calibrate.probe_wakeup)
+        curve = tuple((float(i), (b + a) / 2) for (i, b), (_, a) in zip(wb["knots"], wa["knots"], strict=True))
+        speed["idle_wakeup_curve"] = [list(k) for k in curve]
+        speed["profile_idle_wakeup_s"] = float(getattr(profile, "idle_wakeup_s", 0.0))
+        changes["idle_wakeup_curve"] = curve
+    return speed, dataclasses.replace(profile, **changes)
 
 
 def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], model: Any, min_steps: int,
-                    grid_prices: Sequence[float] | None = None) -> dict | None:
+                    grid_prices: Sequence[float] | None = None,
+                    idle_s: Sequence[float | None] | None = None) -> dict | None:
     """A run's steps against the table model's grid fit (its run factors set aside): sum of measured / sum of
     priced step time over all steps, and over its steps of decodes only and its steps with prompt tokens,
     each clamped to [0.5, 2]. A kind with fewer than min_steps steps takes the factor of all steps. None
@@ -705,7 +738,7 @@ def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], mode
     """
     if grid_prices is None:
         grid = dataclasses.replace(model, run_factor=1.0, prefill_run_factor=None)
-        grid_prices = price_run(grid, [(plan, idle) for plan, _t, _gap, idle in samples])
+        grid_prices = price_samples(grid, samples, idle_s)
     priced = [(price, t, plan.num_prefill_tokens > 0)
               for (plan, t, _gap, _idle), price in zip(samples, grid_prices, strict=True) if plan.chunks]
     if not priced:
