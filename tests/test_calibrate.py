@@ -380,6 +380,15 @@ def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path
     for key in ("run_factor", "prefill_run_factor"):
         assert probe[key] == pytest.approx((before[key] + after[key]) / 2)
         assert 0.5 <= probe[key] <= 2.0
+    # a wake-up probe with each: the step after idle priced by its wait, the curve the mean of the two
+    for side in (before, after):
+        assert [i for i, _ in side["wakeup"]["knots"]] == [0.1, 0.3, 1.0, 2.5]
+        assert all(e >= 0 for _, e in side["wakeup"]["knots"])
+    assert [i for i, _ in probe["idle_wakeup_curve"]] == [0.1, 0.3, 1.0, 2.5]
+    # the prediction: the median of noisy reruns with the probes' step noise; the noiseless run kept beside it
+    det = load["deterministic"]
+    assert det["ensemble"]["runs"] == 20 and det["predicted"]["num_finished"] == 6
+    assert set(before["step_noise"]) == {"sigma", "slow_sigma", "steps"}
     assert probe["profile_run_factor"] == prof.run_factor and probe["profile_prefill_run_factor"] == prof.factor(True)
     for interval in load["rel_error_interval"]["e2e_s"].values():
         assert interval[0] <= interval[1]
@@ -532,6 +541,14 @@ def test_bracket_takes_the_mean_of_the_probes_around_a_load():
     assert speed["profile_run_factor"] == prof.run_factor
     # no probe on either side (--probe-requests 0, or a profile without run factors): the profile as it is
     assert bracket_factors(prof, None, after) == (None, prof) and bracket_factors(prof, before, None) == (None, prof)
+    assert model.idle_wakeup_curve == ()  # no wake-up probes: the flat wake-up stays
+    # wake-up probes on both sides: each knot the mean of the two
+    before["wakeup"] = {"knots": [[0.1, 0.002], [1.0, 0.020]]}
+    after["wakeup"] = {"knots": [[0.1, 0.004], [1.0, 0.030]]}
+    speed, model = bracket_factors(prof, before, after)
+    assert [i for i, _ in model.idle_wakeup_curve] == [0.1, 1.0]
+    assert [e for _, e in model.idle_wakeup_curve] == pytest.approx([0.003, 0.025])
+    assert speed["idle_wakeup_curve"] == [list(k) for k in model.idle_wakeup_curve]
 
 
 def test_speed_timeline_prices_each_window_at_its_own_speed():
@@ -622,3 +639,14 @@ def test_validate_two_instances_steps_them_at_the_same_time_on_both_sides(quick_
     assert "instances: 2 on both sides" in report and "instances stepping at the same time:" in report
     par = load["parallel_instances"]
     assert par["threads"] is True and par["max_late_s"] < 0.05
+
+
+def test_the_wakeup_probe_times_prefills_after_each_wait_against_the_same_right_after(llama_backend):
+    from sim.calibrate import probe_wakeup
+
+    config = llama_backend.scheduler_config()
+    said = []
+    out = probe_wakeup(llama_backend, config, 0, said.append, idles_s=(0.02, 0.4), repeats=2, prompt_len=12)
+    assert [i for i, _ in out["knots"]] == [0.02, 0.4] and all(0 <= e < 1.0 for _, e in out["knots"])
+    assert out["repeats"] == 2 and out["prompt_tokens"] == 12 and out["wall_s"] >= 2 * (0.02 + 0.4)
+    assert said and said[0].startswith("wake-up probe: +")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,6 +23,7 @@ from backends.cost import (
     nnls,
     save_cost_model,
 )
+from backends.cost_base import CostModelError
 from scheduler.config import SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 
@@ -365,3 +367,47 @@ def test_roofline_decode_pricer_gives_the_same_floats_as_pricing_the_plan():
             plan = make_plan(decode=contexts)
             price = m.decode_pricer(list(range(len(contexts))))
             assert price(plan.num_context_tokens) == m.step_time_s(plan), (name, len(contexts))
+
+
+def test_a_wakeup_curve_prices_a_step_after_idle_by_its_wait():
+    from backends.cost_table import wakeup_cost, wakeup_from_curve
+
+    curve = ((0.1, 0.001), (1.0, 0.020), (2.5, 0.030))
+    assert wakeup_from_curve(curve, 0.0) == 0.0
+    assert wakeup_from_curve(curve, 0.05) == pytest.approx(0.0005)  # from (0, 0) to the first knot
+    assert wakeup_from_curve(curve, 0.55) == pytest.approx(0.0105)  # linear between knots
+    assert wakeup_from_curve(curve, 9.0) == pytest.approx(0.030)  # flat beyond the last
+    prof = load_cost_model("cpu-gemma3-270m")
+    assert wakeup_cost(prof, 1.0) == prof.idle_wakeup_s  # no curve: the flat price whatever the wait
+    with_curve = dataclasses.replace(prof, idle_wakeup_curve=curve)
+    assert wakeup_cost(with_curve, 1.0) == pytest.approx(0.020)
+    assert wakeup_cost(with_curve, None) == prof.idle_wakeup_s  # wait unknown: the flat price
+
+
+def test_a_wakeup_curve_survives_a_profile_file_and_a_bad_one_is_refused(tmp_path):
+    prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), idle_wakeup_curve=((0.3, 0.01), (1.0, 0.02)))
+    path = tmp_path / "p.json"
+    save_cost_model(prof, path)
+    assert load_cost_model(path).idle_wakeup_curve == ((0.3, 0.01), (1.0, 0.02))
+    doc = json.loads(path.read_text())
+    doc["params"]["idle_wakeup_curve"] = [[0.3]]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CostModelError, match="idle_wakeup_curve"):
+        load_cost_model(path)
+
+
+def test_the_simulator_charges_a_step_after_idle_the_wakeup_of_its_wait():
+    from backends.synthetic import SyntheticBackend
+    from sim.validate import IdleAwareBackend
+
+    prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), idle_wakeup_curve=((0.1, 0.0), (2.0, 0.040)))
+    plan = lambda now: StepPlan(0, now, (ScheduledChunk("r", 0, 0, tuple(range(16)), True),))  # noqa: E731
+    backend, plain = IdleAwareBackend(SyntheticBackend(prof)), SyntheticBackend(prof)  # the same steps, no idle
+    first = backend.step(plan(0.0)).elapsed_s  # the wait before a run's first step is unknown: flat price
+    assert first == pytest.approx(plain.step(plan(0.0)).elapsed_s + prof.idle_wakeup_s)
+    end = first
+    busy = backend.step(plan(end)).elapsed_s  # straight from the last step: no wake-up
+    assert busy == pytest.approx(plain.step(plan(end)).elapsed_s)
+    end += busy
+    after = backend.step(plan(end + 1.05)).elapsed_s  # a wait of 1.05 s: halfway up the curve
+    assert after == pytest.approx(plain.step(plan(end + 1.05)).elapsed_s + 0.020)

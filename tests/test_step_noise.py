@@ -147,14 +147,19 @@ def test_misses_within_names_the_misses_whose_range_holds_zero():
     assert misses_within(rel, {}) == []
 
 
-def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_on_request(profile):
-    from sim.validate import compare_load
-
+def _noisy_load(profile) -> dict:
+    """A stand-in for measure_load's result: a static run on a backend whose steps scatter 3 % around their price."""
     w = _workload(n=40, rate=2.0)
     rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=9)))
     run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
-    m = {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
-         "cpu_load": {"before": {}, "after": {}}}
+    return {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
+            "cpu_load": {"before": {}, "after": {}}}
+
+
+def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_on_request(profile):
+    from sim.validate import compare_load
+
+    m = _noisy_load(profile)
     load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=3)
     assert load["step_noise"]["runs"] == 3
     jitter = load["step_noise"]
@@ -216,11 +221,8 @@ def test_under_static_batching_the_ensemble_lands_nearer_other_noisy_runs_than_o
 def test_compare_load_predicts_with_the_ensemble_when_given_probe_noise(profile):
     from sim.validate import compare_load
 
-    w = _workload(n=40, rate=2.0)
-    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=9)))
-    run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
-    m = {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
-         "cpu_load": {"before": {}, "after": {}}}
+    m = _noisy_load(profile)
+    w = m["workload"]
     load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=0, ensemble_noise=StepNoise(0.03, 0.01),
                         ensemble_runs=5)
     det, ens = load["deterministic"], load["deterministic"]["ensemble"]
