@@ -11,7 +11,9 @@ strategies and after the last. Then predicts every measured run several ways, si
 - before: the factors of the one probe before the first strategy;
 - ends: the mean of the probes before the first and after the last strategy;
 - bracket: the mean of the probes just before and just after that strategy (what compare and validate do);
-- own: the factors read off that run's own steps (the best any probe could do).
+- own: the factors read off that run's own steps (the best any probe could do);
+- bracket+ens: bracket's factors, predicted as the median of 20 runs with step noise drawn from the two
+  probes' steps (sim.validate.ensemble_predict, as validate predicts).
 
 Prints the relative error (predicted - measured) / measured of TTFT, TPOT and E2E means and throughput for
 each, and the mean absolute error per method.
@@ -27,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from backends.synthetic import SyntheticBackend  # noqa: E402
 from sim.calibrate import probe_run_factor  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
 from sim.cli_common import build_workload  # noqa: E402
@@ -34,7 +37,14 @@ from sim.cli_compare import LLAMA_DEFAULT_LIMIT, LLAMA_DEFAULT_POLICIES, LLAMA_D
 from sim.cli_runs import close, parse_run_specs, prepare, run_config  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
 from sim.model import run_workload  # noqa: E402
-from sim.validate import TimedBackend, fit_run_factors  # noqa: E402
+from sim.validate import (  # noqa: E402
+    ENSEMBLE_RUNS,
+    TimedBackend,
+    ensemble_predict,
+    fit_run_factors,
+    merge_noise,
+    step_noise,
+)
 
 METRICS = [("ttft_s", "mean"), ("tpot_s", "mean"), ("e2e_s", "mean"), ("throughput_rps",)]
 
@@ -67,10 +77,15 @@ def main() -> int:
     totals: dict[str, list[float]] = {}
     try:
         for rep in range(opts.repeat):
-            def probe():
-                return probe_run_factor(ctx.llama.fresh_backends(), ctx.config, profile, False, args.seed,
-                                        lambda _t: None, requests=opts.probe_requests, sample_of=workload,
-                                        policy="continuous")
+            noises = []
+
+            def probe(noises=noises):
+                steps: list = []
+                out = probe_run_factor(ctx.llama.fresh_backends(), ctx.config, profile, False, args.seed,
+                                       lambda _t: None, requests=opts.probe_requests, sample_of=workload,
+                                       policy="continuous", samples_out=steps)
+                noises.append(merge_noise([step_noise(s, profile, idle) for s, idle in steps]))
+                return out
 
             t0 = time.perf_counter()
             probes = [probe()]
@@ -97,13 +112,17 @@ def main() -> int:
                 ways = {"bundled": (profile.run_factor, profile.factor(True)), "before": factors(probes[0]),
                         "ends": mean(probes[0], probes[-1]), "bracket": mean(probes[i], probes[i + 1]),
                         "own": (own["by_kind"]["decode"]["factor"], own["by_kind"]["prefill"]["factor"])}
+                ways["bracket+ens"] = ways["bracket"]
                 for way, (dec, pre) in ways.items():
                     model = dataclasses.replace(profile, run_factor=dec, prefill_run_factor=pre)
-                    from backends.synthetic import SyntheticBackend
-
-                    pred = summarize(run_workload(workload, spec.policy, config,
-                                                  [SyntheticBackend(model) for _ in range(args.instances)],
-                                                  router=args.router))
+                    if way == "bracket+ens":  # the median of noisy reruns, noise from the two probes' steps
+                        noise = merge_noise([noises[i], noises[i + 1]])
+                        pred = ensemble_predict(workload, spec.policy, config, model, args.instances, args.router,
+                                                noise, ENSEMBLE_RUNS, args.seed)["summary"]
+                    else:
+                        pred = summarize(run_workload(workload, spec.policy, config,
+                                                      [SyntheticBackend(model) for _ in range(args.instances)],
+                                                      router=args.router))
                     errs = [(get(pred, m) - get(measured, m)) / get(measured, m) * 100 for m in METRICS]
                     totals.setdefault(way, []).extend(abs(e) for e in errs)
                     print(f"  {spec.label:<32} {way:<8} x{dec:.3f}/x{pre:.3f}  "
