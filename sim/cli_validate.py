@@ -6,10 +6,12 @@ SimPy real time; the predicted side runs SyntheticBackend(profile) in virtual ti
 load (--rates, default 0.3x, 0.7x and 1.2x of the capacity the profile predicts for the
 workload) arrivals are re-timed as a Poisson process at that rate with --seed, keeping
 the workload's lengths. Default workload: the bundled default trace slice at length
-scale 0.1 with its 32-token shared prefixes, all 200 requests (about 7.5 minutes here).
+scale 0.1 with its 32-token shared prefixes, all 200 requests (about 10 minutes here).
 Around each load, 30 s real-time probes (64 requests drawn from the workload, at 0.7x
 capacity) just before and just after it refit a table profile's two run factors to the
-machine's speed during the load (the mean of the two).
+machine's speed during the load (the mean of the two), each with a 13 s wake-up probe
+(prefills after idle waits of 0.1-2.5 s) that prices a step after idle by its wait. The
+prediction is the median of 20 simulated runs with step noise drawn from the probes' steps.
 
 Prints measured vs predicted TTFT, TPOT, E2E (mean, p50, p90, p99) and throughput with
 (predicted - measured) / measured, against the targets (means and throughput within 5%,

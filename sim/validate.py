@@ -564,13 +564,7 @@ def ensemble_predict(workload: Workload, policy: Any, config: SchedulerConfig, p
     sims = [predict(workload, policy, config, NoisyModel(profile, noise, seed + ENSEMBLE_SEED + k), instances, router)
             for k in range(runs)]
     sums = [summarize(r) for r in sims]
-
-    def med(values: list) -> float | None:
-        values = [v for v in values if v is not None]
-        return float(np.median(values)) if values else None
-
-    medians = {k: {s: med([x[k][s] for x in sums]) for s in STATS} for k in METRICS}
-    medians["throughput_rps"] = med([x["throughput_rps"] for x in sums])
+    medians = _stat_medians(sums)
 
     def distance(x: dict) -> float:
         pairs = [(x[k][s], medians[k][s]) for k in METRICS for s in STATS]
@@ -602,18 +596,19 @@ def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profi
               for k in range(runs)]
     return {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "block_s": noise.block_s, "runs": runs,
             "draws": "the run's own residuals" if noise.own_draws else "lognormal",
-            "rel_error_range": _error_ranges(errors), "rel_error_median": _error_medians(errors)}
+            "rel_error_range": _error_ranges(errors), "rel_error_median": _stat_medians(errors)}
 
 
-def _error_medians(errors: list[dict]) -> dict:
-    """The median of each statistic's relative error over several predictions (None where undefined): the
-    error of the reruns' median prediction, since each statistic's measured value is the same in all."""
+def _stat_medians(docs: list[dict]) -> dict:
+    """The median of each latency statistic and of throughput over several summaries or relative-error dicts
+    (None where undefined). Over relative errors against one measured run, it is the error of the median
+    prediction, since each statistic's measured value is the same in all."""
     def median(values: list) -> float | None:
         values = [v for v in values if v is not None]
         return float(np.median(values)) if values else None
 
-    out: dict = {k: {s: median([e[k][s] for e in errors]) for s in STATS} for k in METRICS}
-    out["throughput_rps"] = median([e["throughput_rps"] for e in errors])
+    out: dict = {k: {s: median([d[k][s] for d in docs]) for s in STATS} for k in METRICS}
+    out["throughput_rps"] = median([d["throughput_rps"] for d in docs])
     return out
 
 
