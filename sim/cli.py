@@ -38,6 +38,14 @@ PROG = "tokenstep"
 REQUIRED_PACKAGES = frozenset({"simpy", "numpy", "hypothesis", "matplotlib"})
 
 
+def missing_package(exc: BaseException) -> str | None:
+    """The required package (REQUIRED_PACKAGES) whose absence raised exc, if that is what it is."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    top = exc.name.split(".")[0]
+    return top if top in REQUIRED_PACKAGES else None
+
+
 def _module_exists(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -54,8 +62,7 @@ def available_commands(selected: str | None = None) -> dict[str, ModuleType]:
         try:
             out[name] = importlib.import_module(module_name)
         except Exception as exc:
-            missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in REQUIRED_PACKAGES
-            if name == selected or missing:
+            if name == selected or missing_package(exc):
                 raise
             print(f"{PROG}: warning: subcommand {name!r} is unavailable ({module_name} failed to import)",
                   file=sys.stderr)
@@ -159,21 +166,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] not in REQUIRED_PACKAGES:
-            print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-            traceback.print_exc()
-            return 1
-        print(f"{PROG}: error: the package {exc.name.split('.')[0]!r} is not installed in this Python "
-              f"({sys.executable}); install tokenstep with its dependencies: pip install -e . (from the "
-              "repository; add [llama] for the real backend)", file=sys.stderr)
-        return 2
     except (ValueError, OSError) as exc:  # TraceError, CostModelError, ModelError are ValueErrors
         if os.environ.get("TOKENSTEP_DEBUG") == "1":
             traceback.print_exc()
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        package = missing_package(exc)
+        if package:  # an install problem, not a bug
+            print(f"{PROG}: error: the package {package!r} is not installed in this Python ({sys.executable}); "
+                  "install tokenstep with its dependencies: pip install -e . (from the repository; add [llama] "
+                  "for the real backend)", file=sys.stderr)
+            return 2
         print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         traceback.print_exc()
         return 1
