@@ -428,6 +428,34 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     return probe
 
 
+def speed_probe(backends: Sequence[Any], profile: Any, config: SchedulerConfig, seed: int,
+                say: Callable[[str], None], requests: int, workload: Any, policy: Any,
+                wakeup: bool = False) -> tuple[dict | None, Any]:
+    """The probe `validate` runs around each load and `compare --backend llama` around each strategy: a
+    real-time run of `requests` requests drawn from the workload (probe_run_factor, sample_of) that fits a
+    table profile's run factors to the machine's speed now, and the scatter of its steps around their prices
+    (sim.validate.StepNoise, summarised in the probe's "step_noise"). With wakeup, a wake-up probe
+    (probe_wakeup) runs first, the run-factor probe prices its steps after idle by their waits, and the probe
+    carries it as "wakeup". (None, None): no probe (requests 0, or a profile without run factors).
+    """
+    from sim.validate import merge_noise, step_noise
+
+    if requests == 0 or not isinstance(profile, TableCostModel):
+        return None, None
+    wake = probe_wakeup(backends[0], config, seed, say) if wakeup else None
+    model = replace(profile, idle_wakeup_curve=tuple(map(tuple, wake["knots"]))) if wake else profile
+    steps: list = []
+    probe = probe_run_factor(backends, config, model, False, seed, say, requests=requests, sample_of=workload,
+                             policy=policy, samples_out=steps)
+    noise = merge_noise([step_noise(s, model, idle) for s, idle in steps])
+    if noise is not None:
+        probe["step_noise"] = {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma,
+                               "steps": sum(len(s) for s, _ in steps)}
+    if wake:
+        probe["wakeup"] = wake
+    return probe, noise
+
+
 WAKEUP = {"idles_s": (0.1, 0.3, 1.0, 2.5), "repeats": 3, "prompt": 16}
 
 
@@ -464,19 +492,20 @@ def probe_wakeup(backend, config: SchedulerConfig, seed: int, say: Callable[[str
     0.5 s, +26 ms after 2 s, the same for a 16- and a 200-token prompt: benchmarks/idle_wakeup.py) and moves
     from day to day (the same machine's calibration grid read 0.8 ms after 0.25 s). Each wait runs `repeats`
     times in a shuffled order; each knot is the median over its repeats of (after the wait - right after),
-    at least 0. Returns {"knots": [[idle_s, extra_s], ...], ...}: a TableCostModel's idle_wakeup_curve.
+    at least 0. Returns {"knots": [[idle_s, extra_s], ...], ...}: a TableCostModel's idle_wakeup_curve; and
+    "times_s": [[idle_s, [[after the wait, right after], ...]], ...], every pair timed.
     """
     rng = np.random.default_rng(seed + 4099)
     order = [i for i in idles_s for _ in range(repeats)]
     rng.shuffle(order)
     t0 = time.perf_counter()
     prefill_after_idle(backend, config, prompt_len, 0.0, rng)  # warm
-    diffs: dict[float, list[float]] = {i: [] for i in idles_s}
+    pairs: dict[float, list[tuple[float, float]]] = {i: [] for i in idles_s}
     for idle in order:
-        after, right_after = prefill_after_idle(backend, config, prompt_len, idle, rng)
-        diffs[idle].append(after - right_after)
-    knots = [[float(i), max(0.0, float(np.median(diffs[i])))] for i in sorted(idles_s)]
+        pairs[idle].append(prefill_after_idle(backend, config, prompt_len, idle, rng))
+    knots = [[float(i), max(0.0, float(np.median([a - r for a, r in pairs[i]])))] for i in sorted(idles_s)]
     out = {"knots": knots, "repeats": repeats, "prompt_tokens": prompt_len,
+           "times_s": [[float(i), [list(p) for p in pairs[i]]] for i in sorted(idles_s)],
            "wall_s": round(time.perf_counter() - t0, 1),
            "note": "extra seconds of a prefill after an idle wait of idle_s over the same prefill right after it "
                    "(median over repeats)"}

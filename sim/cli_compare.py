@@ -123,18 +123,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _speed_probe(ctx, workload) -> dict | None:
-    """A real-time probe fitting the profile's run factors to the machine now (None: no llama, no table profile,
-    or --probe-requests 0). The instances' KV is cleared after it; the runs take fresh backends anyway."""
-    from backends.cost_table import TableCostModel
-    from sim.calibrate import probe_run_factor
+    """sim.calibrate.speed_probe on the real instances (None: no llama, no table profile, or --probe-requests
+    0). The instances' KV is cleared after it; the runs take fresh backends anyway."""
+    from sim.calibrate import speed_probe
 
     args = ctx.args
-    n = LLAMA_PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
-    if ctx.llama is None or n == 0 or not isinstance(ctx.cost, TableCostModel):
+    if ctx.llama is None:
         return None
-    return probe_run_factor(ctx.llama.fresh_backends(), ctx.config, ctx.cost, False, args.seed,
-                            lambda text: log(args, f"compare: {text}"), requests=n, sample_of=workload,
-                            policy="continuous")
+    n = LLAMA_PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
+    probe, _noise = speed_probe(ctx.llama.fresh_backends(), ctx.cost, ctx.config, args.seed,
+                                lambda text: log(args, f"compare: {text}"), n, workload, "continuous")
+    return probe
 
 
 # p90s, not p99s: of the main job's 60 requests a p99 is the slowest one (--json has every statistic)

@@ -52,7 +52,6 @@ from sim.validate import (
     merge_noise,
     misses,
     misses_within,
-    step_noise,
 )
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
@@ -213,33 +212,16 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
 
     This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
     load's run factors come from probes run just before and just after it (sim.validate.bracket_factors),
-    against the profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the validated
-    workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts for them,
-    under the validated policy and scheduler limits, so its mix of step shapes is the workload's. With
-    several instances it runs on all of them at once (that many requests each), as the load does.
+    against the profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the
+    validated workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts
+    for them, under the validated policy and scheduler limits, so its mix of step shapes is the workload's.
+    With several instances it runs on all of them at once (that many requests each), as the load does.
     """
-    import dataclasses
-
-    from backends.cost_table import TableCostModel
-    from sim.calibrate import probe_run_factor, probe_wakeup
+    from sim.calibrate import speed_probe
 
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
-    if n == 0 or not isinstance(profile, TableCostModel):
-        return None, None
-    say = lambda text: _log(args, f"validate: {text}")  # noqa: E731
-    # the wake-up first: the run-factor probe then prices its steps after idle by their waits
-    wakeup = probe_wakeup(backends[0], config, args.seed, say) if args.wakeup_probe else None
-    model = dataclasses.replace(profile, idle_wakeup_curve=tuple(map(tuple, wakeup["knots"]))) if wakeup else profile
-    steps: list = []
-    probe = probe_run_factor(backends, config, model, False, args.seed, say, requests=n, sample_of=workload,
-                             policy=args.policy, samples_out=steps)
-    noise = merge_noise([step_noise(s, model, idle) for s, idle in steps])
-    if noise is not None:
-        probe["step_noise"] = {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma,
-                               "steps": sum(len(s) for s, _ in steps)}
-    if wakeup:
-        probe["wakeup"] = wakeup
-    return probe, noise
+    return speed_probe(backends, profile, config, args.seed, lambda text: _log(args, f"validate: {text}"), n,
+                       workload, args.policy, wakeup=args.wakeup_probe)
 
 
 def _warm_up(backend, config) -> None:
