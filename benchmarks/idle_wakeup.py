@@ -2,9 +2,10 @@
 
     python benchmarks/idle_wakeup.py [--idles 0,0.05,0.25,1,3] [--repeats 6] [--prompt 64]
 
-One prompt of --prompt tokens is prefilled after the engine has waited --idles seconds with nothing to do
-(time.sleep, as the real-time driver waits for an arrival), each wait --repeats times in a shuffled order;
-a second prompt right after the first, without a wait, gives the no-idle time of the same shape. Prints the
+sim.calibrate.probe_wakeup, as `validate` runs it, with the waits, repeats and prompt length given: one prompt
+of --prompt tokens is prefilled after the engine has waited --idles seconds with nothing to do (time.sleep, as
+the real-time driver waits for an arrival), each wait --repeats times in a shuffled order; a second prompt right
+after the first, without a wait, gives the no-idle time of the same shape. Prints the
 median of each, the median excess over no-idle, and the profile's price with and without its idle term.
 """
 
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backends.cost import load_cost_model  # noqa: E402
 from scheduler.messages import ScheduledChunk, StepPlan  # noqa: E402
-from sim.calibrate import prefill_after_idle  # noqa: E402
+from sim.calibrate import probe_wakeup  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 
 
@@ -37,21 +38,15 @@ def main() -> int:
     profile = load_cost_model(args.profile)
     b = backends[0]
     try:
-        rng = np.random.default_rng(0)
-        prefill_after_idle(b, config, args.prompt, 0.0, rng)
-        order = [i for i in idles for _ in range(args.repeats)]
-        np.random.default_rng(0).shuffle(order)
-        got: dict[float, list[tuple[float, float]]] = {i: [] for i in idles}
-        for idle in order:
-            got[idle].append(prefill_after_idle(b, config, args.prompt, idle, rng))
+        probe = probe_wakeup(b, config, 0, lambda _text: None, idles, args.repeats, args.prompt)
         plan = StepPlan(0, 0.0, (ScheduledChunk("r", 0, 0, tuple(range(args.prompt)), True),))
         base = profile.step_time_s(plan)
         print(f"prompt {args.prompt} tokens, {args.repeats} repeats per wait, profile {args.profile}: price "
               f"{base * 1e3:.1f} ms without its idle term, {(base + profile.idle_wakeup_s) * 1e3:.1f} ms with it")
         print(f"{'idle s':>7} {'after ms':>9} {'next ms':>8} {'excess ms':>10} {'excess/price':>13}")
-        for idle in idles:
-            a = np.array([x for x, _ in got[idle]]) * 1e3
-            r = np.array([y for _, y in got[idle]]) * 1e3
+        for idle, pairs in probe["times_s"]:
+            a = np.array([x for x, _ in pairs]) * 1e3
+            r = np.array([y for _, y in pairs]) * 1e3
             ex = np.median(a - r)
             print(f"{idle:>7g} {np.median(a):>9.1f} {np.median(r):>8.1f} {ex:>+10.1f} "
                   f"{ex / (base * 1e3) * 100:>+12.1f}%")

@@ -649,4 +649,8 @@ def test_the_wakeup_probe_times_prefills_after_each_wait_against_the_same_right_
     out = probe_wakeup(llama_backend, config, 0, said.append, idles_s=(0.02, 0.4), repeats=2, prompt_len=12)
     assert [i for i, _ in out["knots"]] == [0.02, 0.4] and all(0 <= e < 1.0 for _, e in out["knots"])
     assert out["repeats"] == 2 and out["prompt_tokens"] == 12 and out["wall_s"] >= 2 * (0.02 + 0.4)
+    # every timed pair kept; each knot is the median of its pairs' differences, at least 0
+    for (idle, pairs), (knot_idle, extra) in zip(out["times_s"], out["knots"], strict=True):
+        assert idle == knot_idle and len(pairs) == 2
+        assert extra == max(0.0, (pairs[0][0] - pairs[0][1] + pairs[1][0] - pairs[1][1]) / 2)
     assert said and said[0].startswith("wake-up probe: +")
