@@ -6,6 +6,7 @@ import math
 import zlib
 from collections.abc import Mapping
 
+from backends.cost_table import wakeup_cost
 from scheduler.messages import StepPlan, StepResult
 
 
@@ -36,6 +37,10 @@ class SyntheticBackend:
         # (step_after; see backends.cost_graph): None on a fresh context
         self.graph: tuple | None = None
         self._step_after = getattr(cost_model, "step_after", None)
+        # the virtual time the last step ended (the engine's decode fast-forward moves it too): a step whose
+        # plan starts later follows an idle engine and pays the cost model's wake-up for its wait
+        self.end_s: float | None = None
+        self._wakes = bool(getattr(cost_model, "idle_wakeup_s", 0.0) or getattr(cost_model, "idle_wakeup_curve", ()))
         self._build_cycle()
 
     def _seed(self, request_id: str) -> int:
@@ -88,7 +93,9 @@ class SyntheticBackend:
         return not self.scripted_eos
 
     def step(self, plan: StepPlan) -> StepResult:
-        """Sample one token per sampling chunk; elapsed_s from the cost model."""
+        """Sample one token per sampling chunk; elapsed_s from the cost model, plus its wake-up
+        (backends.cost_table.wakeup_cost: by the wait's length when the model has an idle_wakeup_curve) when
+        the engine waited for this plan (the first step of a run: the wait is unknown, the flat price)."""
         for request_id in plan.finished_request_ids:
             self._num_sampled.pop(request_id, None)
             self._seeds.pop(request_id, None)
@@ -103,5 +110,10 @@ class SyntheticBackend:
         self.num_steps += 1
         if self._step_after is not None:
             elapsed, self.graph = self._step_after(plan, self.graph)
-            return StepResult(sampled, elapsed)
-        return StepResult(sampled, self.cost_model.step_time_s(plan))
+        else:
+            elapsed = self.cost_model.step_time_s(plan)
+        end = self.end_s
+        if self._wakes and plan.chunks and (end is None or plan.now_s != end):
+            elapsed += wakeup_cost(self.cost_model, None if end is None else plan.now_s - end)
+        self.end_s = plan.now_s + elapsed
+        return StepResult(sampled, elapsed)

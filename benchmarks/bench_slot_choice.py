@@ -27,17 +27,18 @@ from scheduler import SchedulerConfig  # noqa: E402
 from scheduler.config import SLOT_CHOICES  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
 from sim.model import run_workload  # noqa: E402
-from sim.validate import IdleAwareBackend, retime  # noqa: E402
+from sim.validate import retime  # noqa: E402
 
 RATES = (1.11, 2.6, 4.45)
 POLICIES = {"continuous": {}, "chunked": {"max_num_batched_tokens": 128}}
 
 
-class PassCounter(IdleAwareBackend):
-    """Counts llama.cpp forward passes (micro-batches) per step, as the profile splits them."""
+class PassCounter(SyntheticBackend):
+    """Counts llama.cpp forward passes (micro-batches) per step, as the profile splits them (run it step by
+    step: the decode fast-forward skips step())."""
 
-    def __init__(self, inner) -> None:
-        super().__init__(inner)
+    def __init__(self, cost_model) -> None:
+        super().__init__(cost_model)
         self.passes: list[int] = []
         self.moves = 0
 
@@ -99,9 +100,9 @@ def main() -> int:
             w = retime(workload, rate, 0)
             row = {"policy": policy, "rate": rate}
             for choice in choices:
-                backend = PassCounter(SyntheticBackend(profile))
+                backend = PassCounter(profile)
                 cfg = dataclasses.replace(base, slot_choice=choice, **limits)
-                records = run_workload(w, policy, cfg, [backend])
+                records = run_workload(w, policy, cfg, [backend], fast_forward=False)
                 s = summarize(records)
                 row[choice] = {"tpot_mean_s": s["tpot_s"]["mean"], "e2e_mean_s": s["e2e_s"]["mean"],
                                "throughput_rps": s["throughput_rps"], "prefix_hit_rate": s["prefix_hit_rate"],

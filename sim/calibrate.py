@@ -271,8 +271,12 @@ def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name
 
 def calibrate(model: str | None = None, options: dict | None = None, quick: bool = False, repeats: int | None = None,
               seed: int = 0, name: str = "calibrated", progress: Callable[[str], None] | None = None,
-              instances: int = 1) -> Calibration:
+              instances: int = 1, wakeup: bool = True) -> Calibration:
     """Profile the real backend on the grid and fit a TableCostModel; meta says where it came from.
+
+    wakeup: a wake-up probe (probe_wakeup; the quick grid's shorter, WAKEUP_QUICK) gives the profile an
+    idle_wakeup_curve, the price of a step after idle by the wait's length, kept in meta["wakeup"]; the
+    grid's flat idle_wakeup_s stays for a step whose wait is unknown.
 
     instances > 1: a profile for one of that many instances sharing the machine. The grid is timed on one
     context while the others serve a steady load on their own threads (sim.neighbours), and the run
@@ -324,6 +328,12 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
         cal = fit_and_score(samples, split, name, meta)
         cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
+        if wakeup:
+            wake = probe_wakeup(b, config, seed, lambda text: say(f"calibrate: {text}"),
+                                **(WAKEUP_QUICK if quick else {}))
+            cal.model = replace(cal.model, idle_wakeup_curve=tuple(map(tuple, wake["knots"])),
+                                meta={**cal.model.meta, "wakeup": wake})
+            cal.stats["wakeup"] = wake
         probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
         cal.model = replace(cal.model, run_factor=probe["run_factor"],
                             prefill_run_factor=probe["prefill_run_factor"], meta={**cal.model.meta, "run_probe": probe})
@@ -457,6 +467,7 @@ def speed_probe(backends: Sequence[Any], profile: Any, config: SchedulerConfig, 
 
 
 WAKEUP = {"idles_s": (0.1, 0.3, 1.0, 2.5), "repeats": 3, "prompt": 16}
+WAKEUP_QUICK = {"idles_s": (0.1, 1.0), "repeats": 2}  # calibrate --quick: about 2.5 s
 
 
 def prefill_after_idle(backend, config: SchedulerConfig, prompt_len: int, idle_s: float,
@@ -582,4 +593,8 @@ def refit(path: str | os.PathLike, name: str) -> Calibration:
         cal.model = replace(cal.model, run_factor=float(probe["run_factor"]),
                             prefill_run_factor=None if pf is None else float(pf))
         cal.stats["run_probe"] = probe
+    wake = header["meta"].get("wakeup")
+    if isinstance(wake, dict) and wake.get("knots"):  # measured apart from the grid: kept as it was
+        cal.model = replace(cal.model, idle_wakeup_curve=tuple((float(a), float(b)) for a, b in wake["knots"]))
+        cal.stats["wakeup"] = wake
     return cal

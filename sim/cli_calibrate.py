@@ -6,7 +6,9 @@ prefix copies, padded static batches, steps after an idle wait) through the back
 step's time is the wall time of schedule() + step() + commit(), the median of its repeats
 within 1.10x of the fastest (on a shared CPU, slower repeats are contention). Fits a "table" cost model
 (llama.cpp's micro-batch split replayed, piecewise-linear tables per micro-batch) and
-reports its error on held-out steps (every 4th), next to the linear "fitted" form.
+reports its error on held-out steps (every 4th), next to the linear "fitted" form. A wake-up
+probe then times prefills after idle waits of several lengths (the profile's idle_wakeup_curve)
+and a short real-time serving run fits the run factors.
 The profile's meta says which model file, llama-cpp-python build, context and machine
 it came from, and how loaded the CPU was. Progress goes to stderr.
 """
@@ -34,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="profile one of N instances sharing this machine: the grid is timed while the other "
                              "N-1 serve a steady load, and the probe runs on all N at once (default 1); for "
                              "`simulate/validate --instances N`")
+    parser.add_argument("--no-wakeup-probe", action="store_true",
+                        help="skip the wake-up probe (prefills after idle waits of 0.1-2.5 s, about 13 s; --quick: "
+                             "0.1 and 1 s, about 3 s): the profile then prices every step after idle at the grid's "
+                             "flat wake-up, whatever the wait")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
@@ -89,6 +95,12 @@ def report(meta: dict, stats: dict, path: Path) -> str:
         lines.append(f"  {kind:<18} {_pct(s)}")
     lines.append(f"table model on the steps it was fitted on: {_pct(stats['train'])}")
     lines.append(f"linear 'fitted' form on the same held-out steps: {_pct(stats['linear_fitted_held_out'])}")
+    wake = stats.get("wakeup")
+    if wake:
+        lines.append("wake-up: a prefill after an idle wait over the same prefill right after it (median of "
+                     f"{wake['repeats']}): " + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in wake["knots"])
+                     + f" ({wake['wall_s']:.0f} s); the profile prices a step after idle by its wait, linear "
+                     "between these, flat beyond")
     probe = stats.get("run_probe")
     if probe:
         pf = probe.get("prefill_run_factor")
@@ -121,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         options = {} if args.threads is None else {"n_threads": args.threads}
         cal = calibrate(args.model or DEFAULT_MODEL, options, quick=args.quick, repeats=args.repeats, seed=args.seed,
-                        name=out.stem, progress=say, instances=args.instances)
+                        name=out.stem, progress=say, instances=args.instances, wakeup=not args.no_wakeup_probe)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(cal.model, out)
     if args.samples:

@@ -182,6 +182,8 @@ class Engine:
                 break
             if hasattr(self.backend, "graph"):
                 self.backend.graph = graph
+            if hasattr(self.backend, "end_s"):  # the next plain step straight after the jump is not after idle
+                self.backend.end_s = ends[-1]
             used = pool.num_used_blocks
             announced, done, adds = apply_decode_steps(sched, m, self.backend.take_tokens)
             if announced:

@@ -137,25 +137,6 @@ class TimedBackend:
         return StepResult(result.sampled_token_ids, elapsed, result.failed)
 
 
-class IdleAwareBackend:
-    """SyntheticBackend(profile) that adds the profile's wake-up price (backends.cost_table.wakeup_cost: by the
-    idle wait's length when the profile has an idle_wakeup_curve) to a step that follows an idle engine."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.cost_model = inner.cost_model
-        self._end: float | None = None
-
-    def step(self, plan: StepPlan) -> StepResult:
-        """The inner step, with the wake-up added when the engine waited for this plan."""
-        result = self.inner.step(plan)
-        elapsed = result.elapsed_s
-        if (self._end is None or plan.now_s != self._end) and plan.chunks:
-            elapsed += wakeup_cost(self.cost_model, None if self._end is None else plan.now_s - self._end)
-        self._end = plan.now_s + elapsed
-        return StepResult(result.sampled_token_ids, elapsed, result.failed)
-
-
 def estimate_capacity(profile: Any, workload: Workload, policy: Any, config: SchedulerConfig, instances: int = 1,
                       router: str = "least_outstanding") -> float:
     """Requests/s the profile predicts for `instances` instances when the whole workload arrives at once."""
@@ -376,15 +357,13 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
 
 def predict(workload: Workload, policy: Any, config: SchedulerConfig, model: Any, instances: int,
             router: str = "least_outstanding") -> RunResult:
-    """The simulated run of a workload on `instances` SyntheticBackend(model)s, with the idle wake-up.
-
-    The wrapper has no take_tokens, so this run goes step by step: the decode fast-forward prices steps from
-    counters alone, without the slots that decide llama.cpp's micro-batches, and without the idle wake-up.
-    """
+    """The simulated run of a workload on `instances` SyntheticBackend(model)s (which charge a step after idle
+    the model's wake-up for its wait). A table model's run skips decode stretches (exact: the fast-forward
+    prices them as its steps would); a noisy one (NoisyModel) goes step by step, one draw a step."""
     from backends.synthetic import SyntheticBackend
 
-    return run_workload(workload, policy, config, [IdleAwareBackend(SyntheticBackend(model))
-                                                   for _ in range(instances)], router=router)
+    return run_workload(workload, policy, config, [SyntheticBackend(model) for _ in range(instances)],
+                        router=router, fast_forward=None if hasattr(model, "decode_stretch") else False)
 
 
 PRICE_DELTA = 0.02  # step-price error a prediction is tested against: probe-to-run drift here was 0.1-3.9 %

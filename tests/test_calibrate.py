@@ -281,6 +281,12 @@ def test_quick_calibration_writes_a_profile_that_loads_and_says_where_it_came_fr
             assert kind["factor"] == probe["overall_factor"]
         assert 0.9 < kind["factor"] < 1.2  # a serving run costs a little more than back-to-back grid steps
     assert probe["by_kind"]["decode"]["steps"] + probe["by_kind"]["prefill"]["steps"] == probe["steps"]
+    # the wake-up probe: the price of a step after idle by the wait's length, kept in the profile
+    wake = meta["wakeup"]
+    assert [i for i, _ in model.idle_wakeup_curve] == [0.1, 1.0] == [i for i, _ in wake["knots"]]
+    assert [list(k) for k in model.idle_wakeup_curve] == wake["knots"] and wake["repeats"] == 2
+    assert all(0.0 <= e < 0.5 for _, e in model.idle_wakeup_curve)
+    assert doc["fit"]["wakeup"]["knots"] == wake["knots"]
 
 
 def test_prefill_run_factor_prices_only_steps_with_prompt_tokens():
@@ -347,7 +353,9 @@ def test_refit_from_the_samples_file_needs_no_measuring(quick, tmp_path):
     again = json.loads(out.getvalue())
     assert again["fit"]["held_out"]["n"] == doc["fit"]["held_out"]["n"]
     assert again["meta"]["model"] == doc["meta"]["model"]
-    assert isinstance(load_cost_model(tmp_path / "re.json"), TableCostModel)
+    refitted = load_cost_model(tmp_path / "re.json")
+    assert isinstance(refitted, TableCostModel)
+    assert [list(k) for k in refitted.idle_wakeup_curve] == doc["meta"]["wakeup"]["knots"]  # measured apart: kept
 
 
 def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path):

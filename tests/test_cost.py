@@ -398,11 +398,12 @@ def test_a_wakeup_curve_survives_a_profile_file_and_a_bad_one_is_refused(tmp_pat
 
 def test_the_simulator_charges_a_step_after_idle_the_wakeup_of_its_wait():
     from backends.synthetic import SyntheticBackend
-    from sim.validate import IdleAwareBackend
 
     prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), idle_wakeup_curve=((0.1, 0.0), (2.0, 0.040)))
     plan = lambda now: StepPlan(0, now, (ScheduledChunk("r", 0, 0, tuple(range(16)), True),))  # noqa: E731
-    backend, plain = IdleAwareBackend(SyntheticBackend(prof)), SyntheticBackend(prof)  # the same steps, no idle
+    # the same steps priced without any wake-up
+    backend, plain = SyntheticBackend(prof), SyntheticBackend(dataclasses.replace(prof, idle_wakeup_s=0.0,
+                                                                                  idle_wakeup_curve=()))
     first = backend.step(plan(0.0)).elapsed_s  # the wait before a run's first step is unknown: flat price
     assert first == pytest.approx(plain.step(plan(0.0)).elapsed_s + prof.idle_wakeup_s)
     end = first
