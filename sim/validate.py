@@ -265,7 +265,15 @@ def price_samples(model: Any, samples: Sequence[tuple[StepPlan, float, float, bo
     """A real run's steps (TimedBackend.samples) priced in the order they ran (price_run). idle_s: each step's
     idle wait before it (TimedBackend.idle_s), so that a step after idle pays the wake-up its wait costs
     (wakeup_cost: the model's idle_wakeup_curve) instead of the flat idle_wakeup_s."""
-    prices = price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
+    steps = [(plan, idle) for plan, _t, _gap, idle in samples]
+    if idle_s is None:
+        prices = price_run(model, steps)
+    else:
+        # a step with no known wait is the first on a fresh context (TimedBackend), where llama.cpp's graph starts
+        # afresh: this also keeps apart the instances of a multi-instance run, whose samples come one after another
+        starts = sorted({0} | {i for i, d in enumerate(idle_s) if d is None})
+        ends = starts[1:] + [len(steps)]
+        prices = [p for a, b in zip(starts, ends, strict=True) for p in price_run(model, steps[a:b])]
     if idle_s is None or not getattr(model, "idle_wakeup_curve", ()):
         return prices
     flat = float(getattr(model, "idle_wakeup_s", 0.0))

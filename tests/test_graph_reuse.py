@@ -145,3 +145,20 @@ def test_a_profile_with_broken_graph_params_is_refused(model, change, message):
     params = model.to_dict()["params"]
     with pytest.raises(ValueError, match=message):
         TableCostModel.from_dict({**params, **change}, {}, "broken", "bad.json")
+
+
+def test_a_multi_instance_runs_steps_are_priced_each_on_its_own_context(model):
+    """validate concatenates the instances' timed steps; each instance's first step (wait unknown) starts on
+    a fresh graph, not after the other instance's last step."""
+    from sim.validate import price_samples
+
+    a = [_decodes([0, 1], 40), _decodes([0, 1], 41)]
+    b = [_decodes([0, 1], 42), _decodes([0, 1], 43)]  # the same shape as a's last step: no build if chained
+    sample = lambda plan: (plan, 0.03, 0.0, False)  # noqa: E731
+    together = price_samples(model, [sample(p) for p in a + b], [None, 0.0, None, 0.0])
+    apart = price_samples(model, [sample(p) for p in a], [None, 0.0]) + price_samples(model, [sample(p) for p in b],
+                                                                                        [None, 0.0])
+    assert together == apart
+    chained = price_run(model, [(p, False) for p in a + b])
+    # b's first step builds its graph (times the run factor)
+    assert together[2] - chained[2] == pytest.approx((BUILD_S + 2 * BUILD_SEQ_S) * model.run_factor)
