@@ -576,7 +576,8 @@ class TableCostModel:
                 kw[n] = tuple(kw[n])
         if "idle_wakeup_curve" in kw:
             curve = kw["idle_wakeup_curve"]
-            if not (isinstance(curve, list) and all(isinstance(k, list) and len(k) == 2 for k in curve)):
+            pair = lambda k: isinstance(k, list | tuple) and len(k) == 2  # noqa: E731
+            if not (isinstance(curve, list | tuple) and all(pair(k) for k in curve)):
                 raise CostModelError(f"{source}: table param 'idle_wakeup_curve' must be a list of "
                                      "[idle seconds, extra seconds] pairs")
             kw["idle_wakeup_curve"] = tuple((float(a), float(b)) for a, b in curve)

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {PROBE_REQUESTS}; 0: use the profile's factors as they are)")
     parser.add_argument("--no-wakeup-probe", dest="wakeup_probe", action="store_false",
                         help="skip the wake-up probe run with each speed probe (prefills after idle waits of "
-                             "0.1-2.5 s, about 13 s), and price a step after idle at the profile's flat wake-up")
+                             "0.1-2.5 s, about 13 s), and price a step after idle at the profile's wake-up (its "
+                             "curve, or its flat price when it has none)")
     parser.add_argument("--ensemble-runs", type=nonnegative_int, default=ENSEMBLE_RUNS, metavar="N",
                         help="simulated runs, each with every step's price scattered as the speed probes' steps "
                              "scattered around theirs, whose median is the prediction "
@@ -304,6 +305,14 @@ def _fmt_rel(v: float | None, target: float | None) -> str:
     return f"{v * 100:+.1f}%{mark}"
 
 
+def _profile_wakeup(probe: dict) -> str:
+    """The profile's own wake-up price, as the report names it."""
+    curve = probe.get("profile_idle_wakeup_curve")
+    if curve:
+        return ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
+    return f"+{probe['profile_idle_wakeup_s'] * 1e3:.1f} ms whatever the wait"
+
+
 def format_load(load: dict, policy: str) -> str:
     """The measured-vs-predicted table of one load, its misses and the step-kind breakdown."""
     m, p, r = load["measured"], load["predicted"], load["rel_error"]
@@ -392,8 +401,7 @@ def format_load(load: dict, policy: str) -> str:
         if curve:
             lines.append("a step after idle priced by its wait, from wake-up probes before and after this load: "
                          + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
-                         + f" (linear between, flat beyond; profile: +{probe['profile_idle_wakeup_s'] * 1e3:.1f} ms "
-                           "whatever the wait)")
+                         + " (linear between, flat beyond; profile: " + _profile_wakeup(probe) + ")")
     speed = load.get("at_run_speed")
     if speed:
         pf = speed["prefill_run_factor"]

@@ -704,6 +704,7 @@ def bracket_factors(profile: Any, before: dict | None, after: dict | None,
         curve = tuple((float(i), (b + a) / 2) for (i, b), (_, a) in zip(wb["knots"], wa["knots"], strict=True))
         speed["idle_wakeup_curve"] = [list(k) for k in curve]
         speed["profile_idle_wakeup_s"] = float(getattr(profile, "idle_wakeup_s", 0.0))
+        speed["profile_idle_wakeup_curve"] = [list(k) for k in getattr(profile, "idle_wakeup_curve", ())]
         changes["idle_wakeup_curve"] = curve
     return speed, dataclasses.replace(profile, **changes)
 

@@ -549,7 +549,7 @@ def test_bracket_takes_the_mean_of_the_probes_around_a_load():
     assert speed["profile_run_factor"] == prof.run_factor
     # no probe on either side (--probe-requests 0, or a profile without run factors): the profile as it is
     assert bracket_factors(prof, None, after) == (None, prof) and bracket_factors(prof, before, None) == (None, prof)
-    assert model.idle_wakeup_curve == ()  # no wake-up probes: the flat wake-up stays
+    assert model.idle_wakeup_curve == prof.idle_wakeup_curve  # no wake-up probes: the profile's wake-up stays
     # wake-up probes on both sides: each knot the mean of the two
     before["wakeup"] = {"knots": [[0.1, 0.002], [1.0, 0.020]]}
     after["wakeup"] = {"knots": [[0.1, 0.004], [1.0, 0.030]]}
@@ -557,6 +557,7 @@ def test_bracket_takes_the_mean_of_the_probes_around_a_load():
     assert [i for i, _ in model.idle_wakeup_curve] == [0.1, 1.0]
     assert [e for _, e in model.idle_wakeup_curve] == pytest.approx([0.003, 0.025])
     assert speed["idle_wakeup_curve"] == [list(k) for k in model.idle_wakeup_curve]
+    assert speed["profile_idle_wakeup_curve"] == [list(k) for k in prof.idle_wakeup_curve]
 
 
 def test_speed_timeline_prices_each_window_at_its_own_speed():

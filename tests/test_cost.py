@@ -377,7 +377,7 @@ def test_a_wakeup_curve_prices_a_step_after_idle_by_its_wait():
     assert wakeup_from_curve(curve, 0.05) == pytest.approx(0.0005)  # from (0, 0) to the first knot
     assert wakeup_from_curve(curve, 0.55) == pytest.approx(0.0105)  # linear between knots
     assert wakeup_from_curve(curve, 9.0) == pytest.approx(0.030)  # flat beyond the last
-    prof = load_cost_model("cpu-gemma3-270m")
+    prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), idle_wakeup_curve=())
     assert wakeup_cost(prof, 1.0) == prof.idle_wakeup_s  # no curve: the flat price whatever the wait
     with_curve = dataclasses.replace(prof, idle_wakeup_curve=curve)
     assert wakeup_cost(with_curve, 1.0) == pytest.approx(0.020)
