@@ -363,7 +363,7 @@ def probe_sample(workload: Any, requests: int, seed: int) -> Any:
 
 def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: TableCostModel, quick: bool, seed: int,
                      say: Callable[[str], None], requests: int | None = None, sample_of: Any = None,
-                     policy: Any = None, samples_out: list | None = None) -> dict:
+                     policy: Any = None, samples_out: list | None = None, load: float | None = None) -> dict:
     """Fit the run factors: sum of measured / sum of priced step times over a short real-time serving run,
     one for steps of decodes only (run_factor) and one for steps with prompt tokens (prefill_run_factor).
 
@@ -389,6 +389,8 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     (TimedBackend.samples and .idle_s). A model with an idle_wakeup_curve prices each step after idle by its
     wait (sim.validate.price_samples), so the factors do not take in the wake-ups.
 
+    load: the probe's arrival rate as a share of the capacity the model predicts (default PROBE["load"], 0.7).
+
     backends: the instances sharing the machine (one or more); with several, the probe has
     `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
     factors are fitted on every instance's steps.
@@ -408,9 +410,10 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
         base = probe_sample(sample_of, n, seed)
         n = len(base.requests)
         shape = {"drawn_from": sample_of.description}
-    rate = PROBE["load"] * estimate_capacity(model, base, policy, config, len(backends))
+    load = PROBE["load"] if load is None else load
+    rate = load * estimate_capacity(model, base, policy, config, len(backends))
     say(f"real-time probe: {n} requests{'' if sample_of is None else ' drawn from the workload'} at {rate:.2f} "
-        f"req/s ({PROBE['load']}x the fitted capacity"
+        f"req/s ({load}x the fitted capacity"
         + (f" of {len(backends)} instances)" if len(backends) > 1 else ")"))
     timed = [TimedBackend(b) for b in backends]
     t0 = time.perf_counter()
@@ -425,7 +428,7 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
         raise RuntimeError("the real-time probe ran no step; the run factor cannot be fitted")
     kinds = fit["by_kind"]
     gaps = [g for _plan, _t, g, _idle in samples]
-    probe = {**shape, "load": PROBE["load"], "policy": str(policy), "requests": n, "rate_rps": rate, **fit,
+    probe = {**shape, "load": load, "policy": str(policy), "requests": n, "rate_rps": rate, **fit,
              "wall_s": round(time.perf_counter() - t0, 1),
              "run_factor": kinds["decode"]["factor"], "prefill_run_factor": kinds["prefill"]["factor"],
              "min_steps_per_kind": PROBE_MIN_STEPS,
