@@ -29,9 +29,10 @@ def _prompt(slot: int, pos: int, n: int) -> StepPlan:
 
 @pytest.fixture(scope="module")
 def model() -> TableCostModel:
-    """The bundled profile with known graph prices."""
+    """The bundled profile with known graph prices, and no wake-up: the plans here are hand-made, all at time 0,
+    so a simulated backend would take every step after the first for one after idle."""
     return dataclasses.replace(load_cost_model("cpu-gemma3-270m"), per_graph_build_s=BUILD_S,
-                               per_graph_build_seq_s=BUILD_SEQ_S)
+                               per_graph_build_seq_s=BUILD_SEQ_S, idle_wakeup_s=0.0, idle_wakeup_curve=())
 
 
 def _keys(plan: StepPlan) -> list[tuple]:
