@@ -580,7 +580,7 @@ class TableCostModel:
             if not (isinstance(curve, list | tuple) and all(pair(k) for k in curve)):
                 raise CostModelError(f"{source}: table param 'idle_wakeup_curve' must be a list of "
                                      "[idle seconds, extra seconds] pairs")
-            kw["idle_wakeup_curve"] = tuple((float(a), float(b)) for a, b in curve)
+            kw["idle_wakeup_curve"] = wakeup_curve(curve)
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):
@@ -803,6 +803,16 @@ def graph_chain(plans: Sequence[tuple[StepPlan, bool]], model: TableCostModel) -
         out.append(prev)
         prev = model.graph_after(model.shape(plan, idle), prev)
     return out
+
+
+def wakeup_curve(knots: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
+    """[idle seconds, extra seconds] pairs (a wake-up probe's knots, a profile's JSON) as an idle_wakeup_curve."""
+    return tuple((float(a), float(b)) for a, b in knots)
+
+
+def describe_wakeup(curve: Sequence[Sequence[float]]) -> str:
+    """A wake-up curve for reports: "+1.2 ms after 0.1 s, +8.6 ms after 1 s"."""
+    return ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
 
 
 def wakeup_from_curve(curve: Sequence[tuple[float, float]], idle_s: float) -> float:

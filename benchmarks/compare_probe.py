@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from backends.cost_table import wakeup_curve  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
 from sim.calibrate import probe_run_factor, probe_wakeup  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
@@ -83,8 +84,7 @@ def main() -> int:
     totals: dict[str, list[float]] = {}
     try:
         for rep in range(opts.repeat):
-            noises = []
-
+            noises: list = []  # each probe's step noise
             variants = {"flat": dataclasses.replace(profile, idle_wakeup_curve=()),
                         "none": dataclasses.replace(profile, idle_wakeup_s=0.0, idle_wakeup_curve=())}
             probe_steps: list = []  # each probe's (samples, idle_s) per instance
@@ -102,7 +102,7 @@ def main() -> int:
             probes = [probe()]
             if opts.wakeup_probe:
                 wake = probe_wakeup(ctx.llama.fresh_backends()[0], ctx.config, args.seed, print)
-                variants["probed"] = dataclasses.replace(profile, idle_wakeup_curve=tuple(map(tuple, wake["knots"])))
+                variants["probed"] = dataclasses.replace(profile, idle_wakeup_curve=wakeup_curve(wake["knots"]))
             runs = []
             for spec in specs:
                 timed = [TimedBackend(b) for b in ctx.llama.fresh_backends()]

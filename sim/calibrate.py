@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import TableCostModel, fit_table, graph_chain, percent_errors
+from backends.cost_table import (
+    TableCostModel,
+    describe_wakeup,
+    fit_table,
+    graph_chain,
+    percent_errors,
+    wakeup_curve,
+)
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 from sim.model import run_workload
@@ -331,7 +338,7 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         if wakeup:
             wake = probe_wakeup(b, config, seed, lambda text: say(f"calibrate: {text}"),
                                 **(WAKEUP_QUICK if quick else {}))
-            cal.model = replace(cal.model, idle_wakeup_curve=tuple(map(tuple, wake["knots"])),
+            cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]),
                                 meta={**cal.model.meta, "wakeup": wake})
             cal.stats["wakeup"] = wake
         probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
@@ -456,7 +463,7 @@ def speed_probe(backends: Sequence[Any], profile: Any, config: SchedulerConfig, 
     if requests == 0 or not isinstance(profile, TableCostModel):
         return None, None
     wake = probe_wakeup(backends[0], config, seed, say) if wakeup else None
-    model = replace(profile, idle_wakeup_curve=tuple(map(tuple, wake["knots"]))) if wake else profile
+    model = replace(profile, idle_wakeup_curve=wakeup_curve(wake["knots"])) if wake else profile
     steps: list = []
     probe = probe_run_factor(backends, config, model, False, seed, say, requests=requests, sample_of=workload,
                              policy=policy, samples_out=steps)
@@ -523,7 +530,7 @@ def probe_wakeup(backend, config: SchedulerConfig, seed: int, say: Callable[[str
            "wall_s": round(time.perf_counter() - t0, 1),
            "note": "extra seconds of a prefill after an idle wait of idle_s over the same prefill right after it "
                    "(median over repeats)"}
-    say("wake-up probe: " + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in knots) + f", {out['wall_s']} s")
+    say(f"wake-up probe: {describe_wakeup(knots)}, {out['wall_s']} s")
     return out
 
 
@@ -598,6 +605,6 @@ def refit(path: str | os.PathLike, name: str) -> Calibration:
         cal.stats["run_probe"] = probe
     wake = header["meta"].get("wakeup")
     if isinstance(wake, dict) and wake.get("knots"):  # measured apart from the grid: kept as it was
-        cal.model = replace(cal.model, idle_wakeup_curve=tuple((float(a), float(b)) for a, b in wake["knots"]))
+        cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]))
         cal.stats["wakeup"] = wake
     return cal

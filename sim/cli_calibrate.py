@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from backends.cost_table import describe_wakeup
 from sim.cli_common import positive_int
 
 
@@ -98,7 +99,7 @@ def report(meta: dict, stats: dict, path: Path) -> str:
     wake = stats.get("wakeup")
     if wake:
         lines.append("wake-up: a prefill after an idle wait over the same prefill right after it (median of "
-                     f"{wake['repeats']}): " + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in wake["knots"])
+                     f"{wake['repeats']}): " + describe_wakeup(wake["knots"])
                      + f" ({wake['wall_s']:.0f} s); the profile prices a step after idle by its wait, linear "
                      "between these, flat beyond")
     probe = stats.get("run_probe")

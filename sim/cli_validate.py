@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from backends.cost_table import describe_wakeup
 from sim.cli_common import (
     DEFAULT_COST_MODELS,
     UsageError,
@@ -309,7 +310,7 @@ def _profile_wakeup(probe: dict) -> str:
     """The profile's own wake-up price, as the report names it."""
     curve = probe.get("profile_idle_wakeup_curve")
     if curve:
-        return ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
+        return describe_wakeup(curve)
     return f"+{probe['profile_idle_wakeup_s'] * 1e3:.1f} ms whatever the wait"
 
 
@@ -400,7 +401,7 @@ def format_load(load: dict, policy: str) -> str:
         curve = probe.get("idle_wakeup_curve")
         if curve:
             lines.append("a step after idle priced by its wait, from wake-up probes before and after this load: "
-                         + ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
+                         + describe_wakeup(curve)
                          + " (linear between, flat beyond; profile: " + _profile_wakeup(probe) + ")")
     speed = load.get("at_run_speed")
     if speed:
