@@ -370,6 +370,12 @@ class TableCostModel:
                 raise CostModelError(f"TableCostModel: {n} must be a number in [0.5, 2], got {f!r}")
         for n in ("n_batch", "n_ubatch"):
             self._check_positive_int(n)
+        waits = [a for a, _ in self.idle_wakeup_curve]
+        if (any(not (math.isfinite(a) and math.isfinite(b) and a > 0 and b >= 0) for a, b in self.idle_wakeup_curve)
+                or any(b <= a for a, b in zip(waits, waits[1:], strict=False))):
+            raise CostModelError("TableCostModel: idle_wakeup_curve must be [idle seconds, extra seconds] pairs with "
+                                 "idle seconds > 0 in rising order and extra seconds >= 0, got "
+                                 f"{[list(k) for k in self.idle_wakeup_curve]!r}")
         if not isinstance(self.kv_unified, bool):
             raise CostModelError(f"TableCostModel: kv_unified must be true or false, got {self.kv_unified!r}")
         for knots_name, values_name in TABLES:

@@ -394,6 +394,12 @@ def test_a_wakeup_curve_survives_a_profile_file_and_a_bad_one_is_refused(tmp_pat
     path.write_text(json.dumps(doc))
     with pytest.raises(CostModelError, match="idle_wakeup_curve"):
         load_cost_model(path)
+    # knots out of order, or a negative price, would interpolate to nonsense: refused, naming the file
+    for bad in ([[1.0, 0.02], [0.3, 0.01]], [[0.3, -0.01]], [[0.0, 0.01]]):
+        doc["params"]["idle_wakeup_curve"] = bad
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CostModelError, match=r"p\.json.*idle_wakeup_curve must be .* rising order"):
+            load_cost_model(path)
 
 
 def test_the_simulator_charges_a_step_after_idle_the_wakeup_of_its_wait():
