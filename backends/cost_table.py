@@ -20,7 +20,7 @@ import bisect
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,7 +36,7 @@ SPLIT = ("n_batch", "n_ubatch", "kv_unified")
 # chunk's attention pairs are priced like a decode's (per_attention_pair_s)
 OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
             "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s",
-            "idle_wakeup_curve")
+            "idle_wakeup_curve", "decode_batch_factors")
 GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
 # the fitted scalars, in design_row's order
 FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH
@@ -337,6 +337,11 @@ class TableCostModel:
     # run_factor for steps of decodes only, prefill_run_factor (None: run_factor) for steps with prompt tokens
     run_factor: float = 1.0
     prefill_run_factor: float | None = None
+    # a step of decodes only, by its number of sequences B: ((B, factor), ...) in rising B, in place of
+    # run_factor (linear between the knots, flat beyond them); empty: run_factor for every B. A machine's speed
+    # does not move all step shapes alike (one evening here: B = 2 decodes at x0.85 of their price, B = 16 at
+    # x0.92), so one factor fitted on a probe's mix of batch sizes misprices a run with another mix
+    decode_batch_factors: tuple[tuple[int, float], ...] = ()
     # a prompt chunk's attention (see Ubatch): per pair within the chunk, and per pair against the context
     # before it, a free table over the chunk's tokens per sequence; None (older profiles): per_attention_pair_s
     per_prompt_pair_s: float | None = None
@@ -370,6 +375,14 @@ class TableCostModel:
                 raise CostModelError(f"TableCostModel: {n} must be a number in [0.5, 2], got {f!r}")
         for n in ("n_batch", "n_ubatch"):
             self._check_positive_int(n)
+        sizes = [b for b, _ in self.decode_batch_factors]
+        if (any(isinstance(b, bool) or not isinstance(b, int) or b < 1 or isinstance(f, bool)
+                or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0
+                for b, f in self.decode_batch_factors)
+                or any(b <= a for a, b in zip(sizes, sizes[1:], strict=False))):
+            raise CostModelError("TableCostModel: decode_batch_factors must be [sequences, factor] pairs with "
+                                 "whole sequences >= 1 in rising order and factors in [0.5, 2], got "
+                                 f"{[list(k) for k in self.decode_batch_factors]!r}")
         waits = [a for a, _ in self.idle_wakeup_curve]
         if (any(not (math.isfinite(a) and math.isfinite(b) and a > 0 and b >= 0) for a, b in self.idle_wakeup_curve)
                 or any(b <= a for a, b in zip(waits, waits[1:], strict=False))):
@@ -406,7 +419,7 @@ class TableCostModel:
                 t += self.prompt_attention_s(u)
         t += self.graph_build_s(shape, prev_graph)
         t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
-        return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill), 1e-6)
+        return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill, shape.num_chunks), 1e-6)
 
     def graph_build_s(self, shape: StepShape, prev_graph=STEADY) -> float:
         """Seconds the step's ubatches spend building compute graphs llama.cpp could not reuse."""
@@ -486,11 +499,28 @@ class TableCostModel:
             raise CostModelError("TableCostModel: graph building is priced for one KV stream per sequence; a "
                                  "kv_unified profile must leave per_graph_build_s and per_graph_build_seq_s null")
 
-    def factor(self, has_prefill: bool) -> float:
-        """The run factor of a step with (True) or without prompt tokens."""
-        if has_prefill and self.prefill_run_factor is not None:
-            return self.prefill_run_factor
+    def factor(self, has_prefill: bool, num_seqs: int = 0) -> float:
+        """The run factor of a step with (True) or without prompt tokens; a step of decodes only over num_seqs
+        sequences takes decode_batch_factors' when the model has them."""
+        if has_prefill:
+            return self.run_factor if self.prefill_run_factor is None else self.prefill_run_factor
+        if self.decode_batch_factors and num_seqs:
+            return _knot_value(num_seqs, self.decode_batch_factors)
         return self.run_factor
+
+    def scaled(self, decode: float, prompt: float) -> TableCostModel:
+        """The model with its decode-only factors (run_factor and each of decode_batch_factors) times decode and
+        its factor for steps with prompt tokens times prompt, each clamped to [0.5, 2]."""
+        def clamp(f: float) -> float:
+            return min(max(f, 0.5), 2.0)
+        return replace(self, run_factor=clamp(self.run_factor * decode),
+                       prefill_run_factor=clamp(self.factor(True) * prompt),
+                       decode_batch_factors=tuple((b, clamp(f * decode)) for b, f in self.decode_batch_factors))
+
+    def grid(self) -> TableCostModel:
+        """The calibration grid's prices: every run factor set aside (run_factor 1, no prefill_run_factor, no
+        decode_batch_factors). Probes fit their factors against these."""
+        return replace(self, run_factor=1.0, prefill_run_factor=None, decode_batch_factors=())
 
     def step_time_s(self, plan: StepPlan) -> float:
         """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
@@ -519,7 +549,7 @@ class TableCostModel:
         if not ubatches:
             return lambda ctx: 0.0
         t0 += self.graph_build_s(StepShape(ubatches))
-        k, f = self.per_attention_pair_s, self.run_factor
+        k, f = self.per_attention_pair_s, self.factor(False, len(slots))
         return lambda ctx: max((t0 + k * ctx) * f, 1e-6)
 
     def _decode_fixed(self, slots: Sequence[int], ends: Sequence[int]) -> tuple[tuple[Ubatch, ...], float]:
@@ -587,6 +617,13 @@ class TableCostModel:
                 raise CostModelError(f"{source}: table param 'idle_wakeup_curve' must be a list of "
                                      "[idle seconds, extra seconds] pairs")
             kw["idle_wakeup_curve"] = wakeup_curve(curve)
+        if "decode_batch_factors" in kw:
+            knots = kw["decode_batch_factors"]
+            pair = lambda k: isinstance(k, list | tuple) and len(k) == 2  # noqa: E731
+            if not (isinstance(knots, list | tuple) and all(pair(k) for k in knots)):
+                raise CostModelError(f"{source}: table param 'decode_batch_factors' must be a list of "
+                                     "[sequences, factor] pairs")
+            kw["decode_batch_factors"] = tuple((k[0], k[1]) for k in knots)
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):
@@ -605,6 +642,8 @@ class TableCostModel:
         quality = f", held-out MAPE {fit['mape']:.1f}% (n={fit['n']})" if {"mape", "n"} <= set(fit) else ""
         pf = self.prefill_run_factor
         prefill = "" if pf is None else f" (steps with prompt tokens x{pf:.3f})"
+        if self.decode_batch_factors:
+            prefill += f"; decodes by batch size: {describe_batch_factors(self.decode_batch_factors)}"
         tiles = ("" if self.per_fa_tile_s is None else
                  f" + {self.per_fa_tile_s * 1e3:.3f} ms/flash-attention tile ({self.fa_heads} heads, "
                  f"{self.fa_threads} threads)")
@@ -628,7 +667,7 @@ class DecodeStretch:
 
     def __init__(self, model: TableCostModel, slots: tuple[int, ...], ends: tuple[int, ...], prev_graph) -> None:
         ubatches, t0 = model._decode_fixed(slots, ends)
-        self.t0, self.k, self.f = t0, model.per_attention_pair_s, model.run_factor
+        self.t0, self.k, self.f = t0, model.per_attention_pair_s, model.factor(False, len(slots))
         shape = StepShape(ubatches)
         self.first = model.graph_build_s(shape, prev_graph)
         self.steady = model.graph_build_s(shape)
@@ -809,6 +848,21 @@ def graph_chain(plans: Sequence[tuple[StepPlan, bool]], model: TableCostModel) -
         out.append(prev)
         prev = model.graph_after(model.shape(plan, idle), prev)
     return out
+
+
+def _knot_value(x: float, knots: Sequence[tuple[float, float]]) -> float:
+    """The value at x of a curve given by (x, value) knots in rising x: linear between them, flat beyond."""
+    if x <= knots[0][0]:
+        return knots[0][1]
+    for (x0, v0), (x1, v1) in zip(knots, knots[1:], strict=False):
+        if x <= x1:
+            return v0 + (v1 - v0) * (x - x0) / (x1 - x0)
+    return knots[-1][1]
+
+
+def describe_batch_factors(knots: Sequence[Sequence[float]]) -> str:
+    """'x0.917 at B=1, x0.859 at B=2, ...' for decode_batch_factors."""
+    return ", ".join(f"x{f:.3f} at B={b}" for b, f in knots)
 
 
 def wakeup_curve(knots: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:

@@ -1,6 +1,6 @@
 """Does a speed probe read the machine's speed differently at another load? Probes at two loads, interleaved.
 
-    python benchmarks/probe_load.py [--loads 0.7,1.2] [--repeats 3] [--requests 64]
+    python benchmarks/probe_load.py [--loads 0.7,1.2] [--repeats 3] [--requests 64 | --requests 64,200]
 
 `validate` prices every load at the run factors of real-time probes run at 0.7x the capacity the profile
 predicts (sim.calibrate.probe_run_factor: requests drawn from validate's default workload, continuous batching). A
@@ -8,6 +8,9 @@ saturated load keeps the engine busy without a pause and runs larger batches; a 
 bursts. This runs the same probe at each of --loads in turn, --repeats times (ABAB...), in one process, and
 prints each probe's two factors (decode-only steps, steps with prompt tokens) and the mean difference of
 each load's factors from the first load's, over the repeats, with the neighbouring probes as the reference.
+--requests takes one count for every load or one per load: a long run at a saturated load (say 200 requests
+at 1.3x, about a minute without a pause) against 0.7x probes of validate's size asks whether a long busy
+stretch runs at the speed the probes around it read.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--loads", default="0.7,1.2")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--requests", default="64", help="one count, or one per load (comma-separated)")
     ap.add_argument("--profile", default="cpu-gemma3-270m")
     args = ap.parse_args()
     loads = [float(x) for x in args.loads.split(",")]
+    counts = [int(x) for x in args.requests.split(",")]
+    if len(counts) not in (1, len(loads)):
+        ap.error(f"--requests: give one count or {len(loads)} (one per load), not {len(counts)}")
+    counts = dict(zip(loads, counts * len(loads) if len(counts) == 1 else counts, strict=True))
     profile = load_cost_model(args.profile)
     parser, _ = build_parser("validate")
     workload = _workload(parser.parse_args(["validate", "--quiet"]))  # validate's default workload
@@ -44,7 +51,7 @@ def main() -> int:
     try:
         for rep in range(args.repeats):
             for load in loads:
-                p = probe_run_factor(backends, config, profile, False, 0, lambda _t: None, requests=args.requests,
+                p = probe_run_factor(backends, config, profile, False, 0, lambda _t: None, requests=counts[load],
                                      sample_of=workload, policy="continuous", load=load)
                 rows.append((rep, load, p["run_factor"], p["prefill_run_factor"], p["steps"], p["wall_s"]))
                 print(f"repeat {rep + 1} load {load:g}x: decode-only x{p['run_factor']:.4f}, with prompt tokens "

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backends.cost_table import describe_wakeup
+from backends.cost_table import describe_batch_factors, describe_wakeup
 from sim.cli_common import (
     DEFAULT_COST_MODELS,
     UsageError,
@@ -398,6 +398,9 @@ def format_load(load: dict, policy: str) -> str:
                      f"x{a['run_factor']:.3f}; profile x{probe['profile_run_factor']:.3f}), steps with prompt tokens "
                      f"x{probe['prefill_run_factor']:.3f} (before x{b['prefill_run_factor']:.3f}, after "
                      f"x{a['prefill_run_factor']:.3f}; profile x{probe['profile_prefill_run_factor']:.3f})")
+        if probe.get("decode_batch_factors"):
+            lines.append("decode-only steps priced by their batch size, from both probes' steps: "
+                         + describe_batch_factors(probe["decode_batch_factors"]))
         curve = probe.get("idle_wakeup_curve")
         if curve:
             lines.append("a step after idle priced by its wait, from wake-up probes before and after this load: "

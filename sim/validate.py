@@ -393,11 +393,9 @@ def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, 
     if not isinstance(profile, TableCostModel):
         return None
     errors = [rel_error]
-    rf, pf = profile.run_factor, profile.factor(True)
     for a in (1 - delta, 1 + delta):
         for b in (1 - delta, 1 + delta):
-            model = dataclasses.replace(profile, run_factor=min(max(rf * a, 0.5), 2.0),
-                                        prefill_run_factor=min(max(pf * b, 0.5), 2.0))
+            model = profile.scaled(a, b)
             errors.append(rel_errors(measured, summarize(predict(workload, policy, config, model, instances, router))))
     return {"delta": delta, "runs": len(errors), "rel_error_range": _error_ranges(errors)}
 
@@ -624,10 +622,11 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
         return None
     fit = fit_run_factors(samples, profile, min_steps=1, idle_s=idle_s)
     if fit is None:  # no step ran: nothing to refit
-        return dataclasses.replace(profile, prefill_run_factor=None)
+        return dataclasses.replace(profile, prefill_run_factor=None, decode_batch_factors=())
     decode, prefill = fit["by_kind"]["decode"], fit["by_kind"]["prefill"]
     return dataclasses.replace(profile, run_factor=decode["factor"],
-                               prefill_run_factor=prefill["factor"] if prefill["steps"] else None)
+                               prefill_run_factor=prefill["factor"] if prefill["steps"] else None,
+                               decode_batch_factors=batch_factor_knots(fit["by_batch"], decode["factor"]))
 
 
 SPEED_WINDOW_S = 60.0  # the machine's speed here moves by a few percent within minutes
@@ -642,6 +641,8 @@ class SpeedTimeline:
     (a kind with fewer than SPEED_MIN_STEPS steps there keeps the whole run's factor). A simulated step is
     priced with the factors of the window its plan starts in. Where a saturated queue turns a speed that
     moved during the run into more waiting than its mean speed gives, this shows the model at that speed.
+    The whole run's decode factors by batch size (run_model.decode_batch_factors) move with the window's
+    decode-only factor, since a window holds too few steps of each batch size to refit them.
     """
 
     def __init__(self, run_model: Any, samples: Sequence[tuple[StepPlan, float, float, bool]],
@@ -652,7 +653,7 @@ class SpeedTimeline:
         n = 1 + max((int(plan.now_s // window_s) for plan, *_ in samples), default=0)
         buckets: list[list] = [[] for _ in range(n)]
         prices: list[list] = [[] for _ in range(n)]
-        grid = dataclasses.replace(run_model, run_factor=1.0, prefill_run_factor=None)
+        grid = run_model.grid()
         for sample, price in zip(samples, price_samples(grid, samples, idle_s), strict=True):
             w = int(sample[0].now_s // window_s)
             buckets[w].append(sample)
@@ -666,7 +667,7 @@ class SpeedTimeline:
                 decode = kinds["decode"]["factor"] if kinds["decode"]["steps"] >= SPEED_MIN_STEPS else decode
                 prefill = kinds["prefill"]["factor"] if kinds["prefill"]["steps"] >= SPEED_MIN_STEPS else prefill
             self.factors.append([decode, prefill])
-            self.models.append(dataclasses.replace(run_model, run_factor=decode, prefill_run_factor=prefill))
+            self.models.append(run_model.scaled(decode / run_model.run_factor, prefill / run_model.factor(True)))
 
     def _model(self, plan: StepPlan) -> Any:
         return self.models[min(int(plan.now_s // self.window_s), len(self.models) - 1)]
@@ -683,11 +684,14 @@ class SpeedTimeline:
 def bracket_factors(profile: Any, before: dict | None, after: dict | None,
                     what: str = "the load") -> tuple[dict | None, Any]:
     """(speed summary, profile for what ran between two probes): each run factor the mean of the probes before
-    and after it (profile unchanged and None when either is missing).
+    and after it (profile unchanged and None when either is missing), and the decode-only factor by batch size
+    fitted on both probes' steps together (batch_factor_knots).
 
     Drift within an hour is smooth enough that the mean of the two probes around a load reads the machine's
     speed during it better than the probe before it alone (over sixteen loads, decode-only factor 1.1 % -> 0.6 %
-    RMS error against the run's own), and one probe caught in a slow moment counts half.
+    RMS error against the run's own), and one probe caught in a slow moment counts half. The machine's speed
+    does not move every batch size alike, and a probe at 0.7x capacity runs mostly small batches while a
+    saturated load runs mostly full ones (see batch_factor_knots).
     """
     if before is None or after is None:
         return None, profile
@@ -698,6 +702,10 @@ def bracket_factors(profile: Any, before: dict | None, after: dict | None,
              "profile_run_factor": profile.run_factor, "profile_prefill_run_factor": profile.factor(True),
              "before": before, "after": after}
     changes = {"run_factor": speed["run_factor"], "prefill_run_factor": speed["prefill_run_factor"]}
+    if "by_batch" in before and "by_batch" in after:
+        knots = batch_factor_knots(pool_by_batch([before["by_batch"], after["by_batch"]]), speed["run_factor"])
+        speed["decode_batch_factors"] = [list(k) for k in knots]
+        changes["decode_batch_factors"] = knots
     wb, wa = before.get("wakeup"), after.get("wakeup")
     if wb and wa and [i for i, _ in wb["knots"]] == [i for i, _ in wa["knots"]]:
         # the wake-up by idle wait: each knot the mean of the two probes' (see sim.calibrate.probe_wakeup)
@@ -717,18 +725,18 @@ def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], mode
     each clamped to [0.5, 2]. A kind with fewer than min_steps steps takes the factor of all steps. None
     when no step ran. Samples are TimedBackend.samples: (plan, seconds, of which driver, after idle), in the
     order they ran (the graph llama.cpp reuses passes from step to step); grid_prices, when given, are
-    their grid prices already (for a slice of a run).
+    their grid prices already (for a slice of a run). "by_batch": the steps of decodes only by their number
+    of sequences, [[B, measured s, priced s, steps], ...] in rising B (see batch_factor_knots).
     """
     if grid_prices is None:
-        grid = dataclasses.replace(model, run_factor=1.0, prefill_run_factor=None)
-        grid_prices = price_samples(grid, samples, idle_s)
-    priced = [(price, t, plan.num_prefill_tokens > 0)
+        grid_prices = price_samples(model.grid(), samples, idle_s)
+    priced = [(price, t, plan.num_prefill_tokens > 0, len(plan.chunks))
               for (plan, t, _gap, _idle), price in zip(samples, grid_prices, strict=True) if plan.chunks]
     if not priced:
         return None
 
     def ratio(rows: list) -> tuple[float, float, float]:
-        measured, predicted = sum(t for _, t, _ in rows), sum(p for p, _, _ in rows)
+        measured, predicted = sum(r[1] for r in rows), sum(r[0] for r in rows)
         return measured, predicted, min(max(measured / predicted, 0.5), 2.0)
 
     measured, predicted, overall = ratio(priced)
@@ -737,8 +745,51 @@ def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], mode
         rows = [r for r in priced if r[2] == prefill]
         m, p, f = ratio(rows) if len(rows) >= min_steps else (None, None, overall)
         kinds[name] = {"steps": len(rows), "measured_s": m, "predicted_s": p, "factor": f}
+    by_batch: dict[int, list] = {}
+    for price, t, prefill, b in priced:
+        if not prefill:
+            row = by_batch.setdefault(b, [b, 0.0, 0.0, 0])
+            row[1] += t
+            row[2] += price
+            row[3] += 1
     return {"steps": len(priced), "measured_s": measured, "predicted_s": predicted, "overall_factor": overall,
-            "by_kind": kinds}
+            "by_kind": kinds, "by_batch": [by_batch[b] for b in sorted(by_batch)]}
+
+
+BATCH_SHRINK_STEPS = 5  # pseudo-steps at the decode-only factor added to each batch size's own (see below)
+
+
+def pool_by_batch(tables: Sequence[Sequence[Sequence[float]]]) -> list[list]:
+    """Several fits' "by_batch" tables (fit_run_factors) summed batch size by batch size."""
+    pooled: dict[int, list] = {}
+    for table in tables:
+        for b, measured, predicted, steps in table:
+            row = pooled.setdefault(int(b), [int(b), 0.0, 0.0, 0])
+            row[1] += measured
+            row[2] += predicted
+            row[3] += steps
+    return [pooled[b] for b in sorted(pooled)]
+
+
+def batch_factor_knots(by_batch: Sequence[Sequence[float]], decode_factor: float,
+                       shrink: float = BATCH_SHRINK_STEPS) -> tuple[tuple[int, float], ...]:
+    """A TableCostModel's decode_batch_factors from a fit's "by_batch" table: at each batch size that ran, its
+    steps' measured / priced time, pulled toward the decode-only factor as if `shrink` more steps had run
+    at that factor (a batch size seen in 3 steps counts 3/8 its own, in 50 steps 50/55), clamped to [0.5, 2].
+    Batch sizes that did not run take the line between their neighbours (flat beyond the ends).
+
+    Why: a probe at 0.7x capacity runs mostly small batches and a saturated load mostly full ones, and the
+    machine's speed does not move every batch size alike (one evening here B = 2 decodes ran at x0.85 of
+    their price and B = 16 at x0.92). One decode factor fitted on the probe's mix then misprices the
+    saturated load's steps by the difference (benchmarks/batch_factors.py measures how much).
+    """
+    knots = []
+    for b, measured, predicted, steps in by_batch:
+        if steps <= 0 or predicted <= 0:
+            continue
+        w = steps / (steps + shrink)
+        knots.append((int(b), min(max(w * measured / predicted + (1 - w) * decode_factor, 0.5), 2.0)))
+    return tuple(knots)
 
 
 def relabel(run: RunResult, label: str) -> RunResult:
