@@ -10,8 +10,12 @@ strategies and after the last. Then predicts every measured run several ways, si
 - bundled: the profile's own run factors (what compare printed before it had a probe);
 - before: the factors of the one probe before the first strategy;
 - ends: the mean of the probes before the first and after the last strategy;
-- bracket: the mean of the probes just before and just after that strategy (what compare and validate do);
-- own: the factors read off that run's own steps (the best any probe could do);
+- bracket: the mean of the probes just before and just after that strategy, one factor for every decode-only
+  step (what compare and validate did before they priced decode-only steps by batch size);
+- bracket/batch: bracket with decode-only steps priced by batch size from both probes' steps
+  (sim.validate.bracket_factors: what compare and validate do);
+- own: the factors read off that run's own steps (the best any probe could do); own/batch: the same with
+  decode-only steps priced by batch size from the run's own steps;
 - bracket+ens: bracket's factors, predicted as the median of 20 runs with step noise drawn from the two
   probes' steps (sim.validate.ensemble_predict, as validate predicts);
 - bracket/flat, bracket/none: bracket with the profile's wake-up curve replaced by its flat price, or with
@@ -47,6 +51,8 @@ from sim.model import run_workload  # noqa: E402
 from sim.validate import (  # noqa: E402
     ENSEMBLE_RUNS,
     TimedBackend,
+    batch_factor_knots,
+    bracket_factors,
     ensemble_predict,
     fit_run_factors,
     merge_noise,
@@ -139,6 +145,13 @@ def main() -> int:
                 for name, variant in variants.items():
                     ways[f"bracket/{name}"] = mean(refit(probe_steps[i], variant), refit(probe_steps[i + 1], variant))
                     base[f"bracket/{name}"] = variant
+                # decode-only steps priced by batch size: the probes' (as validate and compare do) and the run's own
+                _, base["bracket/batch"] = bracket_factors(profile, probes[i], probes[i + 1])
+                ways["bracket/batch"] = ways["bracket"]
+                dec_own = own["by_kind"]["decode"]["factor"]
+                base["own/batch"] = dataclasses.replace(
+                    profile, decode_batch_factors=batch_factor_knots(own["by_batch"], dec_own))
+                ways["own/batch"] = ways["own"]
                 for way, (dec, pre) in ways.items():
                     model = dataclasses.replace(base.get(way, profile), run_factor=dec, prefill_run_factor=pre)
                     if way == "bracket+ens":  # the median of noisy reruns, noise from the two probes' steps

@@ -663,3 +663,48 @@ def test_the_wakeup_probe_times_prefills_after_each_wait_against_the_same_right_
         assert idle == knot_idle and len(pairs) == 2
         assert extra == max(0.0, (pairs[0][0] - pairs[0][1] + pairs[1][0] - pairs[1][1]) / 2)
     assert said and said[0].startswith("wake-up probe: +")
+
+
+def test_probes_fit_decode_factors_by_batch_size_and_a_load_is_priced_by_them():
+    from sim.calibrate import plan_from_row
+    from sim.validate import batch_factor_knots, bracket_factors, fit_run_factors, pool_by_batch
+
+    prof = load_cost_model("cpu-gemma3-270m")
+    grid = prof.grid()
+
+    def decode(b: int):
+        return plan_from_row({"chunks": [[i, 60, 1, 0, 1, 1] for i in range(b)], "removes": [], "copies": []})
+
+    prompt = plan_from_row({"chunks": [[2, 0, 64, 0, 1, 0]], "removes": [], "copies": []})
+    # a probe whose B = 1 decodes ran at x0.90 of their grid price, B = 2 at x1.00 and B = 4 at x1.10
+    speeds = {1: 0.90, 2: 1.00, 4: 1.10}
+    plans = [decode(b) for b in (1, 2, 4) for _ in range(10)] + [prompt] * 5
+    prices = price_run(grid, [(p, False) for p in plans])
+    samples = [(p, price * (speeds.get(len(p.chunks), 1.0) if p.num_prefill_tokens == 0 else 1.05), 0.0, False)
+               for p, price in zip(plans, prices, strict=True)]
+    fit = fit_run_factors(samples, prof, 3)
+    assert [row[0] for row in fit["by_batch"]] == [1, 2, 4] and [row[3] for row in fit["by_batch"]] == [10] * 3
+    for b, measured, predicted, _n in fit["by_batch"]:
+        assert measured / predicted == pytest.approx(speeds[b])
+    decode_factor = fit["by_kind"]["decode"]["factor"]
+    # each batch size pulled toward the decode-only factor by 5 pseudo-steps: 10 steps count 10/15
+    knots = batch_factor_knots(fit["by_batch"], decode_factor)
+    for (b, f), s in zip(knots, (0.90, 1.00, 1.10), strict=True):
+        assert f == pytest.approx(s * 10 / 15 + decode_factor * 5 / 15), b
+    exact = batch_factor_knots(fit["by_batch"], decode_factor, shrink=0)
+    assert [b for b, _ in exact] == [1, 2, 4] and [f for _, f in exact] == pytest.approx([0.90, 1.00, 1.10])
+    assert pool_by_batch([fit["by_batch"], fit["by_batch"][:1]])[0] == [1, *(2 * v for v in fit["by_batch"][0][1:])]
+    # the probes around a load: their steps pooled, and the load priced by batch size
+    probe = {"requests": 64, "wall_s": 30.0, "run_factor": decode_factor, "prefill_run_factor": 1.05,
+             "by_batch": fit["by_batch"]}
+    speed, model = bracket_factors(prof, probe, dict(probe))
+    assert speed["decode_batch_factors"] == [list(k) for k in model.decode_batch_factors]
+    shrunk = batch_factor_knots(pool_by_batch([fit["by_batch"]] * 2), decode_factor)  # 20 steps count 20/25
+    assert model.decode_batch_factors == shrunk and shrunk[0][1] == pytest.approx(0.9 * 0.8 + decode_factor * 0.2)
+    assert model.step_time_s(decode(4)) == pytest.approx(grid.step_time_s(decode(4)) * shrunk[2][1])
+    assert model.step_time_s(decode(3)) == pytest.approx(
+        grid.step_time_s(decode(3)) * (shrunk[1][1] + shrunk[2][1]) / 2)
+    # probes without the table (older JSON): one decode factor, as before
+    _, plain = bracket_factors(prof, {k: v for k, v in probe.items() if k != "by_batch"}, dict(probe))
+    assert plain.decode_batch_factors == () and plain.step_time_s(decode(4)) == pytest.approx(
+        grid.step_time_s(decode(4)) * decode_factor)

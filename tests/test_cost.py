@@ -418,3 +418,44 @@ def test_the_simulator_charges_a_step_after_idle_the_wakeup_of_its_wait():
     end += busy
     after = backend.step(plan(end + 1.05)).elapsed_s  # a wait of 1.05 s: halfway up the curve
     assert after == pytest.approx(plain.step(plan(end + 1.05)).elapsed_s + 0.020)
+
+
+def test_decode_batch_factors_price_a_decode_step_by_its_batch_size():
+    prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), run_factor=1.0, prefill_run_factor=1.1)
+    by_batch = dataclasses.replace(prof, decode_batch_factors=((1, 0.9), (3, 1.1), (8, 1.2)))
+    decode = lambda b: StepPlan(0, 0.0, tuple(ScheduledChunk(f"r{i}", i, 40, (7,), True)  # noqa: E731
+                                              for i in range(b)))
+    for b, factor in ((1, 0.9), (2, 1.0), (3, 1.1), (8, 1.2), (16, 1.2)):  # linear between knots, flat beyond
+        assert by_batch.step_time_s(decode(b)) == pytest.approx(prof.step_time_s(decode(b)) * factor)
+    prompt = StepPlan(0, 0.0, (ScheduledChunk("p", 0, 0, tuple(range(64)), True),
+                               ScheduledChunk("d", 1, 40, (7,), True)))
+    assert by_batch.step_time_s(prompt) == prof.step_time_s(prompt)  # steps with prompt tokens: unchanged
+    # the fast-forward's pricers give the step's price bit for bit
+    for b in (1, 2, 5):
+        slots = tuple(range(b))
+        assert by_batch.decode_step_time_s(slots, 41 * b) == by_batch.step_time_s(decode(b))
+        stretch = by_batch.decode_stretch(slots, (41,) * b, None)
+        assert stretch.price(0, 41 * b) == by_batch.time_s(decode(b), prev_graph=None)
+    # scaled(): every decode-only factor moves, the prompt-step factor apart
+    moved = by_batch.scaled(1.05, 0.9)
+    assert [f for _, f in moved.decode_batch_factors] == pytest.approx([0.945, 1.155, 1.26])
+    assert moved.factor(True) == pytest.approx(0.99) and moved.run_factor == pytest.approx(1.05)
+    assert by_batch.grid().decode_batch_factors == () and by_batch.grid().factor(True) == 1.0
+    assert "x0.900 at B=1" in by_batch.describe()
+
+
+def test_decode_batch_factors_survive_a_profile_file_and_bad_ones_are_refused(tmp_path):
+    prof = dataclasses.replace(load_cost_model("cpu-gemma3-270m"), decode_batch_factors=((1, 0.95), (16, 1.02)))
+    path = tmp_path / "p.json"
+    save_cost_model(prof, path)
+    assert load_cost_model(path).decode_batch_factors == ((1, 0.95), (16, 1.02))
+    doc = json.loads(path.read_text())
+    for bad, match in (([[1]], "decode_batch_factors' must be a list"),
+                       ([[4, 1.0], [2, 1.0]], r"p\.json.*decode_batch_factors must be .* rising order"),
+                       ([[0, 1.0]], r"p\.json.*decode_batch_factors must be"),
+                       ([[1.5, 1.0]], r"p\.json.*whole sequences"),
+                       ([[1, 3.0]], r"p\.json.*factors in \[0\.5, 2\]")):
+        doc["params"]["decode_batch_factors"] = bad
+        path.write_text(json.dumps(doc))
+        with pytest.raises(CostModelError, match=match):
+            load_cost_model(path)
