@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             sim_summary["rel_error"] = rel_errors(summary, sim_summary)
             if hasattr(model, "run_factor"):
                 sim_summary["run_factors"] = {"decode": model.run_factor, "prompt": model.factor(True),
+                                              "decode_by_batch": [list(k) for k in model.decode_batch_factors],
                                               "from": "speed probes" if speed else "profile"}
             sim_summary["speed_probe"] = speed
             runs.append(sim_run)
@@ -152,7 +153,8 @@ def prediction_report(summaries: list[dict], probes: list[dict | None], profile)
     else:
         how = (f"at the machine's speed: real-time probes ({probes[0]['requests']} requests drawn from the workload, "
                f"continuous) ran before the first strategy and after each one, and each prediction takes the mean run "
-               f"factors of the probes around its run (the profile's own: x{profile.run_factor:.3f} decode-only "
+               f"factors of the probes around its run, decode-only steps by their batch size from both probes' "
+               f"steps (the profile's own: x{profile.run_factor:.3f} decode-only "
                f"steps, x{profile.factor(True):.3f} steps with prompt tokens; the probes read "
                + ", ".join(f"x{p['run_factor']:.3f}/x{p['prefill_run_factor']:.3f}" for p in probes) + ")")
     columns = ERROR_COLUMNS + ([("decode x", None, None), ("prompt x", None, None)]

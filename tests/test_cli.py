@@ -268,7 +268,11 @@ def test_real_compare_probes_the_speed_and_prices_its_predictions_with_it(tmp_pa
         assert speed["before"] == probes[i] and speed["after"] == probes[i + 1]
         assert speed["run_factor"] == pytest.approx((probes[i]["run_factor"] + probes[i + 1]["run_factor"]) / 2)
         assert p["run_factors"] == {"decode": pytest.approx(speed["run_factor"]),
-                                    "prompt": pytest.approx(speed["prefill_run_factor"]), "from": "speed probes"}
+                                    "prompt": pytest.approx(speed["prefill_run_factor"]), "from": "speed probes",
+                                    "decode_by_batch": speed["decode_batch_factors"]}
+        # decode-only steps priced by batch size, from both probes' decode steps together
+        sizes = sorted({row[0] for q in (probes[i], probes[i + 1]) for row in q["by_batch"]})
+        assert [b for b, _ in speed["decode_batch_factors"]] == sizes and sizes
         # the error table's numbers: (predicted - measured) / measured, cell by cell
         rel = p["rel_error"]
         assert rel["ttft_s"]["mean"] == pytest.approx((p["ttft_s"]["mean"] - m["ttft_s"]["mean"]) / m["ttft_s"]["mean"])
