@@ -610,20 +610,15 @@ class TableCostModel:
         for n in ("prompt_pair_knots", "prompt_context_pair_s"):
             if isinstance(kw.get(n), list):
                 kw[n] = tuple(kw[n])
-        if "idle_wakeup_curve" in kw:
-            curve = kw["idle_wakeup_curve"]
-            pair = lambda k: isinstance(k, list | tuple) and len(k) == 2  # noqa: E731
-            if not (isinstance(curve, list | tuple) and all(pair(k) for k in curve)):
-                raise CostModelError(f"{source}: table param 'idle_wakeup_curve' must be a list of "
-                                     "[idle seconds, extra seconds] pairs")
-            kw["idle_wakeup_curve"] = wakeup_curve(curve)
-        if "decode_batch_factors" in kw:
-            knots = kw["decode_batch_factors"]
-            pair = lambda k: isinstance(k, list | tuple) and len(k) == 2  # noqa: E731
-            if not (isinstance(knots, list | tuple) and all(pair(k) for k in knots)):
-                raise CostModelError(f"{source}: table param 'decode_batch_factors' must be a list of "
-                                     "[sequences, factor] pairs")
-            kw["decode_batch_factors"] = tuple((k[0], k[1]) for k in knots)
+        # [x, y] knot lists: checked here for their shape, and by __post_init__ for their values
+        for n, what, convert in (("idle_wakeup_curve", "[idle seconds, extra seconds]", wakeup_curve),
+                                 ("decode_batch_factors", "[sequences, factor]", lambda ks: tuple(map(tuple, ks)))):
+            if n in kw:
+                knots = kw[n]
+                if not (isinstance(knots, list | tuple)
+                        and all(isinstance(k, list | tuple) and len(k) == 2 for k in knots)):
+                    raise CostModelError(f"{source}: table param {n!r} must be a list of {what} pairs")
+                kw[n] = convert(knots)
         for pair in TABLES:
             for n in pair:
                 if not isinstance(params[n], list):

@@ -32,6 +32,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from probe_load import loads_and_counts  # noqa: E402  (benchmarks/, the script's own folder)
+
 from backends.cost import load_cost_model  # noqa: E402
 from sim.calibrate import probe_run_factor  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
@@ -75,11 +77,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--profile", default="cpu-gemma3-270m")
     args = ap.parse_args()
-    loads = [float(x) for x in args.loads.split(",")]
-    counts = [int(x) for x in args.requests.split(",")]
-    if len(counts) not in (1, len(loads)):
-        ap.error(f"--requests: give one count or {len(loads)} (one per load), not {len(counts)}")
-    counts = counts * len(loads) if len(counts) == 1 else counts
+    loads, counts = loads_and_counts(ap, args.loads, args.requests)
     profile = load_cost_model(args.profile)
     parser, _ = build_parser("validate")
     workload = _workload(parser.parse_args(["validate", "--quiet"]))  # validate's default workload

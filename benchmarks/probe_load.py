@@ -30,6 +30,15 @@ from sim.cli_validate import _workload  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 
 
+def loads_and_counts(ap: argparse.ArgumentParser, loads: str, requests: str) -> tuple[list[float], list[int]]:
+    """--loads "0.7,1.2" and --requests "64" or "64,200": the loads, and one request count per load."""
+    shares = [float(x) for x in loads.split(",")]
+    counts = [int(x) for x in requests.split(",")]
+    if len(counts) not in (1, len(shares)):
+        ap.error(f"--requests: give one count or {len(shares)} (one per load), not {len(counts)}")
+    return shares, counts * len(shares) if len(counts) == 1 else counts
+
+
 def main() -> int:
     """Probe, print."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,11 +47,8 @@ def main() -> int:
     ap.add_argument("--requests", default="64", help="one count, or one per load (comma-separated)")
     ap.add_argument("--profile", default="cpu-gemma3-270m")
     args = ap.parse_args()
-    loads = [float(x) for x in args.loads.split(",")]
-    counts = [int(x) for x in args.requests.split(",")]
-    if len(counts) not in (1, len(loads)):
-        ap.error(f"--requests: give one count or {len(loads)} (one per load), not {len(counts)}")
-    counts = dict(zip(loads, counts * len(loads) if len(counts) == 1 else counts, strict=True))
+    loads, counts = loads_and_counts(ap, args.loads, args.requests)
+    counts = dict(zip(loads, counts, strict=True))
     profile = load_cost_model(args.profile)
     parser, _ = build_parser("validate")
     workload = _workload(parser.parse_args(["validate", "--quiet"]))  # validate's default workload
