@@ -263,22 +263,20 @@ def misses_within(rel: dict, ranges: dict) -> list[str]:
 def price_samples(model: Any, samples: Sequence[tuple[StepPlan, float, float, bool]],
                   idle_s: Sequence[float | None] | None = None) -> list[float]:
     """A real run's steps (TimedBackend.samples) priced in the order they ran (price_run). idle_s: each step's
-    idle wait before it (TimedBackend.idle_s), so that a step after idle pays the wake-up its wait costs
-    (wakeup_cost: the model's idle_wakeup_curve) instead of the flat idle_wakeup_s."""
-    steps = [(plan, idle) for plan, _t, _gap, idle in samples]
+    idle wait before it (TimedBackend.idle_s); a step after idle then pays the wake-up its wait costs
+    (wakeup_cost: by the model's idle_wakeup_curve, else its flat idle_wakeup_s) on top of its price, run
+    factor apart, as the simulator charges it (backends.synthetic.SyntheticBackend.step). Without idle_s, the
+    model's own after-idle price (price_run)."""
     if idle_s is None:
-        prices = price_run(model, steps)
-    else:
-        # a step with no known wait is the first on a fresh context (TimedBackend), where llama.cpp's graph starts
-        # afresh: this also keeps apart the instances of a multi-instance run, whose samples come one after another
-        starts = sorted({0} | {i for i, d in enumerate(idle_s) if d is None})
-        ends = starts[1:] + [len(steps)]
-        prices = [p for a, b in zip(starts, ends, strict=True) for p in price_run(model, steps[a:b])]
-    if idle_s is None or not getattr(model, "idle_wakeup_curve", ()):
-        return prices
-    flat = float(getattr(model, "idle_wakeup_s", 0.0))
-    return [p + (wakeup_cost(model, d) - flat if idle and d is not None else 0.0)
-            for p, (_plan, _t, _gap, idle), d in zip(prices, samples, idle_s, strict=True)]
+        return price_run(model, [(plan, idle) for plan, _t, _gap, idle in samples])
+    # a step with no known wait is the first on a fresh context (TimedBackend), where llama.cpp's graph starts
+    # afresh: this also keeps apart the instances of a multi-instance run, whose samples come one after another
+    steps = [(plan, False) for plan, *_ in samples]
+    starts = sorted({0} | {i for i, d in enumerate(idle_s) if d is None})
+    ends = starts[1:] + [len(steps)]
+    prices = [p for a, b in zip(starts, ends, strict=True) for p in price_run(model, steps[a:b])]
+    return [p + (wakeup_cost(model, d) if idle and plan.chunks else 0.0)
+            for p, (plan, _t, _gap, idle), d in zip(prices, samples, idle_s, strict=True)]
 
 
 def step_breakdown(samples: Sequence[tuple[StepPlan, float, float, bool]], profile: Any,
