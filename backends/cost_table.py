@@ -873,9 +873,7 @@ def describe_wakeup(curve: Sequence[Sequence[float]]) -> str:
 def wakeup_from_curve(curve: Sequence[tuple[float, float]], idle_s: float) -> float:
     """Extra seconds of the first step after an idle wait of idle_s: linear between the curve's knots, from
     (0, 0) to the first, and the last knot's value beyond it (no measurement says how it grows further)."""
-    xs = [0.0] + [float(a) for a, _ in curve]
-    ys = [0.0] + [float(b) for _, b in curve]
-    return float(np.interp(max(idle_s, 0.0), xs, ys))
+    return float(_knot_value(max(idle_s, 0.0), ((0.0, 0.0), *curve)))
 
 
 def wakeup_cost(model, idle_s: float | None) -> float:

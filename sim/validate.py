@@ -743,22 +743,17 @@ def fit_run_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], mode
         rows = [r for r in priced if r[2] == prefill]
         m, p, f = ratio(rows) if len(rows) >= min_steps else (None, None, overall)
         kinds[name] = {"steps": len(rows), "measured_s": m, "predicted_s": p, "factor": f}
-    by_batch: dict[int, list] = {}
-    for price, t, prefill, b in priced:
-        if not prefill:
-            row = by_batch.setdefault(b, [b, 0.0, 0.0, 0])
-            row[1] += t
-            row[2] += price
-            row[3] += 1
+    by_batch = pool_by_batch([[(b, t, price, 1) for price, t, prefill, b in priced if not prefill]])
     return {"steps": len(priced), "measured_s": measured, "predicted_s": predicted, "overall_factor": overall,
-            "by_kind": kinds, "by_batch": [by_batch[b] for b in sorted(by_batch)]}
+            "by_kind": kinds, "by_batch": by_batch}
 
 
 BATCH_SHRINK_STEPS = 5  # pseudo-steps at the decode-only factor added to each batch size's own (see below)
 
 
 def pool_by_batch(tables: Sequence[Sequence[Sequence[float]]]) -> list[list]:
-    """Several fits' "by_batch" tables (fit_run_factors) summed batch size by batch size."""
+    """Several "by_batch" tables ([[B, measured s, priced s, steps], ...], as fit_run_factors gives them) summed
+    batch size by batch size, in rising B."""
     pooled: dict[int, list] = {}
     for table in tables:
         for b, measured, predicted, steps in table:
