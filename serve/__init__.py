@@ -1,0 +1,1 @@
+"""The text engine (LLM, OnlineEngine) and the OpenAI-compatible server."""
