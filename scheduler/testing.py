@@ -26,6 +26,7 @@ from .config import SLOT_CHOICES, VICTIM_RULES, SchedulerConfig
 from .core import Scheduler
 from .kv import RUNNING as SLOT_RUNNING
 from .kv import one_run
+from .loop import release_kv, run_step
 from .messages import StepPlan, StepResult
 from .policies import Policy, make_policy
 from .request import FinishReason, Request, RequestStatus, SamplingParams
@@ -261,15 +262,12 @@ class SchedulerStateMachine(RuleBasedStateMachine):
         self._step()
 
     def _step(self) -> StepPlan:
-        plan = self.sched.schedule(self.now_s)
-        check_plan(self.sched, plan)
-        if plan.is_empty:
-            if plan.wake_at_s is not None:
-                self.now_s = max(self.now_s, plan.wake_at_s)
-            return plan
-        result = self.executor.step(plan)
-        self.now_s += result.elapsed_s
-        self.sched.commit(plan, result, self.now_s)
+        ran = run_step(self.sched, self.executor, self.now_s, lambda plan: check_plan(self.sched, plan))
+        plan = ran.plan
+        if plan.is_empty and plan.wake_at_s is not None:
+            self.now_s = max(self.now_s, plan.wake_at_s)
+        else:
+            self.now_s = ran.now_s
         return plan
 
     @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
@@ -308,10 +306,7 @@ class SchedulerStateMachine(RuleBasedStateMachine):
             _fail(f"requests still unfinished after {self.max_drain_steps} steps")
         for r in self.sched.requests.values():
             check_finished(r, self.scripted_eos)
-        self.sched.release_cache()
-        plan = self.sched.schedule(self.now_s)
-        if not plan.is_empty:
-            self.sched.commit(plan, StepResult({}, 0.0), self.now_s)
+        release_kv(self.sched, self.executor, self.now_s)
         if self.sched.pool.num_used_blocks or any(self.sched.pool.slot_state):
             _fail("KV blocks or slots leaked after every request finished and the cache was released")
 

@@ -29,6 +29,7 @@ from scheduler._fastforward import (
     finish_decode_steps,
     take_announced,
 )
+from scheduler.loop import plan_step, release_kv
 from sim.records import RequestRecord, RunResult, StepSample
 from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
@@ -75,7 +76,7 @@ class Engine:
         """The engine loop: schedule, execute, wait the step's time, commit."""
         env, sched, rec = self.env, self.scheduler, self.recorder
         while True:
-            plan = sched.schedule(env.now)
+            plan = plan_step(sched, self.backend, env.now)
             if plan.is_empty:
                 if self.closed and not sched.has_unfinished():
                     return
@@ -387,10 +388,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
                 gc.unfreeze()
             gc.enable()
     for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
-        s.release_cache()
-        plan = s.schedule(env.now)
-        if not plan.is_empty:
-            s.commit(plan, b.step(plan), env.now)
+        release_kv(s, b, env.now)
     records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.finish_s for r in records if r.finish_s is not None), default=first)

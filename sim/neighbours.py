@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from scheduler.loop import release_kv, run_step
 
 VOCAB_HI = 20000  # token ids drawn below this, as the calibration grid's
 
@@ -60,15 +61,9 @@ class Neighbours:
                                         ignore_eos=True)
                     sched.add_request(Request(f"n{index}-{n}", tuple(prompt.tolist()), sp), now)
                     n += 1
-                plan = sched.schedule(now)
-                result = backend.step(plan)
-                sched.commit(plan, result, now)
-                now += result.elapsed_s
+                now = run_step(sched, backend, now).now_s
                 self.num_steps[index] += 1
-            sched.release_cache()
-            plan = sched.schedule(now)
-            if not plan.is_empty:
-                sched.commit(plan, backend.step(plan), now)
+            release_kv(sched, backend, now)
             backend.clear_kv()
         except BaseException as exc:  # raised in the caller's thread on exit
             self._errors.append(exc)
