@@ -78,7 +78,7 @@ def sampling_for(item: dict[str, Any], args: argparse.Namespace, name: str) -> S
 
 def run(args: argparse.Namespace) -> int:
     """Generate every prompt, write completions, print the summary."""
-    from sim.engine import LLM
+    from serve.engine import LLM
 
     items = read_prompts(args.input)
     name = "<stdin>" if args.input == "-" else args.input

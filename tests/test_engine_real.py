@@ -10,7 +10,7 @@ from scheduler import SamplingParams
 @pytest.fixture()
 def core(llama_model):
     from backends.llamacpp import LlamaCppBackend
-    from sim.engine import EngineCore
+    from serve.engine import EngineCore
 
     backend = LlamaCppBackend(llama_model, n_ctx=2048, n_seq_max=4, n_threads=2)
     yield EngineCore(backend, "continuous")
@@ -107,7 +107,7 @@ def test_too_long_prompt_is_rejected_and_engine_goes_on(core):
 @pytest.mark.parametrize("kv_unified", [False, True])
 def test_nothing_leaks_after_aborts_rejections_and_preemptions(llama_model, kv_unified):
     from backends.llamacpp import LlamaCppBackend
-    from sim.engine import EngineCore
+    from serve.engine import EngineCore
 
     backend = LlamaCppBackend(llama_model, n_ctx=1024, n_seq_max=4, n_threads=2, kv_unified=kv_unified)
     # a KV budget far below 4 x the requests' needs forces preemptions
@@ -136,7 +136,7 @@ def test_nothing_leaks_after_aborts_rejections_and_preemptions(llama_model, kv_u
 
 
 def test_online_engine_streams_and_aborts_from_other_threads(core):
-    from sim.engine import OnlineEngine
+    from serve.engine import OnlineEngine
 
     engine = OnlineEngine(core)
     try:

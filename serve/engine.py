@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scheduler import FinishReason, Request, RequestOutput, SamplingParams, Scheduler
+from scheduler.loop import run_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +121,9 @@ class EngineCore:
     def step(self) -> list[Completion]:
         """Run one step; return the requests that finished in it (and any rejected or aborted since the last)."""
         finished, self._ended = self._ended, []
-        plan = self.scheduler.schedule(self.now())
-        if plan.is_empty:
-            return finished
-        result = self.backend.step(plan)
-        now = self.now()
-        for out in self.scheduler.commit(plan, result, now):
+        ran = run_step(self.scheduler, self.backend, self.now)
+        now = ran.now_s
+        for out in ran.outputs:
             tracked = self._live.get(out.request_id)
             if tracked is not None:
                 done = self._deliver(tracked, out, now)
