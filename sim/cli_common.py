@@ -167,6 +167,29 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--virtual-time", action="store_true",
                    help="--backend llama: advance a virtual clock by each measured step instead of replaying in "
                         "real time (arrivals need not wait; latencies as if the steps ran back to back)")
+    add_gpu_args(g)
+
+
+# --device shorthands: how many of the model's layers llama.cpp offloads (99 = every layer of any model)
+DEVICE_GPU_LAYERS = {"cpu": 0, "cuda": 99, "gpu": 99}
+
+
+def add_gpu_args(parser) -> None:
+    """--n-gpu-layers N and --device cpu|cuda (a parser or an argument group)."""
+    parser.add_argument("--n-gpu-layers", type=nonnegative_int, metavar="N",
+                        help="real backend: offload N layers to the GPU (llama.cpp built with CUDA, Metal or "
+                             "Vulkan; 99 = all; default 0, the CPU)")
+    parser.add_argument("--device", choices=list(DEVICE_GPU_LAYERS),
+                        help="real backend: cuda (or gpu) = --n-gpu-layers 99, cpu = 0")
+
+
+def gpu_layers(args: argparse.Namespace) -> int | None:
+    """The layers to offload from --n-gpu-layers / --device; None when neither is given."""
+    n, device = getattr(args, "n_gpu_layers", None), getattr(args, "device", None)
+    if n is not None and device is not None and n != DEVICE_GPU_LAYERS[device]:
+        raise UsageError(f"--device {device} means --n-gpu-layers {DEVICE_GPU_LAYERS[device]}, but "
+                         f"--n-gpu-layers {n} was given; give one of them")
+    return n if n is not None else (DEVICE_GPU_LAYERS[device] if device is not None else None)
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:

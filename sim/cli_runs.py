@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scheduler import SchedulerConfig, make_policy
-from sim.cli_common import CONFIG_FIELDS, UsageError, build_config, resolve_cost_model
+from sim.cli_common import CONFIG_FIELDS, UsageError, build_config, gpu_layers, resolve_cost_model
 from sim.metrics import parse_slo, summarize
 from sim.model import run_workload
 from sim.progress import Progress, progress_enabled
@@ -186,6 +186,8 @@ def llama_options(args: argparse.Namespace) -> dict:
         options["n_ctx"] = args.kv_blocks * (args.block_size or SchedulerConfig().block_size)
     if getattr(args, "threads", None) is not None:
         options["n_threads"] = args.threads
+    if gpu_layers(args) is not None:
+        options["n_gpu_layers"] = gpu_layers(args)
     for item in getattr(args, "llama_option", None) or []:
         key, eq, value = str(item).partition("=")
         if not eq or not key.strip():
@@ -208,6 +210,8 @@ def prepare(args: argparse.Namespace, command: str) -> Context:
     else:
         given = [flag for flag, value in (("--model", args.model), ("--threads", args.threads),
                                           ("--llama-option", args.llama_option)) if value]
+        if gpu_layers(args) is not None:
+            given.append("--n-gpu-layers/--device")
         if given:
             raise UsageError(f"{', '.join(given)} apply to --backend llama; the simulator prices steps with --cost")
     config = build_config(args, cost, base=base)
