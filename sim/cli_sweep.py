@@ -16,8 +16,10 @@ import itertools
 from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, float_list
 from sim.cli_output import finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
-from sim.cli_runs import close, execute, make_progress, parse_run_spec, prepare, run_config, split_specs
+from sim.cli_runs import RunSpec, close, execute, parse_run_spec, prepare, run_config, split_specs
+from sim.executor import Task, add_executor_arg
 from sim.report import format_time
+from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
 
 DEFAULT_RATES = "0.5,1,1.5,2,2.5,3"
 DEFAULT_POLICIES = "static,continuous,chunked"
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scheduler_args(parser)
     add_backend_args(parser)
     add_output_args(parser)
+    add_executor_arg(parser)
 
 
 def parse_params(items: list[str] | None) -> list[dict[str, str]]:
@@ -52,6 +55,15 @@ def parse_params(items: list[str] | None) -> list[dict[str, str]]:
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
+def sweep_point(study: Study, spec: RunSpec, rate: float) -> tuple:
+    """One task: this spec at this rate (run, summary), in whatever process the executor chose."""
+    sc = context(study)
+    real = sc.ctx.llama is not None  # real runs are long: a bar per run instead of one over the grid
+    run_, summary = execute(sc.ctx, spec, sc.rates.at(rate), extra={"rate": rate}, progress=real)
+    run_.policy = f"{spec.label} @ {rate:g}"
+    return run_, summary
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the grid, print one line per point, write results and the rate curves."""
     combos = parse_params(args.param)
@@ -60,28 +72,33 @@ def run(args: argparse.Namespace) -> int:
         log(args, f"sweep: --rate {args.rate:g} ignored; the rates come from --rates")
     workloads = RateWorkloads(args, "sweep")
     ctx = prepare(args, "sweep")
+    executor = None
     try:
         for spec in specs:
             run_config(ctx, spec)  # a bad swept value fails now, not halfway through the grid
+        executor = executor_for(args, ctx)
+        study = make_study(args, "sweep")
+        register(study, ctx, rates=workloads)
         out = out_dir(args, "sweep")
         rates = sorted(args.rates)
-        total = len(rates) * len(specs)
-        log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {total} runs, backend {ctx.backend}")
+        tasks = [Task(f"{spec.label} @ {rate:g} req/s", (study, spec, rate)) for rate in rates for spec in specs]
+        log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {len(tasks)} runs, backend {ctx.backend}")
+        outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep")
         runs, summaries, points, lines = [], [], [], []
         slo = ctx.slo is not None
         width = max(len("policy"), *(len(spec.label) for spec in specs))
-        real = ctx.llama is not None  # real runs are long: a bar per run instead of one over the grid
-        with make_progress(args, "sweep", enabled=not real) as bar:
-            for rate in rates:
-                workload = workloads.at(rate)
-                for spec in specs:
-                    run_, summary = execute(ctx, spec, workload, extra={"rate": rate}, progress=real)
-                    run_.policy = f"{spec.label} @ {rate:g}"
-                    runs.append(run_)
-                    summaries.append(summary)
-                    points.append({"policy": spec.label, "rate": rate, "summary": summary})
-                    lines.append(rate_row(spec.label, rate, summary, slo, format_time, width))
-                    bar(len(runs), total)
+        for outcome, task in zip(outcomes, tasks, strict=True):
+            if not outcome.ok:
+                continue
+            spec, rate = task.args[1], task.args[2]
+            run_, summary = outcome.value
+            runs.append(run_)
+            summaries.append(summary)
+            points.append({"policy": spec.label, "rate": rate, "summary": summary})
+            lines.append(rate_row(spec.label, rate, summary, slo, format_time, width))
+        status = report_failures(args, "sweep", outcomes)
+        if not runs:
+            return status
         rank = {spec.label: i for i, spec in enumerate(specs)}
         order = sorted(range(len(points)), key=lambda i: (rank[points[i]["policy"]], points[i]["rate"]))
         table = "\n".join([rate_row_header(slo, width), *(lines[i] for i in order)])
@@ -92,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         from sim.plots import plot_rate_curves
 
         jobs = [("rate_curves.png", lambda p: plot_rate_curves(points, p))]
-        return finish(ctx, out, runs, summaries, config, report, jobs)
+        return finish(ctx, out, runs, summaries, config, report, jobs) or status
     finally:
+        if executor is not None:
+            executor.close()
         close(ctx)

@@ -1,0 +1,306 @@
+"""Where a study's independent runs execute: in this process, a local process pool, or Ray.
+
+One seam, ``executor.map(fn, tasks, on_done)``: every task is ``Task(label, args)``
+and runs as ``fn(*args)``; the result list comes back in task order whatever
+order the tasks finished in, and ``on_done(index, outcome)`` is called in this
+process as each one finishes (progress bars, results streamed to disk).
+
+- ``serial``: one task after another in this process.
+- ``local[:N]`` (default): a standard-library process pool (forkserver where the
+  platform has it, else spawn) of N workers, N = the CPUs this process may use
+  (``os.sched_getaffinity``). With one worker or one task it runs in this process.
+- ``ray[:ADDRESS]``: Ray tasks of one CPU each; ``ray.init(address=ADDRESS)`` for
+  a running cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``), else a local
+  Ray with explicit ``num_cpus``, no dashboard and no usage stats.
+
+Every task runs seeded: Python's and numpy's global generators are seeded from
+the task's label and the run's seed before it starts, so a custom policy that
+draws from them gives the same answer on any executor, in any order. A task that
+raises becomes a failed Outcome naming its label; the others go on. Ctrl-C stops
+the workers and re-raises KeyboardInterrupt, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing
+import os
+import random
+import signal
+import socket
+import traceback
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+EXECUTORS = ("serial", "local[:N]", "ray[:ADDRESS]")
+RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+class ExecutorError(ValueError):
+    """A bad --executor value or an unreachable cluster (bad usage: exit status 2)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: fn(*args), named by label (a configuration) in errors and results."""
+
+    label: str
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one task gave: value, or error (one line) with the worker's traceback."""
+
+    label: str
+    value: Any = None
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task returned."""
+        return self.error is None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def task_seed(seed: int, label: str) -> int:
+    """A 32-bit seed from the run's seed and a task's label (stable across processes and machines)."""
+    digest = hashlib.sha256(f"{seed}\0{label}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def run_task(fn: Callable, label: str, seed: int, args: tuple) -> Outcome:
+    """Run fn(*args) with the global generators seeded for this task; an exception becomes a failed Outcome."""
+    s = task_seed(seed, label)
+    random.seed(s)
+    np.random.seed(s)
+    try:
+        return Outcome(label, fn(*args))
+    except Exception as exc:  # the task's own failure, reported by label; the study goes on
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return Outcome(label, error=text[:500], traceback=traceback.format_exc())
+
+
+OnDone = Callable[[int, Outcome], None]
+
+
+class SerialExecutor:
+    """Every task in this process, in order."""
+
+    name = "serial"
+    workers = 1
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
+        """Run the tasks one after another; results in task order."""
+        results = []
+        for i, task in enumerate(tasks):
+            outcome = run_task(fn, task.label, self.seed, task.args)
+            results.append(outcome)
+            if on_done is not None:
+                on_done(i, outcome)
+        return results
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole foreground process group: the parent alone decides and stops the workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool_context():
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        # workers fork from a server that imported the simulator once, instead of importing it each
+        ctx.set_forkserver_preload(["numpy", "simpy", "sim.model", "sim.cli_runs", "sim.executor"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class LocalExecutor:
+    """A process pool of this machine's CPUs (forkserver or spawn: workers never inherit a forked parent)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None, seed: int = 0) -> None:
+        self.workers = workers or available_cpus()
+        self.seed = seed
+
+    def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
+        """Run the tasks on up to self.workers processes; results in task order."""
+        workers = min(self.workers, len(tasks))
+        if workers <= 1:  # a pool would only add its start-up
+            return SerialExecutor(self.seed).map(fn, tasks, on_done)
+        results: list[Outcome | None] = [None] * len(tasks)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_ignore_sigint)
+        try:
+            pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = pending.pop(future)
+                    try:
+                        outcome = future.result()
+                    except BrokenProcessPool:
+                        outcome = Outcome(tasks[i].label, error="its worker process died (killed, or out of memory)")
+                    results[i] = outcome
+                    if on_done is not None:
+                        on_done(i, outcome)
+        except BaseException:
+            _terminate(pool)
+            raise
+        pool.shutdown(wait=True)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Nothing held between maps."""
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: cancel queued tasks, end the workers, reap them."""
+    processes = list(getattr(pool, "_processes", {}).values())  # no public way before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=2)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=2)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT that nothing answers on, before ray.init waits on it."""
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ExecutorError(f"--executor ray:{address}: the address must be auto, HOST:PORT or ray://HOST:PORT "
+                            "(e.g. ray:10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise ExecutorError(f"--executor ray:{address}: cannot reach {host}:{port} ({exc.strerror or exc}); start "
+                            "the cluster (ray up, or ray start --head) or write --executor ray for a local one"
+                            ) from None
+
+
+class RayExecutor:
+    """Ray tasks of one CPU each, on a cluster (address) or on a local Ray of this machine's CPUs."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None, seed: int = 0) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        try:
+            import ray
+        except ImportError:
+            raise ExecutorError(RAY_HINT) from None
+        self.ray = ray
+        self.address = address
+        self.seed = seed
+        self._owns = False
+        if address and address != "auto":
+            _check_reachable(address)
+        kwargs: dict = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": True}
+        try:
+            if ray.is_initialized():
+                pass
+            elif address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=workers or available_cpus(), **kwargs)
+                self._owns = True
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ExecutorError(f"--executor ray{':' + address if address else ''}: Ray did not start ({first})"
+                                ) from None
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
+        self._remote = ray.remote(num_cpus=1, max_retries=0)(run_task)
+
+    def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
+        """Submit every task; collect them as they finish; results in task order."""
+        ray = self.ray
+        fn_ref = ray.put(fn)
+        refs = {self._remote.remote(fn_ref, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
+        results: list[Outcome | None] = [None] * len(tasks)
+        try:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                for ref in done:
+                    i = refs.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except Exception as exc:  # the worker died, or Ray lost the task
+                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        outcome = Outcome(tasks[i].label, error=f"Ray lost the task: {first}"[:500])
+                    results[i] = outcome
+                    if on_done is not None:
+                        on_done(i, outcome)
+        except BaseException:
+            for ref in refs:
+                ray.cancel(ref, force=True)
+            self.close()
+            raise
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Shut down the local Ray this executor started (a cluster is left running)."""
+        if self._owns and self.ray.is_initialized():
+            self.ray.shutdown()
+        self._owns = False
+
+
+def make_executor(text: str | None, seed: int = 0):
+    """An executor from an --executor value: serial, local[:N] or ray[:ADDRESS] (None: local)."""
+    text = (text or "local").strip()
+    name, _, rest = text.partition(":")
+    if name == "serial" and not rest:
+        return SerialExecutor(seed)
+    if name == "local":
+        if not rest:
+            return LocalExecutor(None, seed)
+        if rest.isdigit() and int(rest) >= 1:
+            return LocalExecutor(int(rest), seed)
+        raise ExecutorError(f"--executor {text}: N must be a whole number >= 1 (e.g. local:4)")
+    if name == "ray":
+        return RayExecutor(rest or None, seed=seed)
+    raise ExecutorError(f"--executor {text!r} is unknown; use serial, local[:N] or ray[:ADDRESS]")
+
+
+def add_executor_arg(parser: argparse.ArgumentParser) -> None:
+    """The --executor flag of commands that run many independent simulations."""
+    parser.add_argument("--executor", metavar="KIND",
+                        help="where the simulations run: local[:N] (default: a process pool of the N CPUs this "
+                             f"process may use, here {available_cpus()}), serial (one at a time in this process), "
+                             "ray (a local Ray of those CPUs) or ray:ADDRESS (a running Ray cluster: auto, HOST:PORT "
+                             "or ray://HOST:PORT). Results are identical on every executor")
+
+
+def describe(executor) -> str:
+    """'serial', 'local (2 workers)', 'ray (8 CPUs)', for log lines."""
+    if executor.name == "serial":
+        return "serial"
+    unit = "CPUs" if executor.name == "ray" else "workers"
+    return f"{executor.name} ({executor.workers} {unit})"
