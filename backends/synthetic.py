@@ -6,7 +6,7 @@ import math
 import zlib
 from collections.abc import Mapping
 
-from backends.cost_table import wakeup_cost
+from backends.cost.table import wakeup_cost
 from scheduler.messages import StepPlan, StepResult
 
 
@@ -34,7 +34,7 @@ class SyntheticBackend:
         self.num_steps = 0
         self.num_computed_tokens = 0
         # the compute-graph key the last step left, for cost models that price llama.cpp's graph reuse
-        # (step_after; see backends.cost_graph): None on a fresh context
+        # (step_after; see backends.cost.graph): None on a fresh context
         self.graph: tuple | None = None
         self._step_after = getattr(cost_model, "step_after", None)
         # the virtual time the last step ended (the engine's decode fast-forward moves it too): a step whose
@@ -94,7 +94,7 @@ class SyntheticBackend:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Sample one token per sampling chunk; elapsed_s from the cost model, plus its wake-up
-        (backends.cost_table.wakeup_cost: by the wait's length when the model has an idle_wakeup_curve) when
+        (backends.cost.table.wakeup_cost: by the wait's length when the model has an idle_wakeup_curve) when
         the engine waited for this plan (the first step of a run: the wait is unknown, the flat price)."""
         for request_id in plan.finished_request_ids:
             self._num_sampled.pop(request_id, None)

@@ -21,13 +21,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from backends.cost_table import split_ubatches  # noqa: E402
+from backends.cost.ubatch import split_ubatches  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
+from calib.validate import retime  # noqa: E402
 from scheduler import SchedulerConfig  # noqa: E402
 from scheduler.config import SLOT_CHOICES  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
 from sim.model import run_workload  # noqa: E402
-from sim.validate import retime  # noqa: E402
 
 RATES = (1.11, 2.6, 4.45)
 POLICIES = {"continuous": {}, "chunked": {"max_num_batched_tokens": 128}}
@@ -53,9 +53,9 @@ class PassCounter(SyntheticBackend):
 
 def run_real(workload, profile, base: SchedulerConfig, rate: float, choices: list[str]) -> list[dict]:
     """Continuous at `rate` on the real backend, the slot choices in turn, twice (a, b, a, b)."""
-    from sim.cli_validate import _llama_options
+    from calib.cli_validate import _llama_options
+    from calib.validate import TimedBackend
     from sim.real import close_instances, make_llama_instances
-    from sim.validate import TimedBackend
 
     backends, real = make_llama_instances(None, 1, _llama_options(profile))
     out = []
@@ -88,7 +88,7 @@ def main() -> int:
         if c not in SLOT_CHOICES:
             ap.error(f"--choices: unknown slot choice {c!r}; choose from {', '.join(SLOT_CHOICES)}")
     profile = load_cost_model(args.profile)
-    from sim import cli_validate
+    from calib import cli_validate
     from sim.cli import _parse
 
     workload = cli_validate._workload(_parse(["validate", "--quiet"]))  # validate's default workload

@@ -30,8 +30,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "sweep": ("sim.cli_sweep", "add_arguments", "run"),
     "capacity": ("sim.cli_capacity", "add_arguments", "run"),
     "generate": ("sim.cli_generate", "add_arguments", "run"),
-    "calibrate": ("sim.cli_calibrate", "add_arguments", "run"),
-    "validate": ("sim.cli_validate", "add_arguments", "run"),
+    "calibrate": ("calib.cli_calibrate", "add_arguments", "run"),
+    "validate": ("calib.cli_validate", "add_arguments", "run"),
 }
 PROG = "tokenstep"
 # the project's required dependencies (pyproject.toml), by import name: a missing one is an install problem

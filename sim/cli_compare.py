@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from calib.validate import bracket_factors, rel_errors
 from sim.cli_common import (
     UsageError,
     add_backend_args,
@@ -35,7 +36,6 @@ from sim.cli_common import (
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
 from sim.cli_runs import close, execute, parse_run_specs, prepare
 from sim.report import format_table, safe_name
-from sim.validate import bracket_factors, rel_errors
 
 DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 # the main job on real compute: what 2 CPU cores serve in a few minutes
@@ -44,7 +44,7 @@ LLAMA_DEFAULT_LIMIT = 60
 LLAMA_DEFAULT_TIME_SCALE = 0.4  # about 3.3 req/s: near what 2 cores serve with these lengths (saturation)
 # requests of each speed probe (before the first strategy and after each one): about 9 s each here; the
 # predictions' mean absolute error on the main job, 13.0 % and 9.9 % at the profile's own factors, was 5.2 % and
-# 5.3 % with them (benchmarks/compare_probe.py, docs/BENCHMARKS.md)
+# 5.3 % with them (calib/experiments/compare_probe.py, docs/BENCHMARKS.md)
 LLAMA_PROBE_REQUESTS = 24
 
 
@@ -124,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _speed_probe(ctx, workload) -> dict | None:
-    """sim.calibrate.speed_probe on the real instances (None: no llama, no table profile, or --probe-requests
+    """calib.calibrate.speed_probe on the real instances (None: no llama, no table profile, or --probe-requests
     0). The instances' KV is cleared after it; the runs take fresh backends anyway."""
-    from sim.calibrate import speed_probe
+    from calib.calibrate import speed_probe
 
     args = ctx.args
     if ctx.llama is None:

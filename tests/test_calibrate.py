@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 
 from backends.cost import load_cost_model, save_cost_model
-from backends.cost_table import TILING, TableCostModel, Ubatch, fa_tiles, fit_table, price_run, split_ubatches
+from backends.cost.table import TILING, TableCostModel, price_run
+from backends.cost.ubatch import Ubatch, fa_tiles, split_ubatches
+from calib.calibrate import read_samples
+from calib.fit_table import fit_table
+from calib.validate import TimedBackend, check_profile, rel_errors, retime
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
-from sim.calibrate import read_samples
 from sim.cli import main
-from sim.validate import TimedBackend, check_profile, rel_errors, retime
 from sim.workload import Workload, WorkloadRequest
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -307,7 +309,7 @@ def test_prefill_run_factor_prices_only_steps_with_prompt_tokens():
     older = dataclasses.replace(model, prefill_run_factor=None)
     assert older.step_time_s(mixed) == pytest.approx(1.01 * grid.step_time_s(mixed), rel=1e-12)
     # and it round-trips through the profile JSON
-    from backends.cost_table import TableCostModel
+    from backends.cost.table import TableCostModel
 
     again = TableCostModel.from_dict(model.to_dict()["params"], {}, "again", "test")
     assert again.prefill_run_factor == 1.04 and again.step_time_s(mixed) == model.step_time_s(mixed)
@@ -466,7 +468,7 @@ def test_a_profile_without_calibration_meta_is_refused(capsys, tmp_path):
 @pytest.mark.parametrize(("name", "instances", "threads"), [("cpu-gemma3-270m", 1, 2), ("cpu-gemma3-270m-x2", 2, 1)])
 def test_the_bundled_profiles_were_calibrated_on_the_installed_model_and_build(name, instances, threads):
     from backends.models import LlamaModel
-    from sim.validate import build_info, check_instances, machine_info, model_fingerprint
+    from calib.validate import build_info, check_instances, machine_info, model_fingerprint
 
     profile = load_cost_model(name)
     assert isinstance(profile, TableCostModel) and profile.meta["fit"]["held_out"]["n"] >= 100
@@ -479,9 +481,9 @@ def test_the_bundled_profiles_were_calibrated_on_the_installed_model_and_build(n
 
 def test_sampling_noise_brackets_each_statistic_and_narrows_with_more_requests():
     from backends.synthetic import SyntheticBackend
+    from calib.validate import sampling_noise
     from scheduler import SchedulerConfig
     from sim.model import run_workload
-    from sim.validate import sampling_noise
     from sim.workload import synthetic_workload
 
     w = synthetic_workload("poisson", 2.0, 400, "lognormal:60,0.8", "lognormal:20,0.9", 1)
@@ -501,10 +503,10 @@ def test_sampling_noise_brackets_each_statistic_and_narrows_with_more_requests()
 
 def test_error_interval_is_paired_over_requests():
     from backends.synthetic import SyntheticBackend
+    from calib.validate import error_interval, rel_errors
     from scheduler import SchedulerConfig
     from sim.metrics import summarize
     from sim.model import run_workload
-    from sim.validate import error_interval, rel_errors
     from sim.workload import synthetic_workload
 
     w = synthetic_workload("poisson", 2.0, 300, "lognormal:60,0.8", "lognormal:20,0.9", 3)
@@ -538,7 +540,7 @@ def test_error_interval_is_paired_over_requests():
 
 
 def test_bracket_takes_the_mean_of_the_probes_around_a_load():
-    from sim.validate import bracket_factors
+    from calib.validate import bracket_factors
 
     prof = load_cost_model("cpu-gemma3-270m")
     before = {"requests": 64, "wall_s": 30.0, "run_factor": 1.00, "prefill_run_factor": 1.06}
@@ -563,8 +565,8 @@ def test_bracket_takes_the_mean_of_the_probes_around_a_load():
 def test_speed_timeline_prices_each_window_at_its_own_speed():
     import dataclasses
 
-    from sim.calibrate import plan_from_row
-    from sim.validate import SpeedTimeline
+    from calib.calibrate import plan_from_row
+    from calib.validate import SpeedTimeline
 
     prof = load_cost_model("cpu-gemma3-270m")
     grid = dataclasses.replace(prof, run_factor=1.0, prefill_run_factor=None)
@@ -651,7 +653,7 @@ def test_validate_two_instances_steps_them_at_the_same_time_on_both_sides(quick_
 
 
 def test_the_wakeup_probe_times_prefills_after_each_wait_against_the_same_right_after(llama_backend):
-    from sim.calibrate import probe_wakeup
+    from calib.calibrate import probe_wakeup
 
     config = llama_backend.scheduler_config()
     said = []
@@ -666,8 +668,8 @@ def test_the_wakeup_probe_times_prefills_after_each_wait_against_the_same_right_
 
 
 def test_probes_fit_decode_factors_by_batch_size_and_a_load_is_priced_by_them():
-    from sim.calibrate import plan_from_row
-    from sim.validate import batch_factor_knots, bracket_factors, fit_run_factors, pool_by_batch
+    from calib.calibrate import plan_from_row
+    from calib.validate import batch_factor_knots, bracket_factors, fit_run_factors, pool_by_batch
 
     prof = load_cost_model("cpu-gemma3-270m")
     grid = prof.grid()

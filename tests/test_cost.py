@@ -11,19 +11,16 @@ import pytest
 from backends.cost import (
     COST_MODELS,
     ROOFLINE_PRESETS,
-    FittedCostModel,
     LinearCostModel,
     RooflineCostModel,
     StepFeatures,
-    evaluate,
     features,
-    fit,
     known_cost_models,
     load_cost_model,
-    nnls,
     save_cost_model,
 )
-from backends.cost_base import CostModelError
+from backends.cost.base import CostModelError
+from calib.nnls import nnls
 from scheduler.config import SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 
@@ -57,9 +54,7 @@ def make_plan(prefill=(), decode=(), copies=(), removes=(), pad=0) -> StepPlan:
 
 
 EMPTY = StepPlan(step_id=0, now_s=0.0, chunks=())
-ALL_MODELS = [load_cost_model(n) for n in known_cost_models()] + [
-    FittedCostModel(step_s=0.01, per_decode_seq_s=0.005, per_prefill_token_s=0.001)
-]
+ALL_MODELS = [load_cost_model(n) for n in known_cost_models()]
 
 
 @pytest.mark.parametrize("model", ALL_MODELS, ids=lambda m: m.name)
@@ -114,92 +109,7 @@ def test_placeholder_profile_matches_batched_bench_roughly():
         )
 
 
-def synthetic_samples(truth: FittedCostModel, n: int, noise: float, seed: int):
-    """Random mixed steps priced by truth with multiplicative noise."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        prefill = [
-            (int(rng.integers(0, 512)), int(rng.integers(1, 512)))
-            for _ in range(rng.integers(0, 3))
-        ]
-        decode = [
-            int(c)
-            for c in rng.integers(1, 2048, size=rng.integers(0 if prefill else 1, 32))
-        ]
-        copies = [(0, 1, int(rng.integers(1, 256)))] if rng.random() < 0.2 else []
-        f = features(
-            make_plan(
-                prefill, decode, copies, removes=[5] if rng.random() < 0.2 else []
-            )
-        )
-        samples.append((f, truth.predict_s(f) * (1 + noise * rng.standard_normal())))
-    return samples
-
-
-TRUTH = FittedCostModel(
-    step_s=0.012,
-    per_prefill_token_s=0.0011,
-    per_prefill_attention_s=4e-8,
-    per_decode_seq_s=0.0062,
-    per_context_token_s=1.5e-6,
-    per_seq_s=0.0004,
-    per_copied_token_s=2e-6,
-    per_kv_op_s=5e-5,
-)
-
-
-def test_fit_recovers_every_coefficient_from_exact_samples():
-    model = fit(synthetic_samples(TRUTH, 300, noise=0.0, seed=3))
-    np.testing.assert_allclose(model.coefficients, TRUTH.coefficients, rtol=1e-6)
-
-
-def test_fit_recovers_known_coefficients_from_noisy_samples_and_beats_a_wrong_model():
-    train = synthetic_samples(TRUTH, 400, noise=0.01, seed=1)
-    test = synthetic_samples(TRUTH, 200, noise=0.01, seed=2)
-    model = fit(train, name="synthetic", meta={"machine": "test"})
-    # The terms that carry most of a step's time; the small ones (per_kv_op_s is
-    # 0.05 ms against 1% noise on ~100 ms steps) are not identifiable at this noise.
-    for name in (
-        "step_s",
-        "per_prefill_token_s",
-        "per_decode_seq_s",
-        "per_context_token_s",
-    ):
-        assert getattr(model, name) == pytest.approx(getattr(TRUTH, name), rel=0.05), (
-            name
-        )
-    assert model.meta["machine"] == "test" and model.meta["fit"]["n"] == 400
-    exact = [(f, TRUTH.predict_s(f)) for f, _ in test]
-    assert evaluate(model, exact)["mape"] < 0.5
-    good = evaluate(model, test)
-    wrong = evaluate(LinearCostModel(), test)
-    assert good["n"] == 200 and good["mape"] < 2.0 and good["max_abs_pct_error"] < 6.0
-    assert wrong["mape"] > 5 * good["mape"]
-    assert "MAPE" in model.describe()
-
-
-def test_fit_never_returns_negative_coefficients():
-    rng = np.random.default_rng(7)
-    # Truth with a negative slope: least squares would go negative, NNLS must clip.
-    samples = []
-    for _ in range(100):
-        f = StepFeatures(
-            num_prefill_tokens=int(rng.integers(1, 100)),
-            num_decode_seqs=int(rng.integers(0, 50)),
-            num_seqs=1,
-        )
-        samples.append(
-            (
-                f,
-                max(
-                    0.05 - 0.0004 * f.num_decode_seqs + 0.001 * f.num_prefill_tokens,
-                    1e-3,
-                ),
-            )
-        )
-    model = fit(samples)
-    assert (model.coefficients >= 0).all()
+def test_nnls_never_returns_negative_coefficients():
     for seed in range(20):
         r = np.random.default_rng(seed)
         a, b = r.standard_normal((30, 6)), r.standard_normal(30)
@@ -210,20 +120,11 @@ def test_fit_never_returns_negative_coefficients():
         assert (grad[x == 0] <= 1e-9).all() and np.allclose(grad[x > 0], 0, atol=1e-9)
 
 
-def test_fit_rejects_bad_samples():
-    with pytest.raises(ValueError, match="no samples"):
-        fit([])
-    with pytest.raises(ValueError, match="> 0"):
-        fit([(StepFeatures(num_decode_seqs=1, num_seqs=1), 0.0)])
-    with pytest.raises(ValueError, match="empty step"):
-        fit([(StepFeatures(), 0.1)])
-
-
 @pytest.mark.parametrize(
     "model",
     [
         LinearCostModel(name="x", meta={"threads": 2}),
-        TRUTH,
+        load_cost_model("cpu-gemma3-270m"),
         ROOFLINE_PRESETS["a100-llama3-70b"],
     ],
     ids=lambda m: m.to_dict()["kind"],
@@ -248,7 +149,7 @@ def test_unknown_names_list_the_known_ones():
         load_cost_model("h200-llama")
     with pytest.raises(ValueError, match="no cost model file"):
         load_cost_model("/nonexistent/profile.json")
-    assert set(COST_MODELS) == {"linear", "fitted", "roofline", "table"}
+    assert set(COST_MODELS) == {"linear", "roofline", "table"}
 
 
 @pytest.mark.parametrize(
@@ -259,14 +160,14 @@ def test_unknown_names_list_the_known_ones():
         ('{"params": {}}', "missing field 'kind'"),
         (
             '{"kind": "cubic", "params": {}}',
-            "unknown kind 'cubic'.*linear, fitted, roofline",
+            "unknown kind 'cubic'.*linear, roofline, table",
         ),
         (
             '{"kind": "linear", "params": {"base_s": 0.01}}',
             "missing params per_prefill_token_s",
         ),
         ('{"kind": "linear", "prams": {}}', "unknown top-level fields prams"),
-        ('{"kind": "fitted", "params": {"step_s": -1}}', "missing params"),
+        ('{"kind": "fitted", "params": {"step_s": 0.01}}', "unknown kind 'fitted'.*linear, roofline, table"),
         (
             '{"kind": "linear", "params": [], "meta": {}}',
             "'params' of a linear cost model must be an object",
@@ -370,7 +271,7 @@ def test_roofline_decode_pricer_gives_the_same_floats_as_pricing_the_plan():
 
 
 def test_a_wakeup_curve_prices_a_step_after_idle_by_its_wait():
-    from backends.cost_table import wakeup_cost, wakeup_from_curve
+    from backends.cost.table import wakeup_cost, wakeup_from_curve
 
     curve = ((0.1, 0.001), (1.0, 0.020), (2.5, 0.030))
     assert wakeup_from_curve(curve, 0.0) == 0.0

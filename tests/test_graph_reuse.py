@@ -7,9 +7,11 @@ import dataclasses
 import pytest
 
 from backends.cost import load_cost_model
-from backends.cost_graph import kv_cells
-from backends.cost_table import TableCostModel, fit_table, graph_chain, price_run, split_ubatches
+from backends.cost.graph import kv_cells
+from backends.cost.table import TableCostModel, price_run
+from backends.cost.ubatch import split_ubatches
 from backends.synthetic import SyntheticBackend
+from calib.fit_table import fit_table, graph_chain
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 
 BUILD_S, BUILD_SEQ_S = 5e-4, 2e-5
@@ -151,7 +153,7 @@ def test_a_profile_with_broken_graph_params_is_refused(model, change, message):
 def test_a_multi_instance_runs_steps_are_priced_each_on_its_own_context(model):
     """validate concatenates the instances' timed steps; each instance's first step (wait unknown) starts on
     a fresh graph, not after the other instance's last step."""
-    from sim.validate import price_samples
+    from calib.validate import price_samples
 
     a = [_decodes([0, 1], 40), _decodes([0, 1], 41)]
     b = [_decodes([0, 1], 42), _decodes([0, 1], 43)]  # the same shape as a's last step: no build if chained

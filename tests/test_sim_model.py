@@ -136,7 +136,7 @@ def test_fast_forward_gives_exactly_the_step_by_step_results(policy, instances, 
     from backends.cost import load_cost_model
 
     # a roofline (prices counters) and the bundled table (prices slot layout); "graphs": the table with
-    # graph builds priced (see backends.cost_graph), which the fast-forward follows across steps
+    # graph builds priced (see backends.cost.graph), which the fast-forward follows across steps
     cost = load_cost_model("cpu-gemma3-270m" if cost_name == "graphs" else cost_name)
     if cost_name == "graphs":
         cost = dataclasses.replace(cost, per_graph_build_s=5e-4, per_graph_build_seq_s=2e-5)

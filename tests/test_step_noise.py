@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from backends.cost import load_cost_model
-from backends.cost_table import price_run
+from backends.cost.table import price_run
 from backends.synthetic import SyntheticBackend
+from calib.validate import NoisyModel, StepNoise, misses_within, noise_spread, predict, rel_errors, step_noise
 from scheduler import SchedulerConfig
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
 from sim.metrics import summarize
 from sim.model import run_workload
-from sim.validate import NoisyModel, StepNoise, misses_within, noise_spread, predict, rel_errors, step_noise
 from sim.workload import synthetic_workload
 
 CONFIG = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512)
@@ -161,7 +161,7 @@ def _noisy_load(profile) -> dict:
 
 
 def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_on_request(profile):
-    from sim.validate import compare_load
+    from calib.validate import compare_load
 
     m = _noisy_load(profile)
     load = compare_load(m, profile, "static", CONFIG, 0, noise_runs=3)
@@ -173,7 +173,7 @@ def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_
 
 
 def test_merge_noise_joins_the_probes_pools_and_combines_their_sigmas():
-    from sim.validate import merge_noise
+    from calib.validate import merge_noise
 
     a = StepNoise(0.03, 0.01, 1.0, (0.1, -0.1), (0.02,))
     b = StepNoise(0.04, 0.02, 1.0, (0.2,), (-0.02, 0.0))
@@ -187,7 +187,7 @@ def test_merge_noise_joins_the_probes_pools_and_combines_their_sigmas():
 
 
 def test_ensemble_prediction_is_the_median_of_its_reruns_and_its_run_the_nearest_one(profile):
-    from sim.validate import ENSEMBLE_SEED, METRICS, STATS, ensemble_predict
+    from calib.validate import ENSEMBLE_SEED, METRICS, STATS, ensemble_predict
 
     w = _workload(n=60, rate=3.0)
     noise = StepNoise(0.03, 0.015)
@@ -207,7 +207,7 @@ def test_ensemble_prediction_is_the_median_of_its_reruns_and_its_run_the_nearest
 def test_under_static_batching_the_ensemble_lands_nearer_other_noisy_runs_than_one_noiseless_run(profile):
     """The reason the prediction is an ensemble: stand-ins for real runs (noisy runs with seeds of their own)
     scatter around a centre that one noiseless run misses and the reruns' median finds."""
-    from sim.validate import ensemble_predict
+    from calib.validate import ensemble_predict
 
     w = _workload(n=80, rate=3.2, seed=11)
     noise = StepNoise(0.03, 0.015)
@@ -223,7 +223,7 @@ def test_under_static_batching_the_ensemble_lands_nearer_other_noisy_runs_than_o
 
 
 def test_compare_load_predicts_with_the_ensemble_when_given_probe_noise(profile):
-    from sim.validate import compare_load
+    from calib.validate import compare_load
 
     m = _noisy_load(profile)
     w = m["workload"]

@@ -22,18 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import (
-    TableCostModel,
-    describe_wakeup,
-    fit_table,
-    graph_chain,
-    percent_errors,
-    wakeup_curve,
-)
+from backends.cost.table import TableCostModel, describe_wakeup, wakeup_curve
+from calib.fit_table import fit_table, graph_chain, percent_errors
+from calib.validate import build_info, load_snapshot, machine_info, model_fingerprint, step_kind
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.messages import KVCopy, KVRemove, ScheduledChunk, StepPlan
 from sim.model import run_workload
-from sim.validate import build_info, load_snapshot, machine_info, model_fingerprint, step_kind
 
 HOLD_OUT_EVERY = 4
 CLEAN_RATIO = 1.10  # repeats slower than this times a step's fastest repeat count as contention
@@ -76,7 +70,7 @@ def _decode_grid(quick: bool, max_len: int) -> list[Scenario]:
 
 def _prefill_grid(quick: bool, max_len: int) -> list[Scenario]:
     top = min(500, max_len - 2)
-    # flash attention's cost jumps just past multiples of 128 tokens (see backends.cost_table.fa_tiles):
+    # flash attention's cost jumps just past multiples of 128 tokens (see backends.cost.ubatch.fa_tiles):
     # sizes on both sides of 128, 256 and 384
     sizes = (16, 128, top) if quick else tuple(sorted({8, 16, 32, 64, 96, 128, 144, 192} | {
         min(n, top) for n in (256, 264, 320, 384, 400, 448)} | {top}))
@@ -246,7 +240,7 @@ def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name
     """Fit the table model on all but every HOLD_OUT_EVERY-th sample; score it and the linear form on those."""
     from backends.cost import features, fit
 
-    # the graph key before each step, from the whole sequence the steps ran in (see backends.cost_graph)
+    # the graph key before each step, from the whole sequence the steps ran in (see backends.cost.graph)
     layout = TableCostModel(**{k: split[k] for k in ("n_batch", "n_ubatch", "kv_unified") if k in split})
     keyed = [(p, t, idle, g) for (p, t, idle), g in
              zip(samples, graph_chain([(p, idle) for p, _, idle in samples], layout), strict=True)]
@@ -394,7 +388,7 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
 
     samples_out: a list that receives the probe's timed steps, one (samples, idle_s) pair per instance
     (TimedBackend.samples and .idle_s). A model with an idle_wakeup_curve prices each step after idle by its
-    wait (sim.validate.price_samples), so the factors do not take in the wake-ups.
+    wait (calib.validate.price_samples), so the factors do not take in the wake-ups.
 
     load: the probe's arrival rate as a share of the capacity the model predicts (default PROBE["load"], 0.7).
 
@@ -402,7 +396,7 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     `requests` requests per instance at their summed capacity, stepped at the same time (sim.rt), and the
     factors are fitted on every instance's steps.
     """
-    from sim.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
+    from calib.validate import TimedBackend, estimate_capacity, fit_run_factors, retime
     from sim.workload import synthetic_workload
 
     n = requests if requests is not None else PROBE["quick_requests"] if quick else PROBE["requests"]
@@ -454,11 +448,11 @@ def speed_probe(backends: Sequence[Any], profile: Any, config: SchedulerConfig, 
     """The probe `validate` runs around each load and `compare --backend llama` around each strategy: a
     real-time run of `requests` requests drawn from the workload (probe_run_factor, sample_of) that fits a
     table profile's run factors to the machine's speed now, and the scatter of its steps around their prices
-    (sim.validate.StepNoise, summarised in the probe's "step_noise"). With wakeup, a wake-up probe
+    (calib.validate.StepNoise, summarised in the probe's "step_noise"). With wakeup, a wake-up probe
     (probe_wakeup) runs first, the run-factor probe prices its steps after idle by their waits, and the probe
     carries it as "wakeup". (None, None): no probe (requests 0, or a profile without run factors).
     """
-    from sim.validate import merge_noise, step_noise
+    from calib.validate import merge_noise, step_noise
 
     if requests == 0 or not isinstance(profile, TableCostModel):
         return None, None
@@ -510,7 +504,7 @@ def probe_wakeup(backend, config: SchedulerConfig, seed: int, say: Callable[[str
 
     The engine's threads, and the host under them, go to sleep while it waits for an arrival; waking them
     costs the next step time that grows with the wait (here, one evening: +1 ms after 0.1 s, +13 ms after
-    0.5 s, +26 ms after 2 s, the same for a 16- and a 200-token prompt: benchmarks/idle_wakeup.py) and moves
+    0.5 s, +26 ms after 2 s, the same for a 16- and a 200-token prompt: calib/experiments/idle_wakeup.py) and moves
     from day to day (the same machine's calibration grid read 0.8 ms after 0.25 s). Each wait runs `repeats`
     times in a shuffled order; each knot is the median over its repeats of (after the wait - right after),
     at least 0. Returns {"knots": [[idle_s, extra_s], ...], ...}: a TableCostModel's idle_wakeup_curve; and

@@ -1,32 +1,24 @@
 """A cost model that replays llama.cpp's micro-batch split and prices each micro-batch from tables (kind "table").
 
-llama.cpp computes a batch as micro-batches (ubatches), one forward pass each. With one
-KV stream per sequence (kv_unified=False, the default here) it uses split_equal: a ubatch
-holds only a run of consecutive sequence ids, each with the same number of tokens. So a
-decode batch over slots 0, 2, 4 costs three forward passes, and decodes plus one prompt
-cost two. This model replays that split from the plan's slots and chunk lengths, then
-prices each ubatch by two piecewise-linear tables: a non-decreasing one over its tokens
-(layer compute plus the pass's fixed cost) and a free one with a value for every output-row
-count (vocabulary projection and sampling; measured on gemma-3-270m, 8, 12 and 16 rows cost
-less than 7, 11 and 15), plus attention: a decode's query-key pairs, and a prompt chunk's either
-as pairs (within the chunk, and against the context before it at a price per pair that depends
-on the chunk's length) or, for chunks long enough for ggml's tiled flash attention, as the tiles
-it runs (see fa_tiles); and the step's own work: per step, per chunk, per KV op and copied token.
+The split is backends.cost.ubatch's. Each ubatch is priced by two piecewise-linear tables: a non-decreasing
+one over its tokens (layer compute plus the pass's fixed cost) and a free one with a value for every
+output-row count (vocabulary projection and sampling; measured on gemma-3-270m, 8, 12 and 16 rows cost less
+than 7, 11 and 15), plus attention: a decode's query-key pairs, and a prompt chunk's either as pairs (within
+the chunk, and against the context before it at a price per pair that depends on the chunk's length) or, for
+chunks long enough for ggml's tiled flash attention, as the tiles it runs (see fa_tiles); and the step's own
+work: per step, per chunk, per KV op and copied token.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
-from backends.cost_base import CostModelError, StepFeatures, check_params, floor_time
-from backends.cost_fit import nnls
-from backends.cost_graph import KV_PAD, STEADY, build_s, builds, graph_key, key_slots, with_end
+from backends.cost.base import CostModelError, StepFeatures, check_params, floor_time
+from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
+from backends.cost.ubatch import DecodeChunk, Ubatch, fa_tiles, split_ubatches, takes_tiled_path
 from scheduler.messages import StepPlan
 
 SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
@@ -38,39 +30,8 @@ OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pai
             "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s",
             "idle_wakeup_curve", "decode_batch_factors")
 GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
-# the fitted scalars, in design_row's order
-FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH
 TILING = ("per_fa_tile_s", "fa_heads", "fa_threads")
-# ggml's CPU flash attention (ggml-cpu/common.h, GGML_FA_TILE_Q and GGML_FA_TILE_KV): query rows and KV
-# positions per tile; a chunk of at least FA_Q_TILE tokens per sequence takes the tiled path
-FA_Q_TILE = 64
-FA_KV_TILE = 64
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
-
-
-@dataclass(frozen=True, slots=True)
-class Ubatch:
-    """One forward pass: tokens, sequences, output (logits) rows, and causal attention pairs.
-
-    attention_pairs count the query-key pairs of one-token pieces (decodes). Pieces of several tokens
-    (prompt chunks, q_len tokens per sequence) count apart: context_pairs, their queries against the
-    positions before the chunk, and chunk_pairs, the causal pairs within it; starts holds each sequence's
-    first position in the chunk. ggml's CPU flash attention runs a chunk of 64 or more queries per
-    sequence as tiles of query rows against KV tiles (see fa_tiles), so its cost follows the tiles, not
-    the pairs: a profile that knows the model's heads and the threads prices it so; an older one prices
-    a context pair by a table over q_len. graph is the key llama.cpp reuses its compute graph by (see
-    backends.cost_graph; () when not modelled).
-    """
-
-    n_tokens: int
-    n_seqs: int
-    n_outputs: int
-    attention_pairs: int
-    q_len: int = 0
-    context_pairs: int = 0
-    chunk_pairs: int = 0
-    starts: tuple[int, ...] = ()
-    graph: tuple = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,126 +53,6 @@ class StepShape:
         return not (self.ubatches or self.num_chunks or self.num_removes or self.num_copies)
 
 
-def split_ubatches(plan: StepPlan, n_batch: int = 512, n_ubatch: int = 512,
-                   kv_unified: bool = False) -> tuple[Ubatch, ...]:
-    """The ubatches llama.cpp makes of the plan's batch (LlamaCppBackend orders chunks by slot)."""
-    segs = sorted((c.slot, len(c.token_ids) + c.num_pad_tokens, len(c.token_ids) - 1 if c.sample and c.token_ids
-                    else -1, c.start_pos) for c in plan.chunks if c.token_ids or c.num_pad_tokens)
-    out: list[Ubatch] = []
-    window: list[list[int]] = []  # [slot, count, out offset or -1, first position]
-    room = n_batch
-    for slot, n, o, pos in segs:  # the backend calls llama_decode once per n_batch rows
-        while n:
-            k = min(n, room)
-            window.append([slot, k, o if 0 <= o < k else -1, pos])
-            n, room, o, pos = n - k, room - k, o - k, pos + k
-            if room == 0:
-                out += _split_window(window, n_ubatch, kv_unified)
-                window, room = [], n_batch
-    if window:
-        out += _split_window(window, n_ubatch, kv_unified)
-    return tuple(out)
-
-
-def _pairs(pos: int, k: int) -> int:
-    """Sum of (p + 1) over positions pos .. pos + k - 1: query-key pairs of a causal chunk."""
-    return k * pos + k * (k + 1) // 2
-
-
-def _split_window(pieces: list[list[int]], n_ubatch: int, kv_unified: bool) -> list[Ubatch]:
-    if kv_unified:  # split_simple: n_ubatch rows at a time, in order
-        return _split_simple(pieces, n_ubatch)
-    out = []
-    live = [p for p in pieces if p[1]]
-    while live:
-        run = [live[0]]
-        for p in live[1:]:  # split_equal(sequential=True): consecutive sequence ids only
-            if p[0] != run[-1][0] + 1:
-                break
-            run.append(p)
-        k = min(min(p[1] for p in run), max(1, n_ubatch // len(run)))
-        starts = tuple(p[3] for p in run)
-        n_out = sum(0 <= p[2] < k for p in run)
-        graph = graph_key(k, len(run), run[0][0], n_out, max(starts) + k)
-        pairs = 0
-        for p in run:
-            pairs += _pairs(p[3], k)
-            p[1], p[2], p[3] = p[1] - k, p[2] - k, p[3] + k
-        if k == 1:
-            out.append(Ubatch(len(run), len(run), n_out, pairs, graph=graph))
-        else:
-            inner = len(run) * (k * (k + 1) // 2)
-            out.append(Ubatch(k * len(run), len(run), n_out, 0, k, pairs - inner, inner, starts, graph))
-        live = [p for p in live if p[1]]
-    return out
-
-
-def takes_tiled_path(u: Ubatch) -> bool:
-    """True for a prompt ubatch ggml runs tiled: FA_Q_TILE or more tokens per sequence, one KV stream each
-    (a one-stream ubatch carries no starts)."""
-    return u.q_len >= FA_Q_TILE and bool(u.starts)
-
-
-@functools.lru_cache(maxsize=4096)
-def fa_tiles(q_len: int, starts: tuple[int, ...], heads: int, threads: int) -> int:
-    """(query tile, KV tile) products ggml's tiled CPU flash attention runs for a chunk of q_len tokens in
-    each sequence (one KV stream each) starting at positions starts, with heads query heads on threads threads.
-
-    Replays ggml_compute_forward_flash_attn_ext_f16 (ggml-cpu/ops.cpp): the rows (token x head x stream)
-    are cut into 4 x threads pieces of equal length; each piece runs tiles of up to FA_Q_TILE rows that
-    stop at its end and at each head's end, and a partial tile costs a full one; each tile runs over the
-    FA_KV_TILE-position KV tiles up to its last query's position (fully masked tiles are skipped). So the
-    cost jumps just past every multiple of 128 tokens on 2 threads and 4 heads, not smoothly with the pairs.
-    """
-    nr = q_len * heads * len(starts)
-    if nr <= 0:
-        return 0
-    size = -(-nr // (threads * 4))
-    pieces = -(-nr // size)
-    if threads == 1 or pieces < threads:
-        pieces = threads
-    per = -(-nr // pieces)
-    tiles = 0
-    for c in range(pieces):
-        ir, end = per * c, min(per * c + per, nr)
-        while ir < end:
-            seq, row = divmod(ir, heads * q_len)
-            iq = row % q_len
-            rows = min(FA_Q_TILE, end - ir, q_len - iq)
-            tiles += (starts[seq] + iq + rows - 1) // FA_KV_TILE + 1
-            ir += rows
-    return tiles
-
-
-def _split_simple(pieces: list[list[int]], n_ubatch: int) -> list[Ubatch]:
-    # one KV stream: the attention runs over the ubatch's rows together, so a prompt piece's q_len is the
-    # ubatch's row count
-    out, cur = [], [0, set(), 0, 0, 0, 0]  # tokens, slots, outputs, decode pairs, context pairs, chunk pairs
-    for slot, n, o, pos in pieces:
-        while n:
-            k = min(n, n_ubatch - cur[0])
-            cur[0] += k
-            cur[1].add(slot)
-            cur[2] += 0 <= o < k
-            if k == 1:
-                cur[3] += pos + 1
-            else:
-                cur[4] += k * pos
-                cur[5] += k * (k + 1) // 2
-            n, o, pos = n - k, o - k, pos + k
-            if cur[0] == n_ubatch:
-                out.append(_simple_ubatch(cur))
-                cur = [0, set(), 0, 0, 0, 0]
-    if cur[0]:
-        out.append(_simple_ubatch(cur))
-    return out
-
-
-def _simple_ubatch(cur: list) -> Ubatch:
-    prompt = cur[4] or cur[5]
-    return Ubatch(cur[0], len(cur[1]), cur[2], cur[3], cur[0] if prompt else 0, cur[4], cur[5])
-
-
 def default_knots(limit: int) -> tuple[int, ...]:
     """1, 2, 4, ... up to limit, and limit itself."""
     knots = [1]
@@ -230,21 +71,6 @@ def output_knots(n_seq_max: int) -> tuple[int, ...]:
     return tuple(knots)
 
 
-def _hats(n: int, knots: tuple[int, ...]) -> list[float]:
-    """Hat basis of a free piecewise-linear table: value(n) = hats(n) @ values (n past the end: the last value)."""
-    row = [0.0] * len(knots)
-    if n <= 0:
-        return row
-    n = min(max(n, knots[0]), knots[-1])
-    j = bisect.bisect_left(knots, n)
-    if knots[j] == n:
-        row[j] = 1.0
-    else:
-        w = (n - knots[j - 1]) / (knots[j] - knots[j - 1])
-        row[j - 1], row[j] = 1.0 - w, w
-    return row
-
-
 def _interp_free(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
     """The free table at n; past the last knot it grows at the (non-negative) slope of its upper half."""
     if n <= knots[-1]:
@@ -254,18 +80,6 @@ def _interp_free(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> f
     return values[-1] + max(0.0, slope) * (n - knots[-1])
 
 
-def _ramps(n: int, knots: tuple[int, ...]) -> list[float]:
-    """Increment basis of a non-decreasing piecewise-linear table: value(n) = ramps(n) @ increments."""
-    if n <= 0:
-        return [0.0] * len(knots)
-    row = [1.0]
-    for j in range(1, len(knots)):
-        lo, hi = knots[j - 1], knots[j]
-        r = (n - lo) / (hi - lo)
-        row.append(max(0.0, r if j == len(knots) - 1 else min(1.0, r)))  # the last segment extrapolates
-    return row
-
-
 def _interp_clamped(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
     """A free table at n, flat past either end."""
     if n <= knots[0]:
@@ -273,25 +87,6 @@ def _interp_clamped(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -
     if n >= knots[-1]:
         return values[-1]
     return _interp(n, knots, values)
-
-
-def prompt_pair_knots(n_ubatch: int, tiled: bool = False) -> tuple[int, ...]:
-    """Chunk lengths (tokens per sequence) at which the context-pair price is fitted.
-
-    2 (the shortest chunk), 64 (FA_Q_TILE, the shortest tiled chunk), 128 (tiles full on 2 threads) and
-    n_ubatch, the longest. tiled: longer chunks are priced by their tiles, so the table stops at 64.
-    """
-    top = min(n_ubatch, FA_Q_TILE) if tiled else n_ubatch
-    return tuple(sorted({k for k in (2, FA_Q_TILE, 128) if k < top} | {max(top, 2)}))
-
-
-def _fill_unmeasured(values: np.ndarray, measured: np.ndarray, default: float) -> tuple[float, ...]:
-    """Table values with each unmeasured knot taking its nearest measured neighbour's (default if none)."""
-    idx = np.flatnonzero(measured)
-    if not len(idx):
-        return tuple(float(default) for _ in values)
-    return tuple(float(values[i] if measured[i] else values[idx[np.argmin(np.abs(idx - i))]])
-                 for i in range(len(values)))
 
 
 def _interp(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
@@ -352,7 +147,7 @@ class TableCostModel:
     per_fa_tile_s: float | None = None
     fa_heads: int | None = None
     fa_threads: int | None = None
-    # llama.cpp's graph reuse (see backends.cost_graph): seconds per ubatch that builds a new graph, and per
+    # llama.cpp's graph reuse (see backends.cost.graph): seconds per ubatch that builds a new graph, and per
     # sequence in it; None (older profiles): no ubatch is priced apart for it
     per_graph_build_s: float | None = None
     per_graph_build_seq_s: float | None = None
@@ -405,7 +200,7 @@ class TableCostModel:
                          plan.num_prefill_tokens > 0, bool(plan.copies))
 
     def price(self, shape: StepShape, prev_graph=STEADY) -> float:
-        """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost_graph;
+        """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost.graph;
         the default, STEADY, prices the step as if it followed itself)."""
         t = (self.step_s + self.per_chunk_s * shape.num_chunks + self.per_remove_s * shape.num_removes
              + self.per_copy_s * shape.num_copies + self.per_copied_token_s * shape.num_copied_tokens
@@ -555,7 +350,7 @@ class TableCostModel:
     def _decode_fixed(self, slots: Sequence[int], ends: Sequence[int]) -> tuple[tuple[Ubatch, ...], float]:
         """A pure-decode step's ubatches (sequences ending at ends) and its price before graphs and pairs,
         summed in price()'s order."""
-        chunks = tuple(_DecodeChunk(s, start_pos=e - 1) for s, e in zip(slots, ends, strict=True))
+        chunks = tuple(DecodeChunk(s, start_pos=e - 1) for s, e in zip(slots, ends, strict=True))
         ubatches = split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified)
         t0 = self.step_s + self.per_chunk_s * len(chunks) + self.per_remove_s * 0 + self.per_copy_s * 0
         t0 = t0 + self.per_copied_token_s * 0 + self.idle_wakeup_s * False
@@ -691,158 +486,9 @@ class DecodeStretch:
         return with_end(self.last, self.last_end + i)
 
 
-@dataclass(frozen=True, slots=True)
-class _DecodeChunk:
-    """The fields split_ubatches reads, for a decode at position 0 of a slot."""
-
-    slot: int
-    token_ids: tuple[int, ...] = (0,)
-    num_pad_tokens: int = 0
-    sample: bool = True
-    start_pos: int = 0
-
-
 def _prefill_context(f: StepFeatures) -> int:
     # decode context = all context minus the prefill chunks' ends; sum_sq bounds those ends from below
     return min(f.num_context_tokens, f.num_prefill_tokens) if f.num_prefill_tokens else 0
-
-
-# -- fitting ---------------------------------------------------------------------------
-def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tuple[int, ...],
-               pair_knots: tuple[int, ...], tiling: tuple[int, int] | None = None, graphs: bool = False,
-               prev_graph=None) -> np.ndarray:
-    """Feature vector: the FITTED scalars' counts (per step, chunk, KV op, copied token, attention pair of
-    decodes, wake-up, attention pair within prompt chunks, flash-attention tile, graph built and its
-    sequences), token-table increments, output-table hats, and the prompt chunks' context pairs over the
-    prompt-pair table's hats. With tiling (heads, threads), a prompt ubatch of at least FA_Q_TILE tokens
-    per sequence counts its tiles instead of its pairs. With graphs, the ubatches that build a graph after
-    a ubatch of key prev_graph count (see backends.cost_graph)."""
-    tok = np.zeros(len(token_knots))
-    outs = np.zeros(len(output_knots))
-    ctx = np.zeros(len(pair_knots))
-    pairs = chunk_pairs = tiles = 0
-    for u in shape.ubatches:
-        tok += _ramps(u.n_tokens, token_knots)
-        outs += _hats(u.n_outputs, output_knots)
-        pairs += u.attention_pairs
-        if tiling and takes_tiled_path(u):
-            tiles += fa_tiles(u.q_len, u.starts, *tiling)
-        elif u.q_len:
-            chunk_pairs += u.chunk_pairs
-            ctx += np.array(_hats(u.q_len, pair_knots)) * u.context_pairs
-    n_builds = seqs = 0.0
-    if graphs and shape.ubatches:
-        built = builds([u.graph for u in shape.ubatches], None if shape.resets_graph else prev_graph)
-        n_builds = float(sum(built))
-        seqs = float(sum(u.n_seqs for u, b in zip(shape.ubatches, built, strict=True) if b))
-    head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, n_builds, seqs]
-    return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
-
-
-# llama_memory_seq_rm only edits cell metadata (microseconds), and across per-sequence KV streams
-# llama_memory_seq_cp copies the whole stream whatever the prefix length: fitted from a handful of
-# noisy steps, these two absorbed noise (a remove once came out at 160 ms), so they stay at 0.
-NOT_FITTED = ("per_remove_s", "per_copied_token_s")
-SMOOTHING = 0.1
-GRAPH_MIN_UBATCHES = 20  # fit graph building from at least this many ubatches that build and that reuse one
-
-
-def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
-              kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
-              not_fitted: Sequence[str] = NOT_FITTED, fa_heads: int | None = None,
-              fa_threads: int | None = None, graphs: bool = True) -> TableCostModel:
-    """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
-
-    samples: (plan, measured seconds[, after_idle[, graph key before the step]]) tuples, in the order
-    they ran: without keys, each step follows the one before it (the first, a fresh context). fa_heads
-    (the model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
-    flash-attention tiles (see fa_tiles) when the samples have such chunks and the KV is per sequence.
-    graphs: price the ubatches that build a compute graph (see backends.cost_graph), with one KV stream
-    per sequence.
-    """
-    if not samples:
-        raise CostModelError("no samples: record at least a few measured steps first")
-    base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
-                          (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
-                          kv_unified=kv_unified)
-    shapes, times, prevs = [], [], []
-    prev = None
-    for i, sample in enumerate(samples):
-        plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
-        prev = sample[3] if len(sample) > 3 else prev
-        if not (isinstance(t, (int, float)) and np.isfinite(t) and t > 0):
-            raise CostModelError(f"sample {i}: measured time must be a finite number > 0 seconds, got {t!r}")
-        shape = base.shape(plan, idle)
-        if shape.is_empty:
-            raise CostModelError(f"sample {i} is an empty step, which costs 0 by definition; drop it")
-        shapes.append(shape)
-        times.append(float(t))
-        prevs.append(prev)
-        prev = base.graph_after(shape, prev)
-    tiling = None
-    if fa_heads and fa_threads and not kv_unified and any(takes_tiled_path(u) for s in shapes for u in s.ubatches):
-        tiling = (fa_heads, fa_threads)
-    tk, ok, pk = base.ubatch_tokens, base.ubatch_outputs, prompt_pair_knots(n_ubatch, tiling is not None)
-    y = np.array(times)
-    x = np.stack([design_row(s, tk, ok, pk, tiling, graphs and not kv_unified, p)
-                  for s, p in zip(shapes, prevs, strict=True)])
-    # graph building is told apart from a pass's own cost only by passes of one shape with and without it
-    built = x[:, FITTED.index("per_graph_build_s")]
-    reused = sum(len(s.ubatches) for s in shapes) - built.sum()
-    graphs = graphs and not kv_unified and min(reused, built.sum()) >= GRAPH_MIN_UBATCHES
-    if not graphs:
-        x[:, FITTED.index("per_graph_build_s")] = x[:, FITTED.index("per_graph_build_seq_s")] = 0.0
-    used = np.abs(x).max(axis=0) > 0
-    k0 = len(FITTED) + len(tk)
-    used[k0:k0 + len(ok)] = True  # every output count gets a value (from data or the prior)
-    for n in not_fitted:
-        used[FITTED.index(n)] = False
-    x[:, ~used] = 0.0
-    a = x / y[:, None]  # rows divided by their time: residuals are relative errors
-    # A light prior on the output table's second differences, in units of a typical step: an output count
-    # no step had gets its neighbours' trend, while counts that were measured follow their data.
-    typical = float(np.median(y))
-    prior = np.zeros((max(0, len(ok) - 2), a.shape[1]))
-    for i in range(len(ok) - 2):
-        prior[i, k0 + i:k0 + i + 3] = np.array([1.0, -2.0, 1.0]) * SMOOTHING / typical
-    # and on the context-pair table's first differences, in units of a 128-token chunk's pairs against 128
-    # positions: a chunk length with few steps stays near its neighbours instead of fitting their noise
-    c0 = k0 + len(ok)
-    ctx_prior = np.zeros((len(pk) - 1, a.shape[1]))
-    for i in range(len(pk) - 1):
-        ctx_prior[i, c0 + i:c0 + i + 2] = np.array([1.0, -1.0]) * SMOOTHING * 128 * 128 / typical
-    prior = np.vstack([prior, ctx_prior])
-    a = np.vstack([a, prior])
-    scale = np.where(used, np.abs(a).max(axis=0), 1.0)
-    coef = nnls(a / scale, np.concatenate([np.ones(len(y)), np.zeros(len(prior))])) / scale
-    coef[~used] = 0.0
-    h = len(FITTED)
-    head, tok, outs, ctx = coef[:h], coef[h:k0], coef[k0:k0 + len(ok)], coef[k0 + len(ok):]
-    scalars: dict = {n: float(v) for n, v in zip(FITTED, head, strict=True)}
-    if used[FITTED.index("per_prompt_pair_s")]:
-        scalars["prompt_pair_knots"] = pk
-        scalars["prompt_context_pair_s"] = _fill_unmeasured(ctx, used[k0 + len(ok):], scalars["per_attention_pair_s"])
-    else:  # no prompt chunk in the samples: a decode's per-pair price applies
-        scalars["per_prompt_pair_s"] = None
-    if tiling:
-        scalars["fa_heads"], scalars["fa_threads"] = tiling
-    else:
-        scalars["per_fa_tile_s"] = None
-    if not graphs:
-        scalars.update(dict.fromkeys(GRAPH))
-    return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
-                          **scalars, n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
-                          name=name, meta=dict(meta or {}))
-
-
-def graph_chain(plans: Sequence[tuple[StepPlan, bool]], model: TableCostModel) -> list:
-    """The graph key before each of these steps, run in order on a fresh context (see backends.cost_graph)."""
-    out, prev = [], None
-    for plan, idle in plans:
-        out.append(prev)
-        prev = model.graph_after(model.shape(plan, idle), prev)
-    return out
 
 
 def _knot_value(x: float, knots: Sequence[tuple[float, float]]) -> float:
@@ -896,13 +542,3 @@ def price_run(model, steps: Sequence[tuple[StepPlan, bool]]) -> list[float]:
         t, graph = model.step_after(plan, graph, idle)
         out.append(t)
     return out
-
-
-def percent_errors(predicted: Sequence[float], measured: Sequence[float]) -> dict:
-    """{"mape", "p90_abs_pct_error", "max_abs_pct_error", "bias_pct", "n"} of predictions against measurements."""
-    p, m = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
-    if len(m) == 0:
-        return {"mape": None, "p90_abs_pct_error": None, "max_abs_pct_error": None, "bias_pct": None, "n": 0}
-    pct = (p - m) / m * 100.0
-    return {"mape": float(np.abs(pct).mean()), "p90_abs_pct_error": float(np.percentile(np.abs(pct), 90)),
-            "max_abs_pct_error": float(np.abs(pct).max()), "bias_pct": float(pct.mean()), "n": int(len(m))}

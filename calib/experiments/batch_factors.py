@@ -1,6 +1,6 @@
 """Decode steps priced by batch size: how well the speed probes around a load predict its step times.
 
-    python benchmarks/batch_factors.py [--loads 0.3,0.75,1.3] [--requests 100,200,200] [--repeats 2]
+    python calib/experiments/batch_factors.py [--loads 0.3,0.75,1.3] [--requests 100,200,200] [--repeats 2]
 
 `validate` prices each load at the run factors of two real-time probes (64 requests drawn from the workload,
 at 0.7x capacity), one just before and one just after it. A probe at 0.7x runs mostly decodes of 1-4
@@ -13,7 +13,7 @@ default workload and re-timed at that share of the capacity the profile predicts
 own steps (its real plans, in the order they ran) with the probes around it in several ways:
   one factor     the mean of the two probes' decode-only factors (as before decode_batch_factors)
   by batch, k=K  decode-only steps by their number of sequences, both probes' steps pooled, each batch
-                 size pulled toward the one factor by K pseudo-steps (sim.validate.batch_factor_knots;
+                 size pulled toward the one factor by K pseudo-steps (calib.validate.batch_factor_knots;
                  validate uses k=BATCH_SHRINK_STEPS)
 and prints, per load, the error of the priced against the measured sum of its decode-only steps and of
 all its steps, then the mean |error| of each way over the loads, and the probes' per-batch-size factors.
@@ -30,22 +30,22 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from probe_load import loads_and_counts  # noqa: E402  (benchmarks/, the script's own folder)
+from probe_load import loads_and_counts  # noqa: E402  (calib/experiments/, the script's own folder)
 
 from backends.cost import load_cost_model  # noqa: E402
-from sim.calibrate import probe_run_factor  # noqa: E402
-from sim.cli import build_parser  # noqa: E402
-from sim.cli_validate import PROBE_REQUESTS, _workload  # noqa: E402
-from sim.real import close_instances, make_llama_instances  # noqa: E402
-from sim.validate import (  # noqa: E402
+from calib.calibrate import probe_run_factor  # noqa: E402
+from calib.cli_validate import PROBE_REQUESTS, _workload  # noqa: E402
+from calib.validate import (  # noqa: E402
     BATCH_SHRINK_STEPS,
     batch_factor_knots,
     bracket_factors,
     pool_by_batch,
     price_samples,
 )
+from sim.cli import build_parser  # noqa: E402
+from sim.real import close_instances, make_llama_instances  # noqa: E402
 
 SHRINKS = (0, BATCH_SHRINK_STEPS, 10, 20, 50)
 

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from backends.cost_table import describe_wakeup
+from backends.cost.table import describe_wakeup
 from sim.cli_common import positive_int
 
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate, write the profile, report."""
     from backends.cost import save_cost_model
     from backends.models import DEFAULT_MODEL
-    from sim.calibrate import calibrate, refit
+    from calib.calibrate import calibrate, refit
 
     out = Path(args.out) if args.out else default_out()
     if out.suffix != ".json":
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(cal.model, out)
     if args.samples:
-        from sim.calibrate import write_samples
+        from calib.calibrate import write_samples
 
         write_samples(cal, args.samples)
     text = report(cal.meta, cal.stats, out)

@@ -1,6 +1,6 @@
 """What llama.cpp's compute-graph reuse saves per decode step: two contexts side by side, reuse on and off.
 
-    python benchmarks/graph_reuse.py [--batch-sizes 1,4,16] [--steps 40] [--context 64]
+    python calib/experiments/graph_reuse.py [--batch-sizes 1,4,16] [--steps 40] [--context 64]
 
 llama.cpp reuses the previous micro-batch's compute graph when the next one has the same shape (tokens,
 sequences, sequence ids, outputs, padded KV length) and builds and allocates a new graph otherwise
@@ -19,11 +19,11 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from sim.calibrate import plan_from_row  # noqa: E402
-from sim.cli_validate import _llama_options  # noqa: E402
+from calib.calibrate import plan_from_row  # noqa: E402
+from calib.cli_validate import _llama_options  # noqa: E402
 
 
 def plan(rows):

@@ -1,6 +1,6 @@
 """Re-predict a validation load with the run factors set by hand: how a statistic's error moves with step prices.
 
-    python benchmarks/price_sweep.py DIR [--load N] [--decode F1,F2] [--prompt F1,F2,...] [--profile NAME|FILE]
+    python calib/experiments/price_sweep.py DIR [--load N] [--decode F1,F2] [--prompt F1,F2,...] [--profile NAME|FILE]
                                      -- VALIDATE_WORKLOAD_FLAGS
 
 DIR is a `tokenstep validate --out` folder; its validation.json gives the load's rate, policy and measured
@@ -19,15 +19,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from backends.cost_table import TableCostModel  # noqa: E402
+from backends.cost.table import TableCostModel  # noqa: E402
+from calib.cli_validate import _workload  # noqa: E402
+from calib.validate import predict, rel_errors, retime  # noqa: E402
 from scheduler import SchedulerConfig  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
-from sim.cli_validate import _workload  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
-from sim.validate import predict, rel_errors, retime  # noqa: E402
 
 REAL_CONTEXT = {"max_num_seqs": 16, "max_model_len": 512, "num_kv_blocks": 512, "block_size": 16}
 

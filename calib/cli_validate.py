@@ -29,7 +29,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backends.cost_table import describe_batch_factors, describe_wakeup
+from backends.cost.table import describe_batch_factors, describe_wakeup
+from calib.validate import (
+    ENSEMBLE_RUNS,
+    NOISE_RUNS,
+    STATS,
+    TARGET_PCT,
+    bracket_factors,
+    merge_noise,
+    misses,
+    misses_within,
+)
 from sim.cli_common import (
     DEFAULT_COST_MODELS,
     UsageError,
@@ -44,16 +54,6 @@ from sim.cli_common import (
 )
 from sim.cli_output import out_dir
 from sim.report import _plain as plain
-from sim.validate import (
-    ENSEMBLE_RUNS,
-    NOISE_RUNS,
-    STATS,
-    TARGET_PCT,
-    bracket_factors,
-    merge_noise,
-    misses,
-    misses_within,
-)
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
 PROBE_REQUESTS = 64  # requests of each speed probe, drawn from the validated workload (about 30 s here)
@@ -138,10 +138,7 @@ def _workload(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Validate the profile at each load; write the results; print the tables or one JSON object."""
-    from scheduler import make_policy
-    from sim.progress import Progress, progress_enabled
-    from sim.real import close_instances, make_llama_instances
-    from sim.validate import (
+    from calib.validate import (
         RATE_FACTORS,
         build_info,
         check_instances,
@@ -152,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         measure_load,
         model_fingerprint,
     )
+    from scheduler import make_policy
+    from sim.progress import Progress, progress_enabled
+    from sim.real import close_instances, make_llama_instances
 
     profile, profile_name = _profile(args)
     policy = make_policy(args.policy).describe()  # a bad spec fails before the model loads
@@ -210,16 +210,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> tuple[dict | None, Any]:
     """A real-time probe run that fits a table profile's two run factors to the machine's speed now, and the
-    scatter of its steps around their prices (sim.validate.StepNoise); (None, None): no probe.
+    scatter of its steps around their prices (calib.validate.StepNoise); (None, None): no probe.
 
     This machine's speed drifts (other tenants of the host: up to 7 % within a quarter of an hour), so each
-    load's run factors come from probes run just before and just after it (sim.validate.bracket_factors),
+    load's run factors come from probes run just before and just after it (calib.validate.bracket_factors),
     against the profile's unchanged grid fit. A probe is --probe-requests requests drawn at random from the
     validated workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts
     for them, under the validated policy and scheduler limits, so its mix of step shapes is the workload's.
     With several instances it runs on all of them at once (that many requests each), as the load does.
     """
-    from sim.calibrate import speed_probe
+    from calib.calibrate import speed_probe
 
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
     return speed_probe(backends, profile, config, args.seed, lambda text: _log(args, f"validate: {text}"), n,
@@ -230,7 +230,7 @@ def _warm_up(backend, config) -> None:
     """A few untimed steps first: the first llama_decode of a context allocates its compute graph."""
     import numpy as np
 
-    from sim.calibrate import Scenario, drive
+    from calib.calibrate import Scenario, drive
 
     drive(backend, config, Scenario("warm-up", "continuous", ((0, 48, 4, 0),) * 4), "warm", np.random.default_rng(0))
 
@@ -253,7 +253,7 @@ def _write_load(args, folder: Path, load: dict, profile_name: str, config, polic
 
 
 def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, setup) -> int:
-    from sim.validate import TTFT_NOTE
+    from calib.validate import TTFT_NOTE
 
     meta = getattr(profile, "meta", {}) or {}
     prof = {"name": profile_name, "kind": profile.to_dict()["kind"], "describe": profile.describe(),
@@ -276,8 +276,8 @@ def _finish(args, out: Path, profile, profile_name, policy, loads, warnings, set
     (out / "validation.json").write_text(json.dumps(plain(doc), indent=2, allow_nan=False) + "\n")
     (out / "report.txt").write_text(text + "\n")
     if not args.no_plots and loads:
+        from calib.validate import relabel
         from sim.plots import plot_latency_cdfs
-        from sim.validate import relabel
 
         runs = [relabel(ld[k], f"{k.split('_')[0]} {ld['rate']:.3g} req/s") for ld in loads
                 for k in ("measured_run", "predicted_run")]

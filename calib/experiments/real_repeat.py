@@ -1,6 +1,6 @@
 """Two real runs of the same validation against each other: how far the real engine moves between repeats.
 
-    python benchmarks/real_repeat.py DIR_A DIR_B [DIR_C ...]
+    python calib/experiments/real_repeat.py DIR_A DIR_B [DIR_C ...]
 
 Each DIR is a `tokenstep validate --out` folder of the same workload, seed and rates (its validation.json).
 For each load, prints the measured side of each later folder relative to the first: (B - A) / A of TTFT,

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from backends.cost_base import (
+from backends.cost.base import (
     MIN_STEP_S,
     CostModelError,
     StepFeatures,

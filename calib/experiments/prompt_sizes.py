@@ -1,6 +1,6 @@
 """Time single prompts of given sizes on the real backend against a profile's price: where the cost model bends.
 
-    python benchmarks/prompt_sizes.py [--sizes 240,256,264,...] [--start P] [--repeats 5] [--profile NAME|FILE ...]
+    python calib/experiments/prompt_sizes.py [--sizes 240,256,264,...] [--start P] [--repeats 5] [--profile NAME|FILE ...]
 
 Each size is one step of one sequence: a prompt chunk of n tokens at position P (after a first chunk of P
 tokens in the same slot when P > 0, untimed), sampled at its last token, on the default model with the
@@ -19,14 +19,14 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
 
 from backends.cost import load_cost_model  # noqa: E402
-from backends.cost_table import TableCostModel  # noqa: E402
-from sim.calibrate import plan_from_row  # noqa: E402
-from sim.cli_validate import _llama_options  # noqa: E402
+from backends.cost.table import TableCostModel  # noqa: E402
+from calib.calibrate import plan_from_row  # noqa: E402
+from calib.cli_validate import _llama_options  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 
 DEFAULT_SIZES = "64,96,128,160,192,240,256,264,272,288,320,352,384,400,409,448,500"

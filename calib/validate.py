@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost_table import percent_errors, price_run, wakeup_cost
+from backends.cost.table import price_run, wakeup_cost
+from calib.fit_table import percent_errors
 from scheduler import SchedulerConfig
 from scheduler.messages import StepPlan, StepResult
 from sim.arrivals import poisson
@@ -386,7 +387,7 @@ def price_sensitivity(workload: Workload, policy: Any, config: SchedulerConfig, 
     few requests whose decodes did or did not meet another request's prompt chunk): no calibration that
     prices steps to within delta can promise it.
     """
-    from backends.cost_table import TableCostModel
+    from backends.cost.table import TableCostModel
 
     if not isinstance(profile, TableCostModel):
         return None
@@ -614,7 +615,7 @@ def run_speed_factors(samples: Sequence[tuple[StepPlan, float, float, bool]], pr
     much of an error is the machine's speed during the run (drift since the factors were fitted) and how
     much is the model's. At 1.2x capacity the TTFT mean moves about six times as much as the step time.
     """
-    from backends.cost_table import TableCostModel
+    from backends.cost.table import TableCostModel
 
     if not isinstance(profile, TableCostModel):
         return None
@@ -675,7 +676,7 @@ class SpeedTimeline:
         return self._model(plan).step_time_s(plan)
 
     def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, Any]:
-        """step_time_s after a ubatch of graph key prev_graph, and the key after it (see backends.cost_graph)."""
+        """step_time_s after a ubatch of graph key prev_graph, and the key after it (see backends.cost.graph)."""
         return self._model(plan).step_after(plan, prev_graph, after_idle)
 
 
@@ -706,7 +707,7 @@ def bracket_factors(profile: Any, before: dict | None, after: dict | None,
         changes["decode_batch_factors"] = knots
     wb, wa = before.get("wakeup"), after.get("wakeup")
     if wb and wa and [i for i, _ in wb["knots"]] == [i for i, _ in wa["knots"]]:
-        # the wake-up by idle wait: each knot the mean of the two probes' (see sim.calibrate.probe_wakeup)
+        # the wake-up by idle wait: each knot the mean of the two probes' (see calib.calibrate.probe_wakeup)
         curve = tuple((float(i), (b + a) / 2) for (i, b), (_, a) in zip(wb["knots"], wa["knots"], strict=True))
         speed["idle_wakeup_curve"] = [list(k) for k in curve]
         speed["profile_idle_wakeup_s"] = float(getattr(profile, "idle_wakeup_s", 0.0))
@@ -774,7 +775,7 @@ def batch_factor_knots(by_batch: Sequence[Sequence[float]], decode_factor: float
     Why: a probe at 0.7x capacity runs mostly small batches and a saturated load mostly full ones, and the
     machine's speed does not move every batch size alike (one evening here B = 2 decodes ran at x0.85 of
     their price and B = 16 at x0.92). One decode factor fitted on the probe's mix then misprices the
-    saturated load's steps by the difference (benchmarks/batch_factors.py measures how much).
+    saturated load's steps by the difference (calib/experiments/batch_factors.py measures how much).
     """
     knots = []
     for b, measured, predicted, steps in by_batch:

@@ -1,7 +1,7 @@
 """Decode step times on this machine's cores: one context with both threads, one with one thread alone, and
 two one-thread contexts stepping at the same time on their own threads, side by side in one process.
 
-    python benchmarks/shared_cores.py [--steps 60] [--repeats 2]
+    python calib/experiments/shared_cores.py [--steps 60] [--repeats 2]
 
 Each cell is the median time of the decode steps of B requests (64-token prompts, --steps decodes each),
 the contexts sharing one loaded gemma-3-270m. The ratios say what a multi-instance run costs per step
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.llamacpp import LlamaCppBackend  # noqa: E402
 from backends.models import DEFAULT_MODEL, LlamaModel  # noqa: E402

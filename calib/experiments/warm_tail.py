@@ -1,12 +1,12 @@
 """Do steps stay slow after an idle wait, beyond the first one? Decode step times by position after a sleep.
 
-    python benchmarks/warm_tail.py [--batch 4] [--idle 0.5] [--rounds 6] [--steps 60]
+    python calib/experiments/warm_tail.py [--batch 4] [--idle 0.5] [--rounds 6] [--steps 60]
 
 Each round runs two identical sequences on the real backend, in alternating order: --batch requests of 16
 prompt tokens (EOS ignored, so the batch never shrinks) are prefilled and decoded 3 steps, then --steps decode
 steps are timed, once right away ("hot") and once after the engine slept --idle seconds ("after idle"). Prints,
 for every third step position, the median over rounds of both and their difference, and the excess over
-stretches of steps. The first step after the wait is what sim.calibrate's wake-up probe prices; the later ones
+stretches of steps. The first step after the wait is what calib.calibrate's wake-up probe prices; the later ones
 tell whether a step's price should also depend on how recently the engine idled. `--idle 0` measures the
 two sequences' difference with no wait at all: the benchmark's own noise floor.
 """
@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from scheduler import Scheduler  # noqa: E402
 from scheduler.request import Request, SamplingParams  # noqa: E402

@@ -1,6 +1,6 @@
 """Price error of a real serving run's decode steps by whether their micro-batch shapes repeat the previous step's.
 
-    python benchmarks/serving_shapes.py [validate's workload and scheduler flags] [--compare NAME|FILE ...]
+    python calib/experiments/serving_shapes.py [validate's workload and scheduler flags] [--compare NAME|FILE ...]
 
 Runs `tokenstep validate`'s speed probe once on the real default model (the same fixed draw of
 --probe-requests requests from the workload, re-timed at 0.7x the capacity the --profile predicts, under
@@ -19,17 +19,17 @@ import dataclasses
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from backends.cost_table import TableCostModel, price_run  # noqa: E402
+from backends.cost.table import TableCostModel, price_run  # noqa: E402
+from calib import cli_validate as cv  # noqa: E402
+from calib.calibrate import PROBE, probe_sample  # noqa: E402
+from calib.validate import TimedBackend, estimate_capacity, retime, step_kind  # noqa: E402
 from sim import cli  # noqa: E402
-from sim import cli_validate as cv  # noqa: E402
-from sim.calibrate import PROBE, probe_sample  # noqa: E402
 from sim.cli_common import UsageError, build_config  # noqa: E402
 from sim.model import run_workload  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
-from sim.validate import TimedBackend, estimate_capacity, retime, step_kind  # noqa: E402
 
 
 def _groups(samples: list, shape_of) -> dict:

@@ -1,6 +1,6 @@
 """Price error of calibration steps by whether the step's micro-batch shapes repeat the previous step's.
 
-    python benchmarks/shape_change.py SAMPLES [--profile NAME|FILE]
+    python calib/experiments/shape_change.py SAMPLES [--profile NAME|FILE]
 
 SAMPLES is a `tokenstep calibrate --samples` file. llama.cpp reuses the previous step's compute graph
 when the new micro-batches have the same shapes, and builds a new one when they do not; the table
@@ -20,11 +20,11 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from backends.cost_table import TableCostModel, price_run  # noqa: E402
-from sim.calibrate import read_samples  # noqa: E402
+from backends.cost.table import TableCostModel, price_run  # noqa: E402
+from calib.calibrate import read_samples  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
