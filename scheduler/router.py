@@ -1,4 +1,11 @@
-"""Multi-instance serving: N independent schedulers behind a router."""
+"""Multi-instance serving: N independent schedulers behind a router.
+
+prefix_affinity follows the cache-aware routers of SGLang and vLLM's production stack: a cached prefix
+decides only while load stays balanced. An instance may take a request for its cache only while its
+load (waiting + running requests) is within BALANCE_ABS_THRESHOLD requests of the least loaded
+instance's, or within BALANCE_REL_THRESHOLD times it; past that bound the least loaded instance takes
+the request. Without the bound, prompts that all share a first block would all go to one instance.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +14,44 @@ from collections.abc import Sequence
 from .core import Scheduler
 from .request import Request
 
+BALANCE_ABS_THRESHOLD = 4  # requests; SGLang's router uses 64 for GPU servers running hundreds at once
+BALANCE_REL_THRESHOLD = 1.5  # SGLang's default
+
+PREFIX_AFFINITY_RULE = (
+    "the instance caching the longest prefix of the prompt (else the one that first saw its first block), "
+    f"among the instances holding at most {BALANCE_ABS_THRESHOLD} more waiting + running requests than the "
+    f"least loaded one, or at most {BALANCE_REL_THRESHOLD:g}x as many; when none of those caches a prefix, "
+    "the least loaded instance"
+)
 ROUTERS = {
     "round_robin": "instances in turn",
     "least_outstanding": "the instance with the fewest waiting + running requests",
-    "prefix_affinity": "the instance caching the longest prefix of the prompt, else the one that "
-                       "first saw its first block, else least outstanding",
+    "prefix_affinity": PREFIX_AFFINITY_RULE,
 }
 
 
 class Router:
     """Chooses an instance for each new request."""
 
-    def __init__(self, kind: str = "least_outstanding") -> None:
+    def __init__(self, kind: str = "least_outstanding", balance_abs_threshold: int = BALANCE_ABS_THRESHOLD,
+                 balance_rel_threshold: float = BALANCE_REL_THRESHOLD) -> None:
         if kind not in ROUTERS:
             raise ValueError(f"unknown router {kind!r}; choose one of {', '.join(ROUTERS)}")
+        if isinstance(balance_abs_threshold, bool) or not isinstance(balance_abs_threshold, int) \
+                or balance_abs_threshold < 0:
+            raise ValueError(f"balance_abs_threshold={balance_abs_threshold!r} must be an int >= 0 (requests)")
+        if isinstance(balance_rel_threshold, bool) or not isinstance(balance_rel_threshold, (int, float)) \
+                or not balance_rel_threshold >= 1:
+            raise ValueError(f"balance_rel_threshold={balance_rel_threshold!r} must be a number >= 1")
         self.kind = kind
+        self.balance_abs_threshold = balance_abs_threshold
+        self.balance_rel_threshold = float(balance_rel_threshold)
         self._next = 0
         self._affinity: dict[int, int] = {}  # hash of the first block -> instance
+
+    def within_bound(self, load: int, min_load: int) -> bool:
+        """Whether an instance with this load may still take a request for its cache."""
+        return load - min_load <= self.balance_abs_threshold or load <= self.balance_rel_threshold * min_load
 
     def route(self, request: Request, schedulers: Sequence[Scheduler]) -> int:
         """Index of the scheduler that should take the request."""
@@ -34,21 +62,28 @@ class Router:
             i = self._next % n
             self._next += 1
             return i
-        least = min(range(n), key=lambda i: (schedulers[i].num_unfinished, i))
+        loads = [s.num_unfinished for s in schedulers]
+        least = min(range(n), key=lambda i: (loads[i], i))
         if self.kind == "least_outstanding":
             return least
+        return self._prefix_affinity(request, schedulers, loads, least)
+
+    def _prefix_affinity(self, request: Request, schedulers: Sequence[Scheduler], loads: list[int],
+                         least: int) -> int:
+        """Longest cached prefix among the instances within the load bound; ties go to the less loaded."""
+        eligible = [i for i in range(len(schedulers)) if self.within_bound(loads[i], loads[least])]
         best, best_depth = least, 0
-        for i, s in enumerate(schedulers):
-            pool = s.pool
+        for i in eligible:
+            pool = schedulers[i].pool
             hashes = pool.chain_hashes(request.prompt_token_ids, (request.num_prompt_tokens - 1) // pool.block_size)
             depth, _ = pool.match_prefix(hashes)
-            if depth > best_depth:
+            if depth > best_depth or (depth == best_depth > 0 and loads[i] < loads[best]):
                 best, best_depth = i, depth
         bs = schedulers[0].pool.block_size
         if request.num_prompt_tokens <= bs:
             return best
         key = hash(request.prompt_token_ids[:bs])
-        if best_depth == 0:
-            best = self._affinity.get(key, least)
-        self._affinity.setdefault(key, best)
+        home = self._affinity.setdefault(key, best)
+        if best_depth == 0 and home in eligible:
+            best = home
         return best
