@@ -136,8 +136,12 @@ class ResultStream:
 
 
 def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[Task], out: Path,
-              to_json: Callable[[Any], Any], label: str) -> list[Outcome]:
-    """Run every task on the executor under one progress bar, streaming results to out; results in task order."""
+              to_json: Callable[[Any], Any], label: str,
+              also: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+    """Run every task on the executor under one progress bar, streaming results to out; results in task order.
+
+    also(index, outcome), if given, is called in this process after each task's line is written.
+    """
     from sim.cli_output import log
 
     stream = ResultStream(out, to_json)
@@ -151,6 +155,8 @@ def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[
                 finished += 1
                 stream.add(index, outcome)
                 bar(finished, total)
+                if also is not None:
+                    also(index, outcome)
 
             return executor.map(fn, tasks, on_done)
     finally:
