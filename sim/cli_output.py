@@ -18,7 +18,7 @@ from pathlib import Path
 from sim.cli_runs import Context
 from sim.records import RunResult
 from sim.report import _plain as plain  # the strict-JSON conversion write_results uses
-from sim.report import write_results
+from sim.report import run_warnings, write_results
 from sim.workload import Workload
 
 
@@ -107,6 +107,8 @@ def finish(ctx: Context, out: Path, runs: list[RunResult], summaries: list[dict]
         paths[name] = path
     pngs = write_plots(args, out, plot_jobs)
     emit(args, report)
+    for line in run_warnings(summaries):
+        log(args, line)
     names = sorted(paths) + [p.name for p in pngs]
     emit(args, f"results in {out}/: {', '.join(_compact(names))}")
     if getattr(args, "json", False):

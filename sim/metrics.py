@@ -11,7 +11,12 @@ Definitions (names follow vLLM's benchmark and Vidur; all times in seconds on th
 - Queueing delay = first_scheduled_s - arrival_s (until first admission into a batch).
 - Only requests with finish_reason "stop" or "length" count as finished and enter latency statistics;
   rejected, aborted and errored requests are counted separately (num_rejected, num_aborted, num_errors),
-  and requests that never finished are counted in num_unfinished.
+  and requests that never finished are counted in num_unfinished. finish_reasons counts every request by
+  its finish reason ("unfinished" for none), so its counts add up to num_requests; rejected_reasons,
+  aborted_reasons and error_reasons count those requests by the kind of their stated detail (per-request
+  numbers left out, e.g. "prompt longer than max_model_len 8192"; "no reason given" when there is none).
+- instance_load (runs over more than one instance): per instance, num_requests routed to it, their
+  num_prompt_tokens, and num_output_tokens produced.
 - duration_s = run.duration_s (first arrival to last finish); throughput_rps = num_finished / duration_s;
   output_tokens_per_s = output tokens of finished requests / duration_s; total_tokens_per_s adds their
   prompt tokens. Rates are None when duration_s <= 0.
@@ -29,6 +34,8 @@ Definitions (names follow vLLM's benchmark and Vidur; all times in seconds on th
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -150,6 +157,55 @@ def meets_slo(latencies: dict[str, float | None], slo: dict[str, float]) -> bool
     return True
 
 
+# The scheduler's rejection text names the request's own numbers; a summary groups by the limit alone.
+_TOO_LONG = re.compile(r"prompt \((\d+) tokens\) \+ max_tokens \((\d+)\) = \d+ exceeds (.+?) \((\d+) tokens\)")
+MAX_REASON_KINDS = 10  # kinds listed per finish reason; the rest are pooled as "other"
+
+
+def reason_kind(detail: str | None) -> str:
+    """A finish detail without its per-request numbers, so equal causes count together."""
+    if not detail:
+        return "no reason given"
+    m = _TOO_LONG.match(detail)
+    if m:
+        prompt, limit, limit_tokens = int(m[1]), m[3], int(m[4])
+        what = "prompt" if prompt > limit_tokens else "prompt + max_tokens"
+        return f"{what} longer than {limit} {limit_tokens}"
+    if detail.startswith("max_tokens=") and "at least one token" in detail:
+        return "max_tokens < 1"
+    return detail.split("; ")[0].strip() or "no reason given"  # the cause, without its suggested fix
+
+
+def reason_counts(records: Iterable[RequestRecord], reasons: tuple[str, ...]) -> dict[str, int]:
+    """Requests whose finish reason is one of reasons, counted by reason_kind of their detail, most first."""
+    counts = Counter(reason_kind(r.detail) for r in records if reason(r) in reasons)
+    ranked = counts.most_common()
+    if len(ranked) <= MAX_REASON_KINDS:
+        return dict(ranked)
+    kept = dict(ranked[: MAX_REASON_KINDS - 1])
+    rest = ranked[MAX_REASON_KINDS - 1 :]
+    kept[f"other ({len(rest)} kinds)"] = sum(n for _, n in rest)
+    return kept
+
+
+def finish_reasons(records: Iterable[RequestRecord]) -> dict[str, int]:
+    """Every request counted by finish reason ("unfinished" when it has none), most first."""
+    return dict(Counter(reason(r) or "unfinished" for r in records).most_common())
+
+
+def instance_load(run: RunResult) -> dict[str, dict[str, int]]:
+    """Requests, prompt tokens and output tokens per instance (every instance, idle ones included)."""
+    count = int(run.config.get("num_instances") or 0) if isinstance(run.config, dict) else 0
+    count = max([count, *(r.instance + 1 for r in run.records)])
+    load = {str(i): {"num_requests": 0, "num_prompt_tokens": 0, "num_output_tokens": 0} for i in range(count)}
+    for r in run.records:
+        entry = load[str(r.instance)]
+        entry["num_requests"] += 1
+        entry["num_prompt_tokens"] += r.num_prompt_tokens
+        entry["num_output_tokens"] += r.num_output_tokens
+    return load
+
+
 def _rate(count: float, duration_s: float) -> float | None:
     return count / duration_s if duration_s > 0 else None
 
@@ -188,6 +244,10 @@ def summarize(run: RunResult, slo: dict | None = None) -> dict:
         "num_aborted": sum(reasons.count(a) for a in _ABORTED_REASONS),
         "num_errors": reasons.count("error"),
         "num_unfinished": reasons.count(None),
+        "finish_reasons": finish_reasons(run.records),
+        "rejected_reasons": reason_counts(run.records, ("rejected",)),
+        "aborted_reasons": reason_counts(run.records, _ABORTED_REASONS),
+        "error_reasons": reason_counts(run.records, ("error",)),
         "duration_s": duration,
         "throughput_rps": _rate(len(finished), duration),
         "output_tokens_per_s": _rate(out_tokens, duration),
@@ -203,6 +263,9 @@ def summarize(run: RunResult, slo: dict | None = None) -> dict:
         **step_stats(run),
         "ttft_timing": run.ttft_timing,
     }
+    load = instance_load(run)
+    if len(load) > 1:
+        summary["instance_load"] = load
     if slo is not None:
         bounds = _normalize_slo(slo)
         good = sum(meets_slo(x, bounds) for x in lat)

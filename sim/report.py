@@ -19,32 +19,51 @@ import numpy as np
 from sim.metrics import reason, request_latencies
 from sim.records import RequestRecord, RunResult, StepSample
 
-# (label, key path, kind); kind picks the formatter.
-ROWS = (
+# (label, key path, kind); kind picks the formatter. Rows of finish reasons and instance load are added per run set.
+COUNT_ROWS = (
     ("requests finished", ("num_finished",), "int"),
+    ("  stop / length", ("finish_reasons",), "stop_length"),
     ("requests rejected", ("num_rejected",), "int"),
+)
+# other ends a request can have: shown only when some run has one, each followed by its reasons
+OTHER_ENDS = (
+    ("requests aborted", "num_aborted", "aborted_reasons"),
+    ("requests errored", "num_errors", "error_reasons"),
+    ("requests unfinished", "num_unfinished", None),
+)
+ROWS = (
     ("throughput", ("throughput_rps",), "rps"),
     ("output tokens", ("output_tokens_per_s",), "tps"),
     ("TTFT mean", ("ttft_s", "mean"), "time"),
     ("TTFT p50", ("ttft_s", "p50"), "time"),
+    ("TTFT p90", ("ttft_s", "p90"), "time"),
     ("TTFT p99", ("ttft_s", "p99"), "time"),
     ("TPOT mean", ("tpot_s", "mean"), "time"),
+    ("TPOT p90", ("tpot_s", "p90"), "time"),
     ("TPOT p99", ("tpot_s", "p99"), "time"),
     ("E2E mean", ("e2e_s", "mean"), "time"),
     ("E2E p50", ("e2e_s", "p50"), "time"),
+    ("E2E p90", ("e2e_s", "p90"), "time"),
     ("E2E p99", ("e2e_s", "p99"), "time"),
     ("queue p50", ("queue_s", "p50"), "time"),
+    ("queue p90", ("queue_s", "p90"), "time"),
     ("preemptions", ("preemptions",), "int"),
     ("prefix hit rate", ("prefix_hit_rate",), "pct"),
     ("mean batch size", ("mean_batch_size",), "float"),
     ("KV usage max", ("max_kv_usage",), "pct"),
+)
+LOAD_ROWS = (
+    ("requests by instance", ("instance_load",), "load:num_requests"),
+    ("prompt tokens by instance", ("instance_load",), "load:num_prompt_tokens"),
+    ("output tokens by instance", ("instance_load",), "load:num_output_tokens"),
+    ("requests max / mean", ("instance_load",), "imbalance"),
 )
 GOODPUT_ROWS = (
     ("goodput", ("goodput_rps",), "rps"),
     ("SLO attainment", ("slo_attainment",), "pct"),
 )
 # Rows that get "x vs baseline" ratios.
-RATIO_ROWS = ("throughput", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99")
+RATIO_ROWS = ("throughput", "TTFT p50", "TTFT p90", "TTFT p99", "E2E p50", "E2E p90", "E2E p99")
 
 
 def format_time(seconds: float | None) -> str:
@@ -56,12 +75,38 @@ def format_time(seconds: float | None) -> str:
     return f"{seconds:.2f} s"
 
 
+def format_count(n: int) -> str:
+    """A count in at most four digits and a suffix: 987, 12.3k, 4.56M."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{suffix}"
+    return str(int(n))
+
+
+def _format_load(load: dict, key: str) -> str:
+    return " / ".join(format_count(load[i][key]) for i in sorted(load, key=int))
+
+
+def _imbalance(load: dict) -> str:
+    counts = [v["num_requests"] for v in load.values()]
+    mean = sum(counts) / len(counts)
+    return f"{max(counts) / mean:.2f}" if mean > 0 else "-"
+
+
 def _format(value, kind: str) -> str:
     if value is None:
         return "-"
+    if kind == "stop_length":
+        return f"{value.get('stop', 0)} / {value.get('length', 0)}"
+    if kind.startswith("load:"):
+        return _format_load(value, kind.removeprefix("load:"))
+    if kind == "imbalance":
+        return _imbalance(value)
     if kind == "time":
         return format_time(value)
     if kind == "int":
+        return str(int(value))
+    if kind == "count":
         return str(int(value))
     if kind == "rps":
         return f"{value:.2f} req/s"
@@ -81,10 +126,26 @@ def _get(summary: dict, path: tuple[str, ...]):
     return value
 
 
+def format_ratio(ratio: float) -> str:
+    """A ratio as "1.23x"; below 0.1 with two significant digits ("0.0031x"), so it never reads "0.00x"."""
+    if ratio == 0:
+        return "0x"
+    if abs(ratio) >= 0.1:
+        return f"{ratio:.2f}x"
+    return f"{ratio:.2g}x" if abs(ratio) >= 1e-4 else f"{ratio:.1e}x"
+
+
+def _value(summary: dict, path: tuple[str, ...], kind: str):
+    value = _get(summary, path)
+    if value is None and kind == "count" and isinstance(summary.get(path[0]), dict):
+        return 0  # this run has reasons, just none of this kind
+    return value
+
+
 def _ratio(value, base) -> str:
     if value is None or base is None or base == 0:
         return "-"
-    return f"{value / base:.2f}x"
+    return format_ratio(value / base)
 
 
 def _timing_note(summaries: list[dict], names: list[str]) -> str:
@@ -97,6 +158,31 @@ def _timing_note(summaries: list[dict], names: list[str]) -> str:
     return "TTFT timing differs between runs (" + ", ".join(parts) + ")."
 
 
+def _reason_rows(summaries: list[dict], key: str) -> list[tuple]:
+    """One indented row per reason kind under key (rejected_reasons, ...), most common over all runs first."""
+    totals: dict[str, int] = {}
+    for s in summaries:
+        for kind, n in (s.get(key) or {}).items():
+            totals[kind] = totals.get(kind, 0) + n
+    ranked = sorted(totals, key=lambda k: -totals[k])
+    return [(f"  {kind}", (key, kind), "count") for kind in ranked]
+
+
+def table_rows(summaries: list[dict]) -> list[tuple]:
+    """The rows a table of these runs shows: counts with every finish reason, latencies, instance load, SLOs."""
+    rows = list(COUNT_ROWS) + _reason_rows(summaries, "rejected_reasons")
+    for label, count_key, reasons_key in OTHER_ENDS:
+        if any(s.get(count_key) for s in summaries):
+            rows.append((label, (count_key,), "int"))
+            rows += _reason_rows(summaries, reasons_key) if reasons_key else []
+    rows += ROWS
+    if any(len(s.get("instance_load") or {}) > 1 for s in summaries):
+        rows += LOAD_ROWS
+    if any("goodput_rps" in s for s in summaries):
+        rows += GOODPUT_ROWS
+    return rows
+
+
 def format_table(
     summaries: list[dict], title: str = "", columns: list[str] | None = None, baseline: int | None = None
 ) -> str:
@@ -106,9 +192,7 @@ def format_table(
         raise ValueError(f"columns has {len(names)} names for {len(summaries)} summaries; give one name per run")
     if baseline is not None and not 0 <= baseline < len(summaries):
         raise ValueError(f"baseline index {baseline} is out of range for {len(summaries)} runs")
-    rows = list(ROWS)
-    if any("goodput_rps" in s for s in summaries):
-        rows += GOODPUT_ROWS
+    rows = table_rows(summaries)
     header = ["metric", *names]
     # ratios compare runs against the baseline; simulator predictions ("... (sim)") get none of their own
     others = ([i for i in range(len(summaries)) if i != baseline and not names[i].endswith("(sim)")]
@@ -116,7 +200,7 @@ def format_table(
     header += [f"{names[i]} x vs {names[baseline]}" for i in others]
     body = []
     for label, path, kind in rows:
-        line = [label, *(_format(_get(s, path), kind) for s in summaries)]
+        line = [label, *(_format(_value(s, path, kind), kind) for s in summaries)]
         for i in others:
             if label in RATIO_ROWS:
                 line.append(_ratio(_get(summaries[i], path), _get(summaries[baseline], path)))
@@ -134,6 +218,34 @@ def format_table(
     lines = [title] if title else []
     lines += [fmt(header), rule, *(fmt(r) for r in body), _timing_note(summaries, names)]
     return "\n".join(lines)
+
+
+REJECTED_WARN_FRACTION = 0.01  # warn when more than 1 % of a run's requests are rejected
+_REASON_HINTS = (
+    ("max_model_len", "raise --max-model-len up to the model's context, or shorten prompts with --length-scale"),
+    ("KV capacity", "raise --kv-blocks / --kv-tokens, or shorten prompts with --length-scale"),
+)
+
+
+def run_warnings(summaries: list[dict]) -> list[str]:
+    """One line per run that rejected more than 1 % of its requests, or left some errored or unfinished."""
+    lines = []
+    for s in summaries:
+        name, total = s.get("policy", "run"), s.get("num_requests") or 0
+        rejected = s.get("num_rejected") or 0
+        if total and rejected > REJECTED_WARN_FRACTION * total:
+            reasons = s.get("rejected_reasons") or {}
+            listed = "; ".join(f"{n} {kind}" for kind, n in reasons.items()) or "no reason given"
+            hints = [hint for key, hint in _REASON_HINTS if any(key in kind for kind in reasons)]
+            lines.append(f"warning: {name} rejected {rejected} of {total} requests ({100 * rejected / total:.1f} %): "
+                         f"{listed}" + (f"; {hints[0]}" if hints else ""))
+        if s.get("num_errors"):
+            errors = "; ".join(f"{n} {kind}" for kind, n in (s.get("error_reasons") or {}).items())
+            lines.append(f"warning: {name}: {s['num_errors']} of {total} requests failed in the backend: {errors}")
+        if s.get("num_unfinished"):
+            lines.append(f"warning: {name}: {s['num_unfinished']} of {total} requests never finished and have "
+                         f"no finish reason")
+    return lines
 
 
 def _version(dist: str) -> str | None:

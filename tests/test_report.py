@@ -11,7 +11,7 @@ import pytest
 from sim.metrics import summarize
 from sim.plots import plot_compare_timelines, plot_latency_cdfs, plot_rate_curves, plot_timeline
 from sim.records import RequestRecord, RunResult, StepSample
-from sim.report import format_table, format_time, write_results
+from sim.report import format_ratio, format_table, format_time, write_results
 
 CONTRACT = {
     "policy", "num_requests", "num_finished", "num_rejected", "num_aborted", "num_errors", "duration_s",
@@ -86,6 +86,52 @@ def test_table_baseline_ratios_and_goodput(runs):
     thr = next(line for line in table.splitlines() if line.startswith("throughput"))
     assert thr.rstrip().endswith("2.00x")
     assert "goodput" in table and "SLO attainment" in table
+
+
+def _row(table: str, label: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(label + " ") or line == label)
+    return [c.strip() for c in line.split("|")[1:]]
+
+
+def test_table_shows_p90(runs):
+    s = summarize(runs[1])
+    table = format_table([s])
+    assert _row(table, "TTFT p90") == [f"{s['ttft_s']['p90'] * 1e3:.1f} ms"]
+    assert _row(table, "E2E p90") == [format_time(s["e2e_s"]["p90"])]
+    assert _row(table, "TPOT p90") == [format_time(s["tpot_s"]["p90"])]
+
+
+@pytest.mark.parametrize(("ratio", "text"), [(2.0, "2.00x"), (0.5, "0.50x"), (0.1, "0.10x"), (0.004, "0.004x"),
+                                             (0.0031, "0.0031x"), (0.0999, "0.1x"), (2e-6, "2.0e-06x"), (0.0, "0x")])
+def test_ratio_never_reads_zero_point_zero_zero(ratio, text):
+    assert format_ratio(ratio) == text
+
+
+def test_small_ratio_columns_keep_their_digits(runs):
+    base = summarize(runs[0])
+    slow = dict(base, policy="continuous", throughput_rps=0.003 * base["throughput_rps"])
+    table = format_table([base, slow], baseline=0)
+    assert _row(table, "throughput")[-1] == "0.003x"
+    assert "0.00x" not in table
+
+
+def test_multi_instance_run_shows_each_instance_load():
+    run = make_run("continuous")
+    for i, r in enumerate(run.records):
+        r.instance = i % 3 if r.request_id != "rej" else 0
+    run.config = {"num_instances": 4}  # instance 3 got nothing: it must still show
+    s = summarize(run)
+    load = s["instance_load"]
+    assert list(load) == ["0", "1", "2", "3"]
+    assert [v["num_requests"] for v in load.values()] == [5, 4, 4, 0]
+    assert load["0"]["num_prompt_tokens"] == 4 * 8 + 9999
+    assert sum(v["num_output_tokens"] for v in load.values()) == sum(r.num_output_tokens for r in run.records)
+    table = format_table([s])
+    assert _row(table, "requests by instance") == ["5 / 4 / 4 / 0"]
+    assert _row(table, "prompt tokens by instance") == ["10k / 32 / 32 / 0"]
+    assert _row(table, "requests max / mean") == ["1.54"]
+    assert "instance_load" not in summarize(make_run("one"))  # one instance: no per-instance rows
+    assert "requests by instance" not in format_table([summarize(make_run("one"))])
 
 
 def test_table_columns_and_errors(runs):
