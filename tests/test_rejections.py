@@ -104,3 +104,16 @@ def test_cli_warns_and_reports_reasons_in_json(tmp_path, capsys):
     assert "warning: continuous rejected 2 of 6 requests (33.3 %)" in captured.err
     saved = json.loads((out / "summary.json").read_text())["runs"][0]
     assert saved["rejected_reasons"] == run["rejected_reasons"]
+
+
+def test_gpu_presets_take_the_models_real_context():
+    from backends.cost.roofline import ROOFLINE_PRESETS
+
+    for name, preset in ROOFLINE_PRESETS.items():
+        assert preset.model.startswith("Llama-3.1-"), name
+        assert preset.max_model_len == 131072 == SchedulerConfig(**preset.capacity()).max_model_len, name
+    # a 40k-token prompt, as in the Mooncake trace, runs under the preset instead of being rejected
+    cost = ROOFLINE_PRESETS["h100-llama3-8b"]
+    w = workload([40_160, 200], max_tokens=6)
+    s = summarize(run_workload(w, "chunked", SchedulerConfig(**cost.capacity()), [SyntheticBackend(cost)]))
+    assert s["finish_reasons"] == {"length": 2}

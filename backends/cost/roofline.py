@@ -4,9 +4,10 @@ Assumptions, all visible in describe() and in the JSON params:
 - dtype bf16 (2 bytes) for weights and KV cache; peak is dense bf16 tensor-core FLOP/s
   (H100 SXM 989 TFLOP/s, A100 SXM 312 TFLOP/s); HBM 80 GiB per GPU at 3.35 TB/s (H100 SXM)
   or 2.0 TB/s (A100 SXM 80GB).
-- Llama-3-8B: 8.03e9 params, 32 layers, hidden 4096, 32 query heads, 8 KV heads, head_dim 128.
-  Llama-3-70B: 70.6e9 params, 80 layers, hidden 8192, 64 query heads, 8 KV heads, head_dim 128,
-  run tensor-parallel on 4 GPUs (the 70B presets are tp=4).
+- Llama-3.1-8B: 8.03e9 params, 32 layers, hidden 4096, 32 query heads, 8 KV heads, head_dim 128.
+  Llama-3.1-70B: 70.6e9 params, 80 layers, hidden 8192, 64 query heads, 8 KV heads, head_dim 128,
+  run tensor-parallel on 4 GPUs (the 70B presets are tp=4). Both take their real 131072-token
+  context as max_model_len (Llama-3's shapes; the preset names keep "llama3").
 - step = max(compute, memory) + fixed overhead (scheduling, sampling, launch gaps, and for
   tp>1 the per-layer all-reduce latency; all-reduce bandwidth is not modelled).
 - compute = 2*params*tokens + 4*layers*heads*head_dim*(query-key pairs), over
@@ -97,7 +98,7 @@ class RooflineCostModel:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    max_model_len: int = 8192  # Llama-3's native context
+    max_model_len: int = 8192
     name: str = "roofline"
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
@@ -272,8 +273,9 @@ _H100 = {
     "hbm_gib": 80.0,
 }
 _A100 = {"gpu": "A100-SXM-80GB", "peak_tflops": 312.0, "hbm_tb_s": 2.0, "hbm_gib": 80.0}
+LLAMA31_CONTEXT_TOKENS = 131072  # max_position_embeddings of Llama-3.1-8B and -70B
 _LLAMA3_8B = {
-    "model": "Llama-3-8B",
+    "model": "Llama-3.1-8B",
     "num_params": 8.03e9,
     "num_layers": 32,
     "hidden_size": 4096,
@@ -282,11 +284,12 @@ _LLAMA3_8B = {
     "head_dim": 128,
     "num_gpus": 1,
     "overhead_s": 0.002,
+    "max_model_len": LLAMA31_CONTEXT_TOKENS,
 }
 # tp=4: 141 GB of bf16 weights need more than one 80 GiB GPU; the extra overhead is
 # 160 all-reduces per step at roughly 10 us each.
 _LLAMA3_70B = {
-    "model": "Llama-3-70B",
+    "model": "Llama-3.1-70B",
     "num_params": 70.6e9,
     "num_layers": 80,
     "hidden_size": 8192,
@@ -295,6 +298,7 @@ _LLAMA3_70B = {
     "head_dim": 128,
     "num_gpus": 4,
     "overhead_s": 0.004,
+    "max_model_len": LLAMA31_CONTEXT_TOKENS,
 }
 
 ROOFLINE_PRESETS: dict[str, RooflineCostModel] = {
