@@ -34,8 +34,10 @@ from sim.cli_common import (
     workload_kind,
 )
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
-from sim.cli_runs import close, execute, parse_run_specs, prepare
+from sim.cli_runs import RunSpec, close, execute, parse_run_specs, prepare
+from sim.executor import Task, add_executor_arg
 from sim.report import format_table, safe_name
+from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
 
 DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 # the main job on real compute: what 2 CPU cores serve in a few minutes
@@ -62,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"before the first strategy and after each one (default {LLAMA_PROBE_REQUESTS}; 0: none, "
                              "the predictions use the profile's own run factors)")
     add_output_args(parser)
+    add_executor_arg(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,12 +84,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = out_dir(args, "compare")
         log(args, f"compare: {len(specs)} strategies on {len(workload.requests)} requests, backend {ctx.backend}")
-        probes = [_speed_probe(ctx, workload)]
-        measured = []
-        for spec in specs:
-            log(args, f"running {spec.label} ...")
-            measured.append(execute(ctx, spec, workload))
-            probes.append(_speed_probe(ctx, workload))
+        if ctx.llama is None:  # simulator only: the strategies are independent tasks on --executor
+            status, specs, measured, probes = _simulate_all(ctx, specs, workload, out)
+            if not measured:
+                return status
+        else:
+            executor_for(args, ctx)  # refuses --executor: real runs take turns on this machine's cores
+            status = 0
+            probes = [_speed_probe(ctx, workload)]
+            measured = []
+            for spec in specs:
+                log(args, f"running {spec.label} ...")
+                measured.append(execute(ctx, spec, workload))
+                probes.append(_speed_probe(ctx, workload))
         runs, summaries = [], []
         for i, (spec, (run_, summary)) in enumerate(zip(specs, measured, strict=True)):
             runs.append(run_)
@@ -118,9 +128,32 @@ def run(args: argparse.Namespace) -> int:
             extra["speed_probes"] = probes
         config = resolved_config(ctx, workload, extra)
         return finish(ctx, out, runs, summaries, config, report, plot_jobs,
-                      extra_json={"speed_probes": probes} if ctx.llama is not None else None)
+                      extra_json={"speed_probes": probes} if ctx.llama is not None else None) or status
     finally:
         close(ctx)
+
+
+def compare_run(study: Study, spec: RunSpec) -> tuple:
+    """One task: this strategy on the study's workload (run, summary)."""
+    sc = context(study)
+    return execute(sc.ctx, spec, sc.workload)
+
+
+def _simulate_all(ctx, specs, workload, out) -> tuple[int, list, list, list]:
+    """Every strategy in the simulator on --executor: (exit status, the specs that ran, their (run, summary),
+    speed probes: none)."""
+    args = ctx.args
+    executor = executor_for(args, ctx)
+    try:
+        study = make_study(args, "compare")
+        register(study, ctx, workload=workload)
+        tasks = [Task(spec.label, (study, spec)) for spec in specs]
+        outcomes = run_study(args, executor, compare_run, tasks, out, lambda value: value[1], "compare")
+    finally:
+        executor.close()
+    status = report_failures(args, "compare", outcomes)
+    ran = [spec for spec, o in zip(specs, outcomes, strict=True) if o.ok]
+    return status, ran, [o.value for o in outcomes if o.ok], [None] * (len(ran) + 1)
 
 
 def _speed_probe(ctx, workload) -> dict | None:
