@@ -94,6 +94,9 @@ class StepResult:
     sampled_token_ids: dict[str, int]
     elapsed_s: float
     failed: dict[str, str] = field(default_factory=dict)  # request_id -> reason
+    # request_id -> (sampled token's logprob, ((token_id, logprob), ...) most likely first), for requests whose
+    # SamplingParams.logprobs is set; None when no request asked
+    logprobs: dict[str, tuple[float, tuple[tuple[int, float], ...]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
