@@ -35,6 +35,8 @@ class Completion:
     finish_s: float
     num_cached_tokens: int = 0
     detail: str | None = None
+    # per output token (SamplingParams.logprobs set): (logprob, ((token_id, logprob), ...) most likely first)
+    logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] | None = None
 
     @property
     def ttft_s(self) -> float | None:
@@ -50,7 +52,7 @@ class Completion:
 class _Tracked:
     """Text state of one live request."""
 
-    __slots__ = ("request", "detok", "stops", "text", "first_s", "sink")
+    __slots__ = ("request", "detok", "stops", "text", "first_s", "sink", "logprobs")
 
     def __init__(self, request: Request, detok: Any, stops: Any, sink: Any) -> None:
         self.request = request
@@ -59,6 +61,8 @@ class _Tracked:
         self.text: list[str] = []
         self.first_s: float | None = None
         self.sink = sink
+        # one entry per output token when the request asks for logprobs (StepResult.logprobs)
+        self.logprobs: list | None = [] if request.sampling.logprobs is not None else None
 
 
 class EngineCore:
@@ -75,6 +79,7 @@ class EngineCore:
         self._ended: list[Completion] = []  # finished outside a step (rejected at add, aborted): next step()
         self._clock0 = time.perf_counter()
         self._counter = 0
+        self.last_step: Any = None  # the last step's scheduler.loop.StepDone (plan, result, outputs, time)
 
     def now(self) -> float:
         """Seconds since the engine started."""
@@ -92,25 +97,34 @@ class EngineCore:
         return tuple(self.tokenizer.encode(prompt))
 
     def add(self, prompt_token_ids: Sequence[int], sampling: SamplingParams | None = None,
-            request_id: str | None = None, priority: int = 0, sink: Any = None) -> str:
-        """Queue a request; events go to sink(completion_or_piece) if given. Returns its id."""
+            request_id: str | None = None, priority: int = 0, sink: Any = None,
+            arrival_s: float | None = None) -> str:
+        """Queue a request; events go to sink(completion_or_piece) if given. Returns its id.
+
+        arrival_s (engine clock, now() by default) lets a server stamp the moment the request reached it.
+        A sink with a bind(tracked) method gets the request's text state before any event.
+        """
         if request_id is None:
             request_id = f"req-{self._counter}"
         self._counter += 1
         sampling = sampling or SamplingParams()
-        req = Request(request_id, tuple(prompt_token_ids), sampling, priority=priority, arrival_s=self.now())
+        req = Request(request_id, tuple(prompt_token_ids), sampling, priority=priority,
+                      arrival_s=self.now() if arrival_s is None else arrival_s)
         tracked = _Tracked(req, self._detok_cls(self.tokenizer), self._stop_cls(sampling.stop) if sampling.stop
                            else None, sink)
         self._live[request_id] = tracked
+        bind = getattr(sink, "bind", None)
+        if bind is not None:
+            bind(tracked)
         out = self.scheduler.add_request(req, req.arrival_s)
         if out is not None:
             self._ended.append(self._deliver(tracked, out, req.arrival_s))
         return request_id
 
-    def abort(self, request_id: str) -> None:
-        """Abort a live request (no-op if it already finished)."""
+    def abort(self, request_id: str, detail: str | None = None) -> None:
+        """Abort a live request (no-op if it already finished); detail states why."""
         if request_id in self._live:
-            out = self.scheduler.abort(request_id, self.now())
+            out = self.scheduler.abort(request_id, self.now(), FinishReason.ABORT, detail)
             if out is not None:
                 self._ended.append(self._deliver(self._live[request_id], out, self.now()))
 
@@ -121,8 +135,10 @@ class EngineCore:
     def step(self) -> list[Completion]:
         """Run one step; return the requests that finished in it (and any rejected or aborted since the last)."""
         finished, self._ended = self._ended, []
-        ran = run_step(self.scheduler, self.backend, self.now)
+        ran = self.last_step = run_step(self.scheduler, self.backend, self.now)
         now = ran.now_s
+        if ran.result is not None and ran.result.logprobs:
+            self._keep_logprobs(ran.result.logprobs)
         for out in ran.outputs:
             tracked = self._live.get(out.request_id)
             if tracked is not None:
@@ -130,6 +146,12 @@ class EngineCore:
                 if done is not None:
                     finished.append(done)
         return finished
+
+    def _keep_logprobs(self, logprobs: Mapping[str, Any]) -> None:
+        for request_id, entry in logprobs.items():
+            tracked = self._live.get(request_id)
+            if tracked is not None and tracked.logprobs is not None:
+                tracked.logprobs.append(entry)
 
     def _deliver(self, t: _Tracked, out: RequestOutput, now: float) -> Completion | None:
         piece = ""
@@ -159,7 +181,7 @@ class EngineCore:
         comp = Completion(r.request_id, "".join(t.text), tuple(r.output_token_ids), out.finish_reason,
                           r.num_prompt_tokens, r.num_output_tokens, r.arrival_s,
                           t.first_s if t.first_s is not None else r.first_token_s, now, r.num_cached_tokens,
-                          out.detail)
+                          out.detail, None if t.logprobs is None else tuple(t.logprobs))
         if t.sink is not None:
             t.sink(comp)
         return comp

@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "calibrate": ("calib.cli_calibrate", "add_arguments", "run"),
     "validate": ("calib.cli_validate", "add_arguments", "run"),
     "serve": ("serve.cli_serve", "add_arguments", "run"),
+    "serve": ("serve.cli_serve", "add_arguments", "run"),
     "bench": ("sim.cli_bench", "add_arguments", "run"),
 }
 PROG = "tokenstep"

@@ -1,0 +1,261 @@
+"""The engine thread behind the HTTP server, and its bridge to asyncio.
+
+One thread steps the EngineCore (schedule -> step -> commit); the event loop owns the HTTP side. Requests
+and aborts cross into the engine through one queue, read between steps. Text pieces and finishes cross back
+once per step: the step's events are gathered in a list and handed to the loop with a single
+loop.call_soon_threadsafe, which puts each on its HTTP request's asyncio.Queue. So a step costs one thread
+hop whatever the batch size, and the engine never waits on a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from scheduler import SamplingParams
+from serve.engine import Completion, EngineCore
+from serve.metrics import ServerMetrics
+from serve.protocol import ProtocolError
+
+SHUTDOWN_DETAIL = "server shutting down"
+IDLE_RECHECK_S = 0.005  # work exists but the plan ran nothing and named no wake-up time: look again after this
+
+
+class ChoiceSink:
+    """One request's events: gathered on the engine thread, delivered to an asyncio.Queue on the loop."""
+
+    __slots__ = ("engine", "queue", "index", "request_id", "arrival_s", "tracked", "num_logprobs_sent",
+                 "first_token_s", "last_token_s", "num_cached_tokens")
+
+    def __init__(self, engine: AsyncEngine, q: asyncio.Queue, index: int, request_id: str, arrival_s: float) -> None:
+        self.engine, self.queue, self.index, self.request_id, self.arrival_s = engine, q, index, request_id, arrival_s
+        self.tracked: Any = None
+        self.num_logprobs_sent = 0
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache, at first token
+
+    def bind(self, tracked: Any) -> None:
+        """EngineCore.add hands over the request's text state (for its logprobs)."""
+        self.tracked = tracked
+
+    def __call__(self, item: str | Completion) -> None:
+        """Engine thread: a text piece or the finished request; kept until the end of the step."""
+        lps = None
+        t = self.tracked
+        if t is not None and t.logprobs is not None and len(t.logprobs) > self.num_logprobs_sent:
+            ids, have = t.request.output_token_ids, len(t.logprobs)
+            lps = [(ids[j] if j < len(ids) else -1, *t.logprobs[j]) for j in range(self.num_logprobs_sent, have)]
+            self.num_logprobs_sent = have
+        self.engine._pending.append((self, item, lps))
+        if isinstance(item, Completion):
+            self.engine._finished.append((self, item))
+
+
+class AsyncEngine:
+    """Runs an EngineCore in its own thread; submit() and abort() are called from the event loop."""
+
+    def __init__(self, core: EngineCore, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
+                 max_queue: int | None = None) -> None:
+        self.core, self.metrics, self.loop, self.max_queue = core, metrics, loop, max_queue
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list[tuple[ChoiceSink, Any, Any]] = []  # engine thread: this step's events
+        self._finished: list[tuple[ChoiceSink, Completion]] = []  # engine thread: finishes to account
+        self._sinks: dict[str, ChoiceSink] = {}  # engine thread: live requests
+        self.num_in_flight = 0  # event loop: accepted requests not yet finished
+        self.num_running = 0  # engine thread writes after each step; the loop reads it for the queue bound
+        self.accepting = True
+        self.error: str | None = None
+        self._wake_s: float | None = None
+        self._num_preemptions = 0
+        self._counter = 0
+        self._thread = threading.Thread(target=self._run, name="tokenstep-engine", daemon=True)
+        self._thread.start()
+
+    # ---- event loop side ----------------------------------------------------------------
+    def submit(self, prompt_token_ids: Sequence[int], samplings: Sequence[SamplingParams], priority: int = 0,
+               request_id: str | None = None) -> tuple[asyncio.Queue, list[ChoiceSink]]:
+        """Queue one request per sampling (n choices); their events arrive on the returned queue."""
+        if self.error is not None:
+            raise ProtocolError(f"the engine stopped after an internal error: {self.error}", 500, "server_error")
+        if not self.accepting:
+            raise ProtocolError("the server is shutting down and accepts no new requests", 503,
+                                "service_unavailable")
+        n = len(samplings)
+        if self.max_queue is not None and max(0, self.num_in_flight - self.num_running) + n > self.max_queue:
+            self.metrics.num_requests_rejected.inc()
+            raise ProtocolError(f"the waiting queue is full ({self.max_queue} requests, --max-queue); retry later",
+                                429, "rate_limit_error")
+        self._counter += 1
+        base = request_id or f"req-{self._counter}"
+        q: asyncio.Queue = asyncio.Queue()
+        arrival = self.core.now()
+        sinks = [ChoiceSink(self, q, i, base if n == 1 else f"{base}-{i}", arrival) for i in range(n)]
+        self.num_in_flight += n
+        self._inbox.put(("add", tuple(prompt_token_ids), tuple(samplings), priority, sinks))
+        return q, sinks
+
+    def abort(self, request_ids: Sequence[str], detail: str | None = None) -> None:
+        """Abort requests (a client went away); applied before the next step."""
+        self._inbox.put(("abort", tuple(request_ids), detail))
+
+    def abort_all(self, detail: str) -> None:
+        """Abort every live request with a stated reason (shutdown past its grace period)."""
+        self._inbox.put(("abort_all", detail))
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Abort what is left, stop the engine thread and wait for it."""
+        self.accepting = False
+        self._inbox.put(("stop",))
+        self._thread.join(timeout_s)
+
+    def _dispatch(self, batch: list[tuple[ChoiceSink, Any, Any]]) -> None:
+        """Event loop: hand a step's events to their requests' queues."""
+        for sink, item, lps in batch:
+            sink.queue.put_nowait((sink.index, item, lps))
+            if isinstance(item, Completion):
+                self.num_in_flight -= 1
+
+    # ---- engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._apply(self._take_ops()):
+                if self.core.has_work():
+                    self.core.step()
+                    self._observe()
+                self._account_finished()
+                self._flush()
+        except Exception as exc:  # a bug or a backend failure: fail every request with the reason, stop
+            self.error = f"{type(exc).__name__}: {exc}"
+            print(f"tokenstep serve: engine error: {self.error}", file=sys.stderr)
+            traceback.print_exc()
+            self._fail_all(f"engine error: {self.error}")
+        self._abort_live(SHUTDOWN_DETAIL)
+        self._account_finished()
+        self._flush()
+
+    def _take_ops(self) -> list[tuple]:
+        """The inbox's operations: block while idle, wait until the policy's wake-up time, else don't wait."""
+        inbox, ops = self._inbox, []
+        try:
+            if not self.core.has_work():
+                ops.append(inbox.get())
+            elif self._wake_s is not None:
+                ops.append(inbox.get(timeout=max(0.0, self._wake_s - self.core.now())))
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                ops.append(inbox.get_nowait())
+            except queue.Empty:
+                return ops
+
+    def _apply(self, ops: list[tuple]) -> bool:
+        """Run adds and aborts; False once asked to stop."""
+        core = self.core
+        for op in ops:
+            kind = op[0]
+            if kind == "add":
+                _, tokens, samplings, priority, sinks = op
+                for sink, sp in zip(sinks, samplings, strict=True):
+                    self._sinks[sink.request_id] = sink
+                    core.add(tokens, sp, sink.request_id, priority, sink=sink, arrival_s=sink.arrival_s)
+            elif kind == "abort":
+                for rid in op[1]:
+                    core.abort(rid, op[2])
+            elif kind == "abort_all":
+                self._abort_live(op[1])
+            elif kind == "stop":
+                return False
+        return True
+
+    def _abort_live(self, detail: str) -> None:
+        for rid in list(self._sinks):
+            self.core.abort(rid, detail)
+
+    def _fail_all(self, detail: str) -> None:
+        """After an engine error: every live request ends with the error (the scheduler is not trusted)."""
+        for rid, sink in list(self._sinks.items()):
+            t = sink.tracked
+            r = t.request if t is not None else None
+            comp = Completion(rid, "".join(t.text) if t is not None else "", tuple(r.output_token_ids) if r else (),
+                              "error", r.num_prompt_tokens if r else 0, r.num_output_tokens if r else 0,
+                              sink.arrival_s, sink.first_token_s, self.core.now(), 0, detail)
+            sink(comp)
+
+    def _observe(self) -> None:
+        """Per-step metrics, first-token accounting (TTFT, prefix-cache hits) and inter-token latencies."""
+        core, m = self.core, self.metrics
+        ran = core.last_step
+        sched = core.scheduler
+        self._wake_s = None
+        if ran.result is None:
+            self._wake_s = ran.plan.wake_at_s if ran.plan.wake_at_s is not None else core.now() + IDLE_RECHECK_S
+        else:
+            plan, now = ran.plan, ran.now_s
+            if plan.chunks:  # a step that only ran KV removals is not a batch
+                m.step_time.observe(ran.result.elapsed_s)
+                m.batch_size.observe(plan.num_seqs)
+                m.batched_tokens.observe(plan.num_scheduled_tokens)
+            sinks, itl = self._sinks, m.inter_token_latency
+            num_tokens = 0
+            for out in ran.outputs:
+                k = len(out.new_token_ids)
+                sink = sinks.get(out.request_id) if k else None
+                if sink is None:
+                    continue
+                num_tokens += k
+                if sink.last_token_s is None:
+                    self._first_token(sink, now)
+                else:
+                    itl.observe(now - sink.last_token_s)
+                sink.last_token_s = now
+            if num_tokens:
+                m.generation_tokens.inc(num_tokens)
+        self.num_running = len(sched.running)
+        m.num_requests_running.set(self.num_running)
+        m.num_requests_waiting.set(len(sched.waiting))
+        pool = sched.pool
+        m.kv_cache_usage_perc.set((pool.num_used_blocks - pool.num_evictable) / pool.num_blocks)
+        if sched.stats.num_preemptions != self._num_preemptions:
+            m.num_preemptions.inc(sched.stats.num_preemptions - self._num_preemptions)
+            self._num_preemptions = sched.stats.num_preemptions
+
+    def _first_token(self, sink: ChoiceSink, now: float) -> None:
+        m = self.metrics
+        r = sink.tracked.request
+        sink.first_token_s = now
+        sink.num_cached_tokens = r.num_cached_tokens
+        m.time_to_first_token.observe(now - sink.arrival_s)
+        if r.first_scheduled_s is not None:
+            m.request_queue_time.observe(max(0.0, r.first_scheduled_s - sink.arrival_s))
+        m.prompt_tokens.inc(r.num_prompt_tokens)
+        m.prefix_cache_queries.inc(r.num_prompt_tokens)
+        m.prefix_cache_hits.inc(r.num_cached_tokens)
+
+    def _account_finished(self) -> None:
+        if not self._finished:
+            return
+        m = self.metrics
+        for sink, comp in self._finished:
+            self._sinks.pop(sink.request_id, None)
+            m.finished(comp.finish_reason)
+            if comp.finish_reason in ("stop", "length"):
+                m.e2e_request_latency.observe(comp.finish_s - sink.arrival_s)
+        self._finished.clear()
+        if not self.core.has_work():  # nothing will step again soon: report the idle state now
+            m.num_requests_running.set(0)
+            m.num_requests_waiting.set(0)
+            self.num_running = 0
+            pool = self.core.scheduler.pool
+            m.kv_cache_usage_perc.set((pool.num_used_blocks - pool.num_evictable) / pool.num_blocks)
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self.loop.call_soon_threadsafe(self._dispatch, batch)
