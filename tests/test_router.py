@@ -6,13 +6,14 @@ import pytest
 
 from backends.synthetic import SyntheticBackend
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
-from scheduler.router import BALANCE_ABS_THRESHOLD, BALANCE_REL_THRESHOLD
+from scheduler.router import BALANCE_REL_THRESHOLD
 from sim.metrics import summarize
 from sim.model import run_workload
 from sim.workload import synthetic_workload
 
-CFG = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, num_kv_blocks=512, block_size=16,
+CFG = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=256, num_kv_blocks=512, block_size=16,
                       max_model_len=1024)
+BOUND = 4  # a quarter of max_num_seqs: the default absolute threshold
 SYSTEM = tuple(range(100, 164))  # a 64-token system prompt: four full blocks every prompt starts with
 
 
@@ -39,11 +40,11 @@ def test_shared_first_block_spreads_within_the_bound():
         r = req(i)
         loads = [s.num_unfinished for s in schedulers]
         chosen = router.route(r, schedulers)
-        assert router.within_bound(loads[chosen], min(loads)), (i, loads, chosen)
+        assert router.within_bound(loads[chosen], min(loads), BOUND), (i, loads, chosen)
         schedulers[chosen].add_request(r, 0.0)
     loads = [s.num_unfinished for s in schedulers]
     assert sum(loads) == 40
-    assert max(loads) - min(loads) <= BALANCE_ABS_THRESHOLD + 1, loads
+    assert max(loads) - min(loads) <= BOUND + 1, loads
 
 
 def test_cached_prefix_wins_while_load_is_balanced():
@@ -64,7 +65,8 @@ def test_cached_prefix_yields_past_the_bound():
     schedulers[1].add_request(req(0), 0.0)
     drain(schedulers[1])
     unrelated = tuple(range(7000, 7064))
-    for k in range(BALANCE_ABS_THRESHOLD):  # instance 1 queues up to the bound: the cache still decides
+    assert router.abs_threshold(schedulers[0]) == BOUND
+    for k in range(BOUND):  # instance 1 queues up to the bound: the cache still decides
         schedulers[1].add_request(req(100 + k, prefix=unrelated), 0.0)
         assert router.route(req(1), schedulers) == 1
     schedulers[1].add_request(req(200, prefix=unrelated), 0.0)  # one past it: the least loaded takes it
@@ -73,10 +75,21 @@ def test_cached_prefix_yields_past_the_bound():
 
 def test_the_bound_follows_the_relative_threshold_under_high_load():
     router = Router("prefix_affinity")
-    assert router.within_bound(14, 10)  # within the absolute threshold
-    assert router.within_bound(int(BALANCE_REL_THRESHOLD * 100), 100)  # 1.5x of a long queue
-    assert not router.within_bound(int(BALANCE_REL_THRESHOLD * 100) + 1, 100)
-    assert not router.within_bound(BALANCE_ABS_THRESHOLD + 1, 0)
+    assert router.within_bound(14, 10, 4)  # within the absolute threshold
+    assert router.within_bound(int(BALANCE_REL_THRESHOLD * 100), 100, 4)  # 1.5x of a long queue
+    assert not router.within_bound(int(BALANCE_REL_THRESHOLD * 100) + 1, 100, 4)
+    assert not router.within_bound(5, 0, 4)
+
+
+def test_the_absolute_threshold_scales_with_max_num_seqs():
+    big = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192, num_kv_blocks=4096, block_size=16,
+                          max_model_len=4096)
+    one = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=64, num_kv_blocks=64, block_size=16,
+                          max_model_len=512)
+    router = Router("prefix_affinity")
+    assert router.abs_threshold(Scheduler(big)) == 64  # SGLang's default, at its usual 256 sequences
+    assert router.abs_threshold(Scheduler(one)) == 1
+    assert Router("prefix_affinity", balance_abs_threshold=0).abs_threshold(Scheduler(big)) == 0
 
 
 def test_every_choice_respects_the_bound_on_random_queues():
@@ -92,7 +105,7 @@ def test_every_choice_respects_the_bound_on_random_queues():
         r = req(i, prefix=rng.choice(heads), n=rng.randint(1, 12), max_tokens=rng.randint(1, 6))
         loads = [s.num_unfinished for s in schedulers]
         chosen = router.route(r, schedulers)
-        assert router.within_bound(loads[chosen], min(loads)), (i, loads, chosen)
+        assert router.within_bound(loads[chosen], min(loads), 2), (i, loads, chosen)
         schedulers[chosen].add_request(r, now)
         k = rng.randrange(3)  # one instance steps now and then, so caches and queues differ
         if schedulers[k].has_unfinished() and rng.random() < 0.6:
