@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.metrics import reason, request_latencies
-from sim.records import RequestRecord, RunResult, StepSample
+from sim.records import STEP_FIELDS, RequestRecord, RunResult, write_steps_csv
 
 # (label, key path, kind); kind picks the formatter. Rows of finish reasons and instance load are added per run set.
 COUNT_ROWS = (
@@ -76,7 +76,9 @@ def format_time(seconds: float | None) -> str:
 
 
 def format_count(n: int) -> str:
-    """A count in at most four digits and a suffix: 987, 12.3k, 4.56M."""
+    """A count exactly below 10,000, else in three digits and a suffix: 9876, 12.3k, 4.56M."""
+    if abs(n) < 10_000:
+        return str(int(n))
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
             return f"{n / div:.3g}{suffix}"
@@ -308,7 +310,7 @@ def flatten(summary: dict, prefix: str = "") -> dict:
 
 REQUEST_COLUMNS = tuple(f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("token_times_s", "text"))
 REQUEST_COLUMNS += ("ttft_s", "tpot_s", "e2e_s", "queue_s")
-STEP_COLUMNS = tuple(f.name for f in dataclasses.fields(StepSample))
+STEP_COLUMNS = STEP_FIELDS
 
 
 def _cell(value):
@@ -367,7 +369,6 @@ def write_results(out_dir, runs: list[RunResult], summaries: list[dict], config:
     for run, stem in zip(runs, _unique_stems(runs), strict=True):
         path = _write_csv(out / f"requests_{stem}.csv", REQUEST_COLUMNS, [_request_row(r) for r in run.records])
         paths[path.name] = path
-        steps = [dataclasses.asdict(s) for s in run.steps]
-        path = _write_csv(out / f"steps_{stem}.csv", STEP_COLUMNS, steps)
+        path = write_steps_csv(out / f"steps_{stem}.csv", run.steps)
         paths[path.name] = path
     return paths
