@@ -1,0 +1,128 @@
+"""tokenstep bench against a live tokenstep serve (a subprocess on 127.0.0.1): the simulator behind the API,
+and the real default model. Every request completes, the result file carries vLLM's fields, and --predict
+prints the simulator's errors. Small on purpose: a few requests, short outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("fastapi")
+
+from sim.cli import main  # noqa: E402
+
+VLLM_FIELDS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
+               "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms",
+               "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms",
+               "mean_e2el_ms", "p99_e2el_ms", "input_lens", "output_lens", "ttfts", "itls", "latencies", "errors",
+               "generated_texts", "max_concurrent_requests")
+READY_TIMEOUT_S = 180  # the real model loads in a few seconds, far slower while other work shares the cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(url: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tokenstep serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"tokenstep serve did not become ready within {READY_TIMEOUT_S} s")
+
+
+def _serve(*flags: str):
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "--port", str(port), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _ready(url, proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def sim_server():
+    yield from _serve("--backend", "sim", "--max-num-seqs", "8")
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    yield from _serve("--backend", "llama", "--max-num-seqs", "4", "--kv-tokens", "1024", "--threads", "2")
+
+
+def _bench(url: str, tmp_path, *extra: str) -> tuple[int, dict, dict, str]:
+    out = tmp_path / "out"
+    code = main(["bench", "--base-url", url, "--out", str(out), "--no-plots", "--json", *extra])
+    return code, json.loads((out / "vllm_result.json").read_text()), json.loads((out / "summary.json").read_text()), \
+        str(out)
+
+
+def _check(code: int, vllm: dict, summary: dict, n: int, output_len: int) -> None:
+    assert code == 0
+    assert vllm["completed"] == n and vllm["failed"] == 0, vllm["errors"]
+    for field in VLLM_FIELDS:
+        assert field in vllm, field
+    assert vllm["output_lens"] == [output_len] * n
+    assert all(t > 0 for t in vllm["ttfts"]) and vllm["mean_tpot_ms"] > 0
+    assert summary["server"]["backend"] in ("sim", "llama")  # read from /v1/models
+
+
+def test_bench_sim_server_with_prediction(sim_server, tmp_path, capsys):
+    code, vllm, summary, _ = _bench(sim_server, tmp_path, "--num-requests", "6", "--rate", "8", "--prompt-len", "40",
+                                    "--output-len", "6", "--shared-prefix", "32", "--predict")
+    _check(code, vllm, summary, 6, 6)
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["rel_error"]["TTFT mean"] is not None and doc["rel_error"]["throughput"] is not None
+    assert "simulator's prediction" in captured.err and "configuration from the server's /v1/models" in captured.err
+    assert summary["prediction"]["policy"] == "continuous" and summary["prediction"]["scheduler"]["max_num_seqs"] == 8
+    # the shared 32-token prefix is served from the prefix cache after its first use
+    lines = [json.loads(x) for x in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert sum(rec["num_cached_tokens"] or 0 for rec in lines) > 0
+
+
+def test_bench_sim_server_chat_text_prompts(sim_server, tmp_path):
+    code, vllm, summary, _ = _bench(sim_server, tmp_path, "--endpoint", "/v1/chat/completions", "--num-requests",
+                                    "3", "--rate", "8", "--prompt-len", "30", "--output-len", "4",
+                                    "--max-concurrency", "2")
+    _check(code, vllm, summary, 3, 4)
+    # 30 tokens of text, plus the few the chat template adds
+    assert all(30 <= n <= 45 for n in vllm["input_lens"]), vllm["input_lens"]
+
+
+def test_bench_real_server_with_prediction(llama_server, tmp_path, capsys):
+    code, vllm, summary, _ = _bench(llama_server, tmp_path, "--num-requests", "3", "--rate", "4", "--prompt-len",
+                                    "16", "--output-len", "4", "--predict")
+    _check(code, vllm, summary, 3, 4)
+    assert summary["server"]["backend"] == "llama"
+    assert vllm["input_lens"] == [16, 16, 16]  # token-id prompts reach the model unchanged
+    captured = capsys.readouterr()
+    assert "simulator's prediction" in captured.err and "%" in captured.err
+    assert json.loads(captured.out)["rel_error"]["E2E mean"] is not None
