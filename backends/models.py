@@ -193,6 +193,7 @@ class LlamaModel:
         _install_llama_logging()
         params = L.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
         self.use_extra_bufts = extra_bufts_usable() if use_extra_bufts is None else use_extra_bufts
         params.use_extra_bufts = self.use_extra_bufts
         ptr = L.llama_model_load_from_file(str(self.path).encode(), params)

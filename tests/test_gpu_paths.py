@@ -1,0 +1,176 @@
+"""GPU code paths that run on the CPU: --n-gpu-layers/--device pass-through, sampling inside llama_decode
+(device_sampling, the GPU default) against the host argmax, the threaded host argmax, and loading a model after
+every CLI module is imported (numpy.linalg and matplotlib first)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from backends.llamacpp import _PARALLEL_ARGMAX_FLOATS, LlamaCppBackend
+from backends.models import LlamaModel
+from scheduler.messages import ScheduledChunk, StepPlan
+from scheduler.request import SamplingParams
+from sim.cli_common import UsageError, add_backend_args, add_gpu_args, gpu_layers
+
+# -- flags --------------------------------------------------------------------------------
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_backend_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_gpu_flags_give_the_layers_to_offload():
+    assert gpu_layers(_args()) is None
+    assert gpu_layers(_args("--n-gpu-layers", "12")) == 12
+    assert gpu_layers(_args("--device", "cuda")) == 99
+    assert gpu_layers(_args("--device", "cpu")) == 0
+    assert gpu_layers(_args("--device", "cuda", "--n-gpu-layers", "99")) == 99
+    with pytest.raises(UsageError, match="--device cpu means --n-gpu-layers 0"):
+        gpu_layers(_args("--device", "cpu", "--n-gpu-layers", "5"))
+    with pytest.raises(SystemExit):
+        _args("--n-gpu-layers", "-1")
+    p = argparse.ArgumentParser()
+    add_gpu_args(p)  # the commands with their own flags (generate, calibrate, validate, serve) take the same two
+    assert gpu_layers(p.parse_args(["--device", "gpu"])) == 99
+
+
+def test_compare_passes_the_layers_to_the_model_load(monkeypatch):
+    import sim.cli_runs as runs
+    from sim.cli import build_parser
+
+    parser, _ = build_parser("compare")
+    args = parser.parse_args(["compare", "--backend", "llama", "--n-gpu-layers", "7"])
+    assert runs.llama_options(args)["n_gpu_layers"] == 7
+    args = parser.parse_args(["compare", "--backend", "llama", "--device", "cuda"])
+    assert runs.llama_options(args)["n_gpu_layers"] == 99
+    assert "n_gpu_layers" not in runs.llama_options(parser.parse_args(["compare", "--backend", "llama"]))
+    args = parser.parse_args(["compare", "--n-gpu-layers", "7"])  # the simulator has no GPU to offload to
+    with pytest.raises(UsageError, match="--n-gpu-layers/--device apply to --backend llama"):
+        runs.prepare(args, "compare")
+
+
+def test_make_llama_instances_loads_the_model_with_the_layers(monkeypatch):
+    import backends.models as models
+    from sim.real import close_instances, make_llama_instances
+
+    seen = []
+    real_init = models.LlamaModel.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("n_gpu_layers"))
+        real_init(self, *a, **kw)
+
+    monkeypatch.setattr(models.LlamaModel, "__init__", spy)
+    backends, _ = make_llama_instances(None, 1, {"n_gpu_layers": 0, "n_ctx": 512, "n_seq_max": 2})
+    try:
+        assert seen == [0] and backends[0].model.n_gpu_layers == 0
+        assert backends[0].device_sampling is False  # CPU: host sampling unless asked
+    finally:
+        close_instances(backends)
+
+
+# -- sampling inside llama_decode ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = LlamaModel()
+    yield m
+    m.close()
+
+
+def _run(be: LlamaCppBackend, prompts, steps: int, sampling=None) -> dict[str, list[int]]:
+    """Prefill every prompt in one step, then decode `steps` steps feeding each token back."""
+    be.clear_kv()
+    ids = [f"r{i}" for i in range(len(prompts))]
+    sp = sampling or {}
+    plan = StepPlan(0, 0.0, tuple(ScheduledChunk(r, i, 0, p, True, sampling=sp.get(r)) for i, (r, p)
+                                  in enumerate(zip(ids, prompts, strict=True))))
+    toks = be.step(plan).sampled_token_ids
+    out = {r: [toks[r]] for r in ids}
+    pos = len(prompts[0])
+    for k in range(steps):
+        chunks = tuple(ScheduledChunk(r, i, pos, (toks[r],), True, is_decode=True, sampling=sp.get(r))
+                       for i, r in enumerate(ids))
+        toks = be.step(StepPlan(k + 1, 0.0, chunks)).sampled_token_ids
+        for r in ids:
+            out[r].append(toks[r])
+        pos += 1
+    be.step(StepPlan(steps + 1, 0.0, (), finished_request_ids=tuple(ids)))
+    return out
+
+
+def _prompts(n: int, length: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [tuple(int(t) for t in rng.integers(1000, 30000, length)) for _ in range(n)]
+
+
+def test_device_sampling_gives_the_host_argmax_tokens(model):
+    prompts = _prompts(4, 12)
+    with LlamaCppBackend(model, n_ctx=1024, n_seq_max=4, device_sampling=False) as host:
+        want = _run(host, prompts, 6)
+    with LlamaCppBackend(model, n_ctx=1024, n_seq_max=4, device_sampling=True) as dev:
+        assert dev.device_sampling
+        got = _run(dev, prompts, 6)
+    assert got == want
+    assert len({tuple(v) for v in want.values()}) == 4  # four different continuations: slots not mixed up
+
+
+def test_device_sampling_hands_non_greedy_requests_the_host_logits(model):
+    prompts = _prompts(3, 10, seed=1)
+    sampling = {"r1": SamplingParams(temperature=0.9, top_k=40, seed=5)}
+    with LlamaCppBackend(model, n_ctx=1024, n_seq_max=3, device_sampling=False) as host:
+        want = _run(host, prompts, 5, sampling)
+    with LlamaCppBackend(model, n_ctx=1024, n_seq_max=3, device_sampling=True) as dev:
+        got = _run(dev, prompts, 5, sampling)
+        assert dev._host_slots == {1}
+        again = _run(dev, prompts, 5)  # the slot's request is greedy now: its device chain is back
+        assert dev._host_slots == set()
+    assert got == want
+    with LlamaCppBackend(model, n_ctx=1024, n_seq_max=3, device_sampling=False) as host:
+        assert again == _run(host, prompts, 5)
+
+
+def test_device_sampling_is_refused_with_return_logits(model):
+    with pytest.raises(ValueError, match="cannot return_logits"):
+        LlamaCppBackend(model, n_ctx=512, n_seq_max=2, device_sampling=True, return_logits=True)
+
+
+def test_threaded_host_argmax_matches_numpy(model, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    with LlamaCppBackend(model, n_ctx=512, n_seq_max=2, device_sampling=False) as be:
+        rng = np.random.default_rng(3)
+        rows = -(-_PARALLEL_ARGMAX_FLOATS // 1000) + 37
+        logits = rng.standard_normal((rows, 1000), dtype=np.float32)
+        assert be._argmax_rows(logits) == logits.argmax(axis=1).tolist()
+        assert be._argmax_pool is not None  # the split path ran
+
+
+# -- the model-load crash ------------------------------------------------------------------------
+
+
+def test_model_loads_after_every_cli_module_is_imported():
+    """numpy.linalg (OpenBLAS) and matplotlib loaded before llama.cpp must not break the model load."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil
+        import numpy.linalg, matplotlib.pyplot  # what sim.plots and the calibration modules import
+        import calib, serve, sim
+        from sim.cli import SUBCOMMANDS
+        for module, _, _ in SUBCOMMANDS.values():
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
+        from backends.llamacpp import LlamaCppBackend
+        with LlamaCppBackend(n_ctx=256, n_seq_max=1) as be:
+            print("loaded", be.vocab_size)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("loaded")
