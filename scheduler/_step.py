@@ -186,25 +186,37 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
     if limit <= 0 or not s.waiting or (use_budget and b.budget <= 0):
         return []
     cap = c.max_prefill_chunk_tokens or c.max_num_batched_tokens
+    selected = list(policy.select(s, now_s, limit))[:limit]  # every pass below admits one or stops
+    seen: set[str] = set()
+    for r in selected:  # checked before any admission, so that a bad selection changes nothing
+        if r.status is not WAITING or s.requests.get(r.request_id) is not r:
+            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
+        if r.request_id in seen:
+            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r} twice in one step")
+        seen.add(r.request_id)
     admitted: list[int] = []
-    for r in list(policy.select(s, now_s, limit)):
+    for r in selected:
         if len(admitted) >= limit or (use_budget and b.budget <= 0) or not pool.has_slot():
             break
-        if r.status is not WAITING or r.request_id not in s.requests:
-            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
         near = [o.slot for o in s.running] if c.slot_choice != "any" else ()
         depth, src = pool.match_prefix(_prefix_hashes(s, r), near) if c.enable_prefix_caching else (0, None)
         m = depth * c.block_size
         n = r.num_tokens - m
-        if policy.chunked_prefill:
-            n = min(n, cap, b.budget)
-        elif use_budget and n > b.budget and b.chunks:
-            break  # a whole prompt that does not fit waits for the next step (head of line)
+        if policy.chunked_prefill:  # without a token budget a chunk is capped per request only
+            n = min(n, cap, b.budget) if use_budget else min(n, cap)
+        alone = False
+        if not policy.chunked_prefill and use_budget and n > b.budget and b.chunks:
+            if admitted or n <= c.max_num_batched_tokens:
+                break  # a whole prompt that does not fit waits for the next step (head of line)
+            alone = True  # longer than any step's budget: it runs in a step of its own, the decodes pause
         reuse = src is not None and pool.slot_state[src] == CACHED
         pinned = sum(1 for blk in pool.slot_blocks[src][:depth] if pool.running_holders[blk] == 0) if reuse else 0
         need = pool.blocks_for(m + n) - depth
         if not pool.can_reserve(need + pinned):
             break  # nothing changed: the request keeps its place
+        if alone:
+            for chunk in list(b.chunks):
+                b.drop(chunk.request_id)
         if reuse:
             held = pool.slot_tokens[src]
             pool.reuse_cached(src, depth)
@@ -229,11 +241,11 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
         r.status = RUNNING
         r.slot = slot
         r.num_computed_tokens = m  # the prefix arrives by copy (or stays in place) before the batch runs
-        r.num_cached_tokens = m
-        if r.first_scheduled_s is None:
+        if r.first_scheduled_s is None:  # a prefix hit is counted once: prompt tokens cached at first admission
             r.first_scheduled_s = now_s
+            r.num_cached_tokens = min(m, r.num_prompt_tokens)
             s.stats.num_prompt_tokens += r.num_prompt_tokens
-            s.stats.num_prefix_hit_tokens += min(m, r.num_prompt_tokens)
+            s.stats.num_prefix_hit_tokens += r.num_cached_tokens
         lost = s._lost.pop(r.request_id, 0)
         if lost:
             recomputed = max(0, lost - m)
@@ -285,25 +297,33 @@ def _compact(s: Scheduler, b: _Builder) -> None:
 
 
 def build_plan(s: Scheduler, now_s: float) -> StepPlan:
-    """Plan one step for scheduler s."""
+    """Plan one step for scheduler s.
+
+    The policy's code (max_num_seqs, select, wake_at_s) runs before any admission or slot move; if it
+    raises, the KV removals and finished ids taken for this plan go back to the scheduler, so the next
+    plan hands them to the backend and the pool and the backend stay in agreement.
+    """
     s._now_s = now_s
     removes, s._pending_removes = s._pending_removes, []
     finished, s._pending_finished = s._pending_finished, []
     b = _Builder(removes, s.config.max_num_batched_tokens)
-    _schedule_running(s, b)
-    if not b.preempted:
-        admitted = _admit(s, b, now_s)
-        if admitted and s.policy.padding:
-            _pad_prompts(s, b, admitted)
+    try:
+        _schedule_running(s, b)
+        if not b.preempted:
+            admitted = _admit(s, b, now_s)
+            if admitted and s.policy.padding:
+                _pad_prompts(s, b, admitted)
+        wake = s.policy.wake_at_s(s, now_s) if not b.chunks and s.waiting else None
+    except BaseException:
+        s._pending_removes = b.removes + s._pending_removes
+        s._pending_finished = finished + s._pending_finished
+        raise
     if s.config.slot_choice == "compact":
         _compact(s, b)
     finished.extend(s._pending_finished)  # requests finished while planning (padding victims)
     s._pending_finished = []
     b.removes.extend(s._pending_removes)  # their slots too: removals run before this batch
     s._pending_removes = []
-    wake = None
-    if not b.chunks and s.waiting:
-        wake = s.policy.wake_at_s(s, now_s)
     s._step_id += 1
     return StepPlan(s._step_id, now_s, tuple(b.chunks), tuple(b.removes), tuple(b.copies), b.prefill, b.decode,
                     b.context, b.sum_sq, b.pad, b.copied, wake, tuple(finished))

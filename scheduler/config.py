@@ -35,7 +35,7 @@ class SchedulerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive integer, got {value!r}")
         chunk = self.max_prefill_chunk_tokens
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(
                 f"SchedulerConfig.max_prefill_chunk_tokens must be a positive integer or None, got {chunk!r}"
             )

@@ -105,7 +105,9 @@ class Continuous(Policy):
     """Iteration-level (Orca) batching: a finished request's slot is refilled on the next step."""
 
     name = "continuous"
-    description = "iteration-level (Orca) batching: refill free slots every step; whole prompts"
+    description = ("iteration-level (Orca) batching: refill free slots every step; whole prompts, and one longer "
+                   "than max_num_batched_tokens runs in a step of its own at the head of the queue (decodes "
+                   "pause that step)")
     params = {"order": "queue order: " + ", ".join(QUEUE_ORDERS)}
 
 
@@ -153,9 +155,11 @@ class Static(Policy):
 
     def select(self, sched: Scheduler, now_s: float, limit: int) -> Sequence[Request]:
         """The current batch's members still waiting, or a new batch once everything drained."""
-        self._batch = [r for r in self._batch if r.status.value == "waiting"]
+        # a member preempted (recompute) waits again: it rejoins its batch, and no newcomer is taken
+        # until every member has finished
+        self._batch = [r for r in self._batch if r.status.value != "finished"]
         if self._batch:
-            return self._batch
+            return [r for r in self._batch if r.status.value == "waiting"]
         if sched.running or not sched.waiting:
             return []
         size = self._size(sched)
@@ -177,8 +181,12 @@ class Static(Policy):
         return min(r.arrival_s for r in sched.waiting)
 
     def wake_at_s(self, sched: Scheduler, now_s: float) -> float | None:
-        """The wait-to-fill deadline of the oldest waiting request."""
-        if self.wait_s > 0 and sched.waiting and not sched.running:
+        """The wait-to-fill deadline of the oldest waiting request (its arrival when wait_s is 0).
+
+        select holds a partial batch until this time, so it is set whenever nothing runs: a hold
+        without a wake-up would never end.
+        """
+        if sched.waiting and not sched.running:
             return self._oldest(sched) + self.wait_s
         return None
 

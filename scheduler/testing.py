@@ -72,11 +72,17 @@ def check_plan(sched: Scheduler, plan: StepPlan) -> None:
     c = sched.config
     if len(plan.chunks) > c.max_num_seqs:
         _fail(f"plan has {len(plan.chunks)} chunks > max_num_seqs {c.max_num_seqs}")
-    if sched.policy.uses_token_budget and plan.num_scheduled_tokens > c.max_num_batched_tokens:
-        if not (len(plan.chunks) == 1 or not sched.policy.chunked_prefill):
-            _fail(f"plan runs {plan.num_scheduled_tokens} tokens > budget {c.max_num_batched_tokens}")
-    if sched.policy.chunked_prefill and plan.num_scheduled_tokens > c.max_num_batched_tokens:
-        _fail(f"chunked plan runs {plan.num_scheduled_tokens} tokens > budget {c.max_num_batched_tokens}")
+    policy = sched.policy
+    if policy.uses_token_budget and plan.num_scheduled_tokens > c.max_num_batched_tokens:
+        # only a whole prompt longer than the budget may exceed it, in a step of its own
+        if policy.chunked_prefill or len(plan.chunks) != 1:
+            _fail(f"plan runs {plan.num_scheduled_tokens} tokens > budget {c.max_num_batched_tokens} "
+                  f"in {len(plan.chunks)} chunks")
+    if policy.chunked_prefill:
+        cap = c.max_prefill_chunk_tokens or c.max_num_batched_tokens
+        for ch in plan.chunks:
+            if len(ch.token_ids) > cap:
+                _fail(f"{ch.request_id}: prefill chunk of {len(ch.token_ids)} tokens > chunk cap {cap}")
     slots = [ch.slot for ch in plan.chunks]
     if len(set(slots)) != len(slots):
         _fail(f"a slot appears twice in one batch: {slots}")

@@ -20,7 +20,7 @@ from typing import Any
 import simpy
 import simpy.rt
 
-from backends.cost_base import StepFeatures
+from backends.cost.base import StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler._fastforward import (
     apply_decode_steps,
@@ -266,6 +266,19 @@ def _exact_delay(now: float, target: float) -> float | None:
     return None
 
 
+def _delay_to(now: float, target: float) -> float:
+    """A delay towards target (> now) that SimPy's clock lands on exactly, or else one to a point in
+    [target / 2, target), from where target - point is exact (Sterbenz) and the next delay lands.
+
+    A request is due at its own arrival time: now + (target - now) can miss it by an ulp either way
+    (0.4 + (1.4452 - 0.4) == 1.4451999999999998), and no float delay from 0.4 lands on 1.4452.
+    """
+    d = _exact_delay(now, target)
+    if d is not None:
+        return d
+    return 0.75 * target - now
+
+
 def _reach(now: float, path: list[float]) -> list[float]:
     """Delays that take SimPy's clock from now to path[-1] exactly, as plain steps would have.
 
@@ -358,7 +371,8 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
         for w in sorted(workload.requests, key=lambda w: w.arrival_s):
             if w.arrival_s > env.now:
                 clock.next_arrival_s = w.arrival_s
-                yield env.timeout(w.arrival_s - env.now)
+                while env.now < w.arrival_s:  # lands on arrival_s exactly: at most two delays
+                    yield env.timeout(_delay_to(env.now, w.arrival_s))
             request = make(w)
             engines[routing.route(request, schedulers)].submit(request)
         clock.next_arrival_s = math.inf
