@@ -51,6 +51,7 @@ class Router:
         self.balance_rel_threshold = float(balance_rel_threshold)
         self._next = 0
         self._affinity: dict[int, int] = {}  # hash of the first block -> instance
+        self._num_homes: dict[int, int] = {}  # instance -> first blocks it is home to
 
     def abs_threshold(self, scheduler: Scheduler) -> int:
         """The absolute load threshold in requests: the one given, else a quarter of max_num_seqs (at least 1)."""
@@ -82,7 +83,10 @@ class Router:
         """Longest cached prefix among the instances within the load bound; ties go to the less loaded."""
         bound = self.abs_threshold(schedulers[least])
         eligible = [i for i in range(len(schedulers)) if self.within_bound(loads[i], loads[least], bound)]
-        best, best_depth = least, 0
+        # with nothing cached, the least loaded instance, and among those the home of the fewest first blocks,
+        # so distinct prefixes spread (as SGLang sends a miss to its smallest tree) instead of piling on index 0
+        best = min(eligible, key=lambda i: (loads[i], self._num_homes.get(i, 0), i))
+        best_depth = 0
         for i in eligible:
             pool = schedulers[i].pool
             hashes = pool.chain_hashes(request.prompt_token_ids, (request.num_prompt_tokens - 1) // pool.block_size)
@@ -93,7 +97,10 @@ class Router:
         if request.num_prompt_tokens <= bs:
             return best
         key = hash(request.prompt_token_ids[:bs])
-        home = self._affinity.setdefault(key, best)
+        home = self._affinity.get(key)
+        if home is None:
+            self._affinity[key] = home = best
+            self._num_homes[home] = self._num_homes.get(home, 0) + 1
         if best_depth == 0 and home in eligible:
             best = home
         return best

@@ -135,3 +135,19 @@ def test_replay_with_one_system_prompt_uses_every_instance():
     assert min(counts) >= 30, counts  # before the load bound: [200, 0, 0, 0]
     assert s["num_finished"] == 200
     assert s["prefix_hit_rate"] > 0.3  # each instance still reuses the system prompt it caches
+
+
+def test_distinct_prefixes_get_distinct_homes_on_idle_instances():
+    schedulers = [Scheduler(CFG, "continuous") for _ in range(4)]
+    router = Router("prefix_affinity")
+    heads = [tuple(range(1000 * g, 1000 * g + 64)) for g in range(4)]
+    chosen = []
+    for g, head in enumerate(heads):  # each group's first request finds every instance idle
+        r = req(g, prefix=head)
+        k = router.route(r, schedulers)
+        schedulers[k].add_request(r, 0.0)
+        drain(schedulers[k])
+        chosen.append(k)
+    assert sorted(chosen) == [0, 1, 2, 3]
+    for g, head in enumerate(heads):  # later requests of a group follow their cached prefix
+        assert router.route(req(10 + g, prefix=head), schedulers) == chosen[g]
