@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from serve.bench_client import ENDPOINTS, BenchTarget, ServerError, check_endpoint, run_requests, server_info
 from serve.bench_metrics import (
@@ -151,7 +152,7 @@ def _tokenizer(args: argparse.Namespace, meta: dict | None):
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
-    if meta and meta.get("model_path") and meta.get("backend") != "sim":
+    if meta and meta.get("model_path") and Path(str(meta["model_path"])).is_file():  # the server's own vocabulary
         return load_tokenizer(str(meta["model_path"]))
     from backends.models import DEFAULT_MODEL
 
@@ -179,6 +180,8 @@ def _report(args, workload, requests, bench, model, meta, tokenizer, goodput, pe
               "max_concurrency": args.max_concurrency}
     result.update(calculate_metrics(bench, goodput, percentiles, args.max_concurrency))
     measured = summarize(measured_run(results))
+    if all(r.num_cached_tokens is None for r in results):
+        measured["prefix_hit_rate"] = None  # the server does not report usage.prompt_tokens_details.cached_tokens
     failures = failure_reasons(results)
     measured.update({"num_sent": len(results), "num_not_sent": bench.num_not_sent,
                      "num_length_mismatches": num_mismatch, "failures": failures,

@@ -308,3 +308,27 @@ def test_a_server_error_on_the_endpoint_check_does_not_stop_the_run(server, tmp_
     code, m = bench(server.url, tmp_path, n=2, quiet=False)
     assert code == 0 and m["completed"] == 2
     assert "warning: a 1-token test request" in capsys.readouterr().err
+
+
+def test_max_duration_bounds_the_run(server, tmp_path):
+    # 8 requests at 4 req/s arrive over ~2 s; each streams for 0.6 s (+0.3 s tail): at 0.5 s nothing has finished
+    start = time.monotonic()
+    code, m = bench(server.url, tmp_path, "--rate", "4", "--max-duration", "0.5", "--num-warmups", "1", n=8)
+    assert code == 0 and time.monotonic() - start < 10
+    assert m["completed"] == 0 and m["failed"] >= 1 and len(m["errors"]) < 8  # later arrivals were never sent
+    assert all("cut off at --max-duration 0.5 s" in e for e in m["errors"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["measured"]["num_not_sent"] == 8 - len(m["errors"])
+
+
+def test_server_config_from_models_metadata():
+    from serve.bench_predict import server_config, tokenstep_meta
+
+    models = {"data": [{"id": "m", "tokenstep": {"backend": "llama", "policy": "continuous", "scheduler_config": {
+        "max_num_seqs": 4, "max_num_batched_tokens": 256, "eos_token_ids": [1], "a_future_field": 3}}}]}
+    meta = tokenstep_meta(models)
+    config = server_config(meta)
+    assert config.max_num_seqs == 4 and config.max_num_batched_tokens == 256 and config.eos_token_ids == (1,)
+    with pytest.raises(ValueError, match="scheduler_config is not usable"):
+        server_config({"scheduler_config": {"max_num_seqs": 0}})
+    assert tokenstep_meta({"data": [{"id": "llama"}]}) is None
