@@ -56,11 +56,14 @@ def server_config(meta: dict) -> SchedulerConfig:
 
 def prediction_workload(requests: Sequence[BenchRequest], results: Sequence[RequestResult], endpoint: str,
                         tokenizer: Any, ignore_eos: bool, seed: int) -> tuple[Workload, list[str]]:
-    """The successful requests as a workload arriving at their send times; notes on what was approximated."""
+    """The requests the server completed as a workload arriving at their send times; notes on what was
+    approximated."""
     by_id = {r.request_id: r for r in requests}
-    done = sorted((r for r in results if r.success and r.sent_s is not None), key=lambda r: r.sent_s)
+    # a request with a wrong token count still ran on the server: it is replayed with the count it got
+    done = sorted((r for r in results if (r.success or r.length_mismatch) and r.sent_s is not None),
+                  key=lambda r: r.sent_s)
     notes: list[str] = []
-    left_out = sum(1 for r in results if not r.success)
+    left_out = sum(1 for r in results if not r.success and not r.length_mismatch)
     if left_out:
         notes.append(f"{left_out} failed request(s) left out of the prediction")
     if not done:
@@ -78,7 +81,7 @@ def prediction_workload(requests: Sequence[BenchRequest], results: Sequence[Requ
                                  "length; give --tokenizer to predict")
             ids = tuple(rng.integers(MIN_TOKEN_ID, 32000, size=n).tolist())
             guessed += 1
-        max_tokens = req.max_tokens if ignore_eos else max(1, r.num_output_tokens)
+        max_tokens = req.max_tokens if ignore_eos and r.success else max(1, r.num_output_tokens)
         out.append(workload_request(req, r.sent_s - t0, ids, max_tokens))
     if guessed:
         notes.append(f"{guessed} text prompt(s) stand as random ids of the length the server reported (no "
@@ -88,14 +91,18 @@ def prediction_workload(requests: Sequence[BenchRequest], results: Sequence[Requ
 
 
 def predict(workload: Workload, policy: str, config: SchedulerConfig, cost_model: Any, instances: int = 1,
-            router: str = "least_outstanding"):
-    """(RunResult, summary) of the simulator on the workload."""
+            router: str = "least_outstanding", exclude: frozenset[str] = frozenset()):
+    """(RunResult, summary) of the simulator on the workload; requests in exclude load the simulated server
+    but stay out of the statistics, as their measured counterparts do."""
     from backends.synthetic import SyntheticBackend
     from sim.model import run_workload
 
     backends = [SyntheticBackend(cost_model) for _ in range(instances)]
     run = run_workload(workload, policy, config, backends, router=router)
     run.policy = "predicted"
+    for rec in run.records:
+        if rec.request_id in exclude:
+            rec.finish_reason, rec.detail = "error", "left out: the measured request got a wrong token count"
     return run, summarize(run)
 
 

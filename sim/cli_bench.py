@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from serve.bench_client import ENDPOINTS, BenchTarget, ServerError, check_endpoint, run_requests, server_info
 from serve.bench_metrics import (
@@ -125,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     requests = to_bench_requests(workload, args.endpoint, tokenizer)
     extra = {"temperature": args.temperature} if args.temperature is not None else None
     target = BenchTarget(args.base_url, args.endpoint, model, args.ignore_eos, extra)
+    setup = _prediction_setup(args, meta)
     warning = asyncio.run(check_endpoint(target, probe_request(requests[0]), min(args.request_timeout, 120.0)))
     if warning:
         log(args, f"bench: warning: {warning}")
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         bench = asyncio.run(run_requests(target, requests, max_concurrency=args.max_concurrency,
                                          request_timeout_s=args.request_timeout, max_duration_s=args.max_duration,
                                          num_warmups=args.num_warmups, progress=bar))
-    return _report(args, workload, requests, bench, model, meta, tokenizer, goodput, percentiles, out)
+    return _report(args, workload, requests, bench, model, meta, tokenizer, setup, goodput, percentiles, out)
 
 
 def _first_model(models: dict | None) -> str:
@@ -165,7 +168,7 @@ def _request_rate(args: argparse.Namespace) -> float | None:
     return args.rate if args.rate is not None else SYNTHETIC_DEFAULTS["rate"]
 
 
-def _report(args, workload, requests, bench, model, meta, tokenizer, goodput, percentiles, out) -> int:
+def _report(args, workload, requests, bench, model, meta, tokenizer, setup, goodput, percentiles, out) -> int:
     """Metrics, prediction, the printed report, files and plots."""
     import datetime as dt
 
@@ -199,11 +202,12 @@ def _report(args, workload, requests, bench, model, meta, tokenizer, goodput, pe
                    "description": workload.description, "source": workload.source,
                    "num_requests": len(workload.requests)}, "measured": measured, "predicted": None}
     runs = [measured_run(results)]
-    if args.predict:
-        text, predicted_run, extra = _predict(args, requests, results, meta, tokenizer, measured)
+    if setup is not None:
+        text, predicted_run, extra = _predict(args, setup, requests, results, tokenizer, measured)
         lines += ["", text]
         summary.update(extra)
-        runs.append(predicted_run)
+        if predicted_run is not None:
+            runs.append(predicted_run)
     report = "\n".join(lines)
     paths = write_files(out, results, result, summary)
     pngs = []
@@ -248,16 +252,26 @@ def _failure_lines(failures, bench, num_mismatch: int) -> list[str]:
     return lines
 
 
-def _predict(args, requests, results, meta, tokenizer, measured):
-    """The simulator's run on the same requests; (report text, RunResult, summary fields)."""
-    from dataclasses import asdict
+@dataclass(frozen=True)
+class _Setup:
+    """What --predict simulates: the server's policy, scheduler config and cost model, and where they came from."""
 
+    spec: Any
+    config: Any
+    cost: Any
+    cost_name: str
+    source: str
+
+
+def _prediction_setup(args: argparse.Namespace, meta: dict | None) -> _Setup | None:
+    """The --predict configuration, checked before any request goes out (bad flags: exit 2 at once)."""
+    if not args.predict:
+        return None
     from backends.cost import load_cost_model
-    from serve.bench_predict import format_prediction, predict, prediction_workload, rel_errors, server_config
+    from serve.bench_predict import server_config
     from sim.cli_common import build_config, default_profile
     from sim.cli_runs import parse_run_specs
 
-    workload, notes = prediction_workload(requests, results, args.endpoint, tokenizer, args.ignore_eos, args.seed)
     cost_name = args.cost or (meta or {}).get("cost") or default_profile(args.instances)[0]
     cost = load_cost_model(cost_name)
     base = server_config(meta) if meta else None  # flags override single fields on top of it
@@ -266,17 +280,34 @@ def _predict(args, requests, results, meta, tokenizer, measured):
     specs = parse_run_specs(policy)
     if len(specs) != 1:
         raise UsageError(f"--policy {policy!r} names {len(specs)} policies; a server runs one")
-    run_, predicted = predict(workload, specs[0].policy, config, cost, args.instances, args.router)
-    errors = rel_errors(measured, predicted)
     source = "the server's /v1/models" if meta else "flags and defaults (the server does not report its setup)"
-    how = (f"policy {specs[0].label}, cost model {cost_name}, max_num_seqs={config.max_num_seqs}, "
-           f"max_num_batched_tokens={config.max_num_batched_tokens}, kv={config.num_kv_blocks}x{config.block_size}; "
-           f"configuration from {source}" + (", flags on top" if meta and _any_config_flag(args) else ""))
+    if meta and _any_config_flag(args):
+        source += ", flags on top"
+    return _Setup(specs[0], config, cost, str(cost_name), source)
+
+
+def _predict(args, setup: _Setup, requests, results, tokenizer, measured):
+    """The simulator's run on the same requests; (report text, RunResult or None, summary fields)."""
+    from dataclasses import asdict
+
+    from serve.bench_predict import format_prediction, predict, prediction_workload, rel_errors
+
+    c = setup.config
+    info = {"policy": setup.spec.label, "cost_model": setup.cost_name, "scheduler": asdict(c),
+            "config_from": setup.source}
+    try:
+        workload, notes = prediction_workload(requests, results, args.endpoint, tokenizer, args.ignore_eos,
+                                              args.seed)
+    except ValueError as exc:  # nothing to replay: the run's results stand alone
+        return f"no prediction: {exc}", None, {"prediction": {**info, "error": str(exc)}}
+    mismatched = frozenset(r.request_id for r in results if r.length_mismatch)
+    run_, predicted = predict(workload, setup.spec.policy, c, setup.cost, args.instances, args.router, mismatched)
+    errors = rel_errors(measured, predicted)
+    how = (f"policy {setup.spec.label}, cost model {setup.cost_name}, max_num_seqs={c.max_num_seqs}, "
+           f"max_num_batched_tokens={c.max_num_batched_tokens}, kv={c.num_kv_blocks}x{c.block_size}; "
+           f"configuration from {setup.source}")
     text = format_prediction(measured, predicted, errors, how, notes)
-    extra = {"predicted": predicted, "rel_error": errors,
-             "prediction": {"policy": specs[0].label, "cost_model": cost_name, "scheduler": asdict(config),
-                            "config_from": source, "notes": notes}}
-    return text, run_, extra
+    return text, run_, {"predicted": predicted, "rel_error": errors, "prediction": {**info, "notes": notes}}
 
 
 def _any_config_flag(args) -> bool:

@@ -72,7 +72,8 @@ class ScriptedServer:
         self.bodies.append(body)
         rid = request.headers.get("x-request-id", "")
         index = int(rid[1:]) if rid[:1] == "r" and rid[1:].isdigit() else -1
-        if self.mode == "500" and index >= 0 and index % 2 == 1 or self.mode == "500probe" and index < 0:
+        if (self.mode == "500" and index >= 0 and index % 2 == 1 or self.mode == "500probe" and index < 0
+                or self.mode == "500all"):
             return web.json_response({"error": {"message": "scripted failure", "type": "server_error",
                                                 "code": 500}}, status=500)
         chat = request.path.endswith("/chat/completions")
@@ -332,3 +333,27 @@ def test_server_config_from_models_metadata():
     with pytest.raises(ValueError, match="scheduler_config is not usable"):
         server_config({"scheduler_config": {"max_num_seqs": 0}})
     assert tokenstep_meta({"data": [{"id": "llama"}]}) is None
+
+
+@pytest.mark.parametrize("server", ["short"], indirect=True)
+def test_prediction_replays_but_leaves_out_wrong_counts(server, tmp_path):
+    code, m = bench(server.url, tmp_path, "--predict", n=2)
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    predicted = summary["predicted"]
+    # the server ran both requests (with 3 tokens each): the simulator does too, and both stay out of the stats
+    assert predicted["num_requests"] == 2 and predicted["num_finished"] == 0 and predicted["num_errors"] == 2
+    assert summary["prediction"]["config_from"].startswith("flags and defaults")
+
+
+@pytest.mark.parametrize("server", ["500all"], indirect=True)
+def test_prediction_with_nothing_completed_keeps_the_results(server, tmp_path, capsys):
+    code, m = bench(server.url, tmp_path, "--predict", n=2, quiet=False)
+    assert code == 0 and m["failed"] == 2
+    assert "no prediction: no request succeeded" in capsys.readouterr().err
+
+
+def test_bad_prediction_flags_exit_2_before_any_request(server, tmp_path, capsys):
+    code, _ = bench(server.url, tmp_path, "--predict", "--cost", "no-such-profile", n=2)
+    assert code == 2 and "no-such-profile" in capsys.readouterr().err
+    assert server.bodies == []  # not even the endpoint check went out
