@@ -126,3 +126,17 @@ def test_bench_real_server_with_prediction(llama_server, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "simulator's prediction" in captured.err and "%" in captured.err
     assert json.loads(captured.out)["rel_error"]["E2E mean"] is not None
+
+
+def test_bench_payloads_parse_as_the_server_reads_them():
+    # the load generator's bodies go through tokenstep serve's own request models unchanged
+    from serve.bench_client import BenchRequest, build_payload
+    from serve.protocol import ChatRequest, CompletionRequest, parse
+
+    ids = BenchRequest("r1", 0.0, (11, 12, 13), 7, 3)
+    req = parse(CompletionRequest, build_payload("/v1/completions", "m", ids, True, {"temperature": 0}))
+    assert req.one_prompt() == [11, 12, 13] and req.max_tokens == 7 and req.ignore_eos and req.include_usage()
+    assert req.temperature == 0
+    text = BenchRequest("r2", 0.0, "hello there", 5, 2)
+    chat = parse(ChatRequest, build_payload("/v1/chat/completions", "m", text, False, None))
+    assert chat.messages[0].text(0) == "hello there" and chat.max_completion_tokens == 5 and not chat.ignore_eos
