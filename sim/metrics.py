@@ -40,7 +40,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from sim.records import RequestRecord, RunResult
+from sim.records import RequestRecord, RunResult, step_columns
 
 FINISHED_REASONS = ("stop", "length")
 _ABORTED_REASONS = ("abort", "aborted")
@@ -80,17 +80,24 @@ def request_latencies(record: RequestRecord) -> dict[str, float | None]:
     }
 
 
-def inter_token_latencies(records: Iterable[RequestRecord]) -> list[float]:
-    """All gaps between consecutive token times of the given records, pooled."""
-    gaps: list[float] = []
-    for r in records:
-        gaps.extend(b - a for a, b in zip(r.token_times_s, r.token_times_s[1:], strict=False))
+def inter_token_latencies(records: Iterable[RequestRecord]) -> np.ndarray:
+    """All gaps between consecutive token times of the given records, pooled (an array: a replay has
+    millions, which as a list of floats cost ~30 bytes each)."""
+    times = [r.token_times_s for r in records if len(r.token_times_s) > 1]
+    gaps = np.empty(sum(len(t) - 1 for t in times))
+    at = 0
+    for t in times:  # filled in place: a list of per-request arrays would hold them all twice
+        gaps[at : at + len(t) - 1] = np.diff(t)
+        at += len(t) - 1
     return gaps
 
 
 def percentiles(values: Iterable[float | None]) -> dict[str, float | None]:
     """mean, p50, p90 and p99 of the values (None entries ignored; all None when there are none)."""
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if isinstance(values, np.ndarray):
+        arr = values.astype(float, copy=False)
+    else:
+        arr = np.asarray([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
     p50, p90, p99 = np.percentile(arr, [50, 90, 99])
@@ -216,14 +223,16 @@ def _mean(values: list[float]) -> float | None:
 
 def step_stats(run: RunResult) -> dict:
     """Batch size, KV usage and queue depth statistics from the run's step samples."""
-    steps = run.steps
-    kv = [s.kv_used_blocks / s.kv_total_blocks for s in steps if s.kv_total_blocks > 0]
+    cols = step_columns(run.steps)
+    total = cols["kv_total_blocks"]
+    kv = cols["kv_used_blocks"][total > 0] / total[total > 0]
+    mean = lambda x: float(np.mean(x)) if len(x) else None  # noqa: E731
     return {
-        "mean_batch_size": _mean([s.num_seqs for s in steps]),
-        "mean_kv_usage": _mean(kv),
-        "max_kv_usage": float(max(kv)) if kv else None,
-        "mean_queue_depth": _mean([s.num_waiting for s in steps]),
-        "num_steps": len(steps),
+        "mean_batch_size": mean(cols["num_seqs"]),
+        "mean_kv_usage": mean(kv),
+        "max_kv_usage": float(kv.max()) if len(kv) else None,
+        "mean_queue_depth": mean(cols["num_waiting"]),
+        "num_steps": len(total),
     }
 
 

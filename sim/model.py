@@ -30,7 +30,7 @@ from scheduler._fastforward import (
     take_announced,
 )
 from scheduler.loop import plan_step, release_kv
-from sim.records import RequestRecord, RunResult, StepSample
+from sim.records import RequestRecord, RunResult, StepLog, StepSample
 from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
 
@@ -298,7 +298,7 @@ class Recorder:
 
     def __init__(self, total: int, progress: Callable[[int, int], None] | None = None) -> None:
         self.records: dict[str, RequestRecord] = {}
-        self.steps: list[StepSample] = []
+        self.steps = StepLog()  # columns: a replay records ~10^5 steps
         self.total = total
         self.done = 0
         self.progress = progress

@@ -8,8 +8,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 from sim.metrics import is_finished, reason, request_latencies
-from sim.records import RunResult
+from sim.records import RunResult, step_columns
 
 _QUEUE_COLOR = "#c8c8c8"
 _PREFILL_COLOR = "#f28e2b"
@@ -104,17 +106,23 @@ def plot_rate_curves(points: list[dict], path) -> Path:
 
 def busiest_window(runs: list[RunResult], max_requests: int) -> int:
     """Index (by arrival) of the first request to draw: requests arriving up to the deepest queue seen."""
-    peak = max((s for run in runs for s in run.steps), key=lambda s: s.num_waiting, default=None)
-    if peak is None or peak.num_waiting == 0:
+    peak_waiting, peak_start = 0, None
+    for run in runs:
+        cols = step_columns(run.steps)
+        if len(cols["num_waiting"]):
+            i = int(np.argmax(cols["num_waiting"]))  # the first of the deepest, as max() over the steps
+            if peak_start is None or cols["num_waiting"][i] > peak_waiting:
+                peak_waiting, peak_start = int(cols["num_waiting"][i]), float(cols["start_s"][i])
+    if peak_start is None or peak_waiting == 0:
         return 0
     arrivals = sorted(r.arrival_s for r in runs[0].records)
-    upto = sum(1 for a in arrivals if a <= peak.start_s)
+    upto = sum(1 for a in arrivals if a <= peak_start)
     return max(0, min(upto - (2 * max_requests) // 3, len(arrivals) - max_requests))
 
 
 def _draw_requests(ax, run: RunResult, max_requests: int, first: int = 0) -> None:
     """One row per request: queued, prefill and decode bars, an arrival marker, a cross if not finished."""
-    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[first : first + max_requests]
+    records = _shown(run, max_requests, first)
     bars = {"queued": ([], [], []), "prefill": ([], [], []), "decode": ([], [], [])}
 
     def add(kind: str, y: int, start, end) -> None:
@@ -149,39 +157,45 @@ def _draw_requests(ax, run: RunResult, max_requests: int, first: int = 0) -> Non
     ax.grid(axis="x", alpha=0.3)
 
 
-def _draw_batch(ax, run: RunResult) -> None:
-    """Batch size per step (zero while idle) and queue depth after each step, per instance."""
-    instances = sorted({s.instance for s in run.steps})
+def _batch_line(start: np.ndarray, end: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points of the batch-size line of steps sorted by start: flat over each step, down to zero across
+    idle gaps (so the line never ramps between batches)."""
+    m = len(start)
+    gap = np.ones(m, dtype=bool)
+    gap[1:] = start[1:] > end[:-1]
+    prev_end = np.concatenate(([0.0], end[:-1]))
+    zeros = np.zeros(m)
+    xs = np.stack([prev_end, start, start, end], axis=1)
+    ys = np.stack([zeros, zeros, size, size], axis=1)
+    keep = np.stack([gap & (np.arange(m) > 0), gap, np.ones(m, bool), np.ones(m, bool)], axis=1)
+    return np.append(xs[keep], end[-1]), np.append(ys[keep], 0.0)
+
+
+def _draw_batch(ax, run: RunResult, window: tuple[float, float] | None = None) -> None:
+    """Batch size per step (zero while idle) and queue depth after each step, per instance.
+
+    With a window (the x range shown), only the steps in it, and one each side, become points: a full
+    trace has ~10^5 steps, nearly all out of view. The axes' data limits are those of every step, so
+    the y range is the same as if all were drawn.
+    """
+    cols = step_columns(run.steps)
+    instances = np.unique(cols["instance"]).tolist()
     for k, instance in enumerate(instances):
-        steps = sorted((s for s in run.steps if s.instance == instance), key=lambda s: s.start_s)
-        xs: list[float] = []
-        ys: list[float] = []
-        prev_end = None
-        for s in steps:
-            # Drop to zero across idle gaps so the line never ramps between batches.
-            if prev_end is None or s.start_s > prev_end:
-                if prev_end is not None:
-                    xs.append(prev_end)
-                    ys.append(0)
-                xs.append(s.start_s)
-                ys.append(0)
-            xs += [s.start_s, s.end_s]
-            ys += [s.num_seqs, s.num_seqs]
-            prev_end = s.end_s
-        if prev_end is not None:
-            xs.append(prev_end)
-            ys.append(0)
+        mine = np.flatnonzero(cols["instance"] == instance)
+        order = mine[np.argsort(cols["start_s"][mine], kind="stable")]
+        start, end = cols["start_s"][order], cols["end_s"][order]
+        size, waiting = cols["num_seqs"][order].astype(float), cols["num_waiting"][order].astype(float)
+        ax.update_datalim([(start.min(), 0.0), (end.max(), size.max())])
+        ax.update_datalim([(end.min(), waiting.min()), (end.max(), waiting.max())])
+        if window is not None:
+            i0 = max(int(np.searchsorted(end, window[0], "left")) - 1, 0)
+            i1 = min(int(np.searchsorted(start, window[1], "right")) + 1, len(start))
+            start, end, size, waiting = start[i0:i1], end[i0:i1], size[i0:i1], waiting[i0:i1]
+        xs, ys = _batch_line(start, end, size)
         suffix = f" (instance {instance})" if len(instances) > 1 else ""
         ax.plot(xs, ys, color=f"C{k % 10}", lw=1.2, label=f"batch size{suffix}")
-        ax.plot(
-            [s.end_s for s in steps],
-            [s.num_waiting for s in steps],
-            color=f"C{k % 10}",
-            ls="--",
-            lw=1,
-            drawstyle="steps-post",
-            label=f"queue depth{suffix}",
-        )
+        ax.plot(end, waiting, color=f"C{k % 10}", ls="--", lw=1, drawstyle="steps-post",
+                label=f"queue depth{suffix}")
     if instances:
         ax.legend(loc="best", fontsize=7, ncol=2)
     ax.set_ylabel("requests")
@@ -189,26 +203,37 @@ def _draw_batch(ax, run: RunResult) -> None:
     ax.grid(alpha=0.3)
 
 
-def _draw_run(ax_req, ax_batch, run: RunResult, max_requests: int, first: int = 0) -> None:
+def _shown(run: RunResult, max_requests: int, first: int) -> list:
+    """The records a timeline draws: max_requests of them by arrival, from index first."""
+    return sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[first : first + max_requests]
+
+
+def _span(run: RunResult, max_requests: int, first: int) -> tuple[float, float] | None:
+    """(first arrival, last finish) of the records a timeline draws."""
+    records = _shown(run, max_requests, first)
+    ends = [r.finish_s for r in records if r.finish_s is not None]
+    return (records[0].arrival_s, max(ends)) if records and ends else None
+
+
+def _window(spans) -> tuple[float, float] | None:
+    """The x range that shows every span, with 3% to spare each side."""
+    spans = [s for s in spans if s is not None]
+    if not spans:
+        return None
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    pad = 0.03 * (hi - lo or 1.0)
+    return lo - pad, hi + pad
+
+
+def _draw_run(ax_req, ax_batch, run: RunResult, max_requests: int, first: int, window) -> None:
     _draw_requests(ax_req, run, max_requests, first)
-    _draw_batch(ax_batch, run)
+    _draw_batch(ax_batch, run, window)
     shown = min(len(run.records) - first, max_requests)
     if first == 0:
         title = f"{run.policy}: first {shown} of {len(run.records)} requests"
     else:
         title = f"{run.policy}: requests {first + 1}-{first + shown} of {len(run.records)} (around the deepest queue)"
     ax_req.set_title(title, fontsize=10)
-    records = sorted(run.records, key=lambda r: (r.arrival_s, r.request_id))[first : first + max_requests]
-    ends = [r.finish_s for r in records if r.finish_s is not None]
-    return (records[0].arrival_s, max(ends)) if records and ends else None
-
-
-def _focus(ax, spans) -> None:
-    spans = [s for s in spans if s is not None]
-    if spans:
-        lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
-        pad = 0.03 * (hi - lo or 1.0)
-        ax.set_xlim(lo - pad, hi + pad)
 
 
 def plot_timeline(run: RunResult, path, max_requests: int = 40) -> Path:
@@ -223,7 +248,11 @@ def plot_timeline(run: RunResult, path, max_requests: int = 40) -> Path:
         layout="constrained",
         gridspec_kw={"height_ratios": [3, 1]},
     )
-    _focus(ax_batch, [_draw_run(ax_req, ax_batch, run, max_requests, busiest_window([run], max_requests))])
+    first = busiest_window([run], max_requests)
+    window = _window([_span(run, max_requests, first)])
+    _draw_run(ax_req, ax_batch, run, max_requests, first, window)
+    if window is not None:
+        ax_batch.set_xlim(*window)
     ax_batch.set_xlabel("time (s)")
     fig.suptitle(f"Timeline: {run.policy}")
     return _save(fig, path)
@@ -245,8 +274,11 @@ def plot_compare_timelines(runs: list[RunResult], path, max_requests: int = 30) 
         squeeze=False,
     )
     first = busiest_window(runs, max_requests)
-    _focus(axes[-1, 0], [_draw_run(axes[2 * i, 0], axes[2 * i + 1, 0], run, max_requests, first)
-                         for i, run in enumerate(runs)])
+    window = _window([_span(run, max_requests, first) for run in runs])
+    for i, run in enumerate(runs):
+        _draw_run(axes[2 * i, 0], axes[2 * i + 1, 0], run, max_requests, first, window)
+    if window is not None:
+        axes[-1, 0].set_xlim(*window)
     axes[-1, 0].set_xlabel("time (s)")
     fig.suptitle(" vs ".join(run.policy for run in runs))
     return _save(fig, path)
