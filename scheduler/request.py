@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -63,7 +64,7 @@ class Request:
     """One generation request; mutated only by the scheduler that owns it."""
 
     request_id: str
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...]  # or a Sequence[int] whose slices are tuples (kept, not copied)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0  # lower value runs first, as in vLLM
     arrival_s: float = 0.0
@@ -83,7 +84,11 @@ class Request:
     padding: bool = False  # finished, but kept in its slot to emulate a padded batch
 
     def __post_init__(self) -> None:
-        self.prompt_token_ids = tuple(self.prompt_token_ids)
+        p = self.prompt_token_ids
+        # any other Sequence whose slices are tuples is kept as given (a compact prompt that makes its ids
+        # when read); lists and iterables are copied, so the prompt cannot change under the scheduler
+        if not isinstance(p, tuple) and not (isinstance(p, Sequence) and isinstance(p[0:0], tuple)):
+            self.prompt_token_ids = tuple(p)
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, prompt={len(self.prompt_token_ids)} tokens, "

@@ -28,12 +28,13 @@ import numpy as np
 
 from sim.data import data_path
 from sim.workload import (
+    HashedTokens,
+    TokenArray,
     Workload,
     WorkloadRequest,
     check_scale,
     check_vocab_size,
-    ids_to_tuple,
-    random_prompts,
+    random_ids,
     request_id,
     scale_count,
     scale_ids,
@@ -286,37 +287,25 @@ def detect_format(path: str | Path) -> str:
     raise TraceError(path, 1, f"unknown trace format (first line {first[:80]!r}); known formats: {listing}")
 
 
-def _mooncake_ids(hashes: list, n: int, length_scale: float, vocab_size: int) -> tuple[int, ...]:
-    """n tokens whose blocks are a pure function of their hash ids, so equal ids give equal tokens.
-
-    Blocks hold scale_count(512, length_scale) tokens; the last block used takes
-    the remainder, so it is cut (or, after rounding up, extended) to n tokens.
-    """
-    block = scale_count(MOONCAKE_BLOCK_TOKENS, length_scale)
-    k = min(len(hashes), -(-n // block))
-    sizes = np.full(k, block, dtype=np.int64)
-    sizes[-1] = n - block * (k - 1)
-    ids = np.repeat(np.asarray(hashes[:k], dtype=np.uint64), sizes)
-    pos = (np.arange(n) - np.repeat(np.cumsum(sizes) - sizes, sizes)).astype(np.uint64)
-    x = ids * np.uint64(0x9E3779B97F4A7C15) + pos  # splitmix64 of (id, position); uint64 arrays wrap
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
-    return ids_to_tuple((x % np.uint64(vocab_size - 10) + np.uint64(10)).astype(np.int64), vocab_size)
-
-
 def _build(path, rows: list[_Row], rng, length_scale: float, vocab_size: int) -> list[WorkloadRequest]:
-    """Requests from selected rows: ids assigned in arrival order, lengths scaled, token ids made."""
+    """Requests from selected rows: ids assigned in arrival order, lengths scaled, token ids made.
+
+    Prompts the trace gives by length or by block hashes are kept compactly (sim.workload.CompactTokens):
+    views of one array of seeded random ids, or the hash ids themselves.
+    """
     plain = [r for r in rows if r.token_ids is None and r.hash_ids is None and r.num_prompt_tokens]
     lengths = np.array([scale_count(r.num_prompt_tokens, length_scale) for r in plain], dtype=np.int64)
-    made = dict(zip(map(id, plain), random_prompts(rng, lengths, vocab_size), strict=True))
+    flat = random_ids(rng, int(lengths.sum()), vocab_size)
+    ends = np.cumsum(lengths).tolist()
+    made = {id(r): TokenArray(flat[e - n : e]) for r, n, e in zip(plain, lengths.tolist(), ends, strict=True)}
+    block = scale_count(MOONCAKE_BLOCK_TOKENS, length_scale)
     out: list[WorkloadRequest] = []
     seen: set[str] = set()
     for r in rows:
         if (r.prompt is not None or r.messages is not None) and length_scale != 1.0:
             raise TraceError(path, r.line, f"a text prompt cannot be scaled by length_scale={length_scale}")
         if r.hash_ids is not None:
-            ids = _mooncake_ids(r.hash_ids, scale_count(r.num_prompt_tokens, length_scale), length_scale, vocab_size)
+            ids = HashedTokens(r.hash_ids, scale_count(r.num_prompt_tokens, length_scale), block, vocab_size)
         elif r.token_ids is not None:
             ids = scale_ids(r.token_ids, length_scale) if length_scale != 1.0 else r.token_ids
         else:

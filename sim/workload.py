@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import operator
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -17,13 +19,147 @@ from sim.lengths import as_length_model
 MIN_TOKEN_ID = 10  # ids below this are left for special tokens (bos, eos, pad) of any vocabulary
 
 
+class CompactTokens(Sequence):
+    """A prompt's token ids held compactly, made into Python ints only when read.
+
+    A long-context trace holds ~10^8 prompt tokens: as tuples that is 8 bytes a token for as long as the
+    run lasts. A slice gives a tuple (so the scheduler, which reads prompts in slices, sees what a tuple
+    would give); it equals, and hashes like, the tuple of the same ids.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if not range(start, stop, step):
+                return ()
+            return _materialized(self)[index]
+        n = len(self)
+        i = operator.index(index)
+        if not -n <= i < n:
+            raise IndexError("token index out of range")
+        i %= n
+        return int(self._ids(i, i + 1, 1)[0])
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __eq__(self, other):
+        if isinstance(other, (tuple, CompactTokens)):
+            return len(self) == len(other) and self[:] == tuple(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self[:])
+
+    def __add__(self, other):
+        return self[:] + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + self[:]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({len(self)} tokens)"
+
+    def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+# Prompts read lately, as tuples: the scheduler reads a prompt whole at admission (prefix hashes) and
+# again in chunks as it runs; a budget of tokens, not of prompts, bounds what this cache holds.
+_CACHE_TOKENS = 1 << 18
+_cache: OrderedDict[int, tuple[CompactTokens, tuple[int, ...]]] = OrderedDict()
+_cached_tokens = 0
+
+
+def _materialized(tokens: CompactTokens) -> tuple[int, ...]:
+    """tokens as a tuple, from the cache of recently read prompts when there."""
+    global _cached_tokens
+    key = id(tokens)
+    hit = _cache.get(key)
+    if hit is not None:  # the entry holds tokens, so its id cannot have been reused
+        _cache.move_to_end(key)
+        return hit[1]
+    ids = tuple(tokens._ids(0, len(tokens), 1).tolist())
+    _cache[key] = (tokens, ids)
+    _cached_tokens += len(ids)
+    while _cached_tokens > _CACHE_TOKENS and len(_cache) > 1:
+        _cached_tokens -= len(_cache.popitem(last=False)[1][1])
+    return ids
+
+
+class TokenArray(CompactTokens):
+    """Token ids in a numpy array (often a view of one shared array): 2 bytes a token for vocabularies
+    up to 65536."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
+        return self.array[start:stop:step]
+
+
+class HashedTokens(CompactTokens):
+    """Tokens of a prompt given as hash ids of its blocks (Mooncake): n tokens, each a pure function of
+    its block's id and its position in the block, so equal ids give equal tokens; nothing else is kept.
+
+    Blocks hold block_tokens tokens; the last block used takes the remainder (cut, or extended when the
+    ids run out before n tokens).
+    """
+
+    __slots__ = ("hash_ids", "num_tokens", "block_tokens", "vocab_size")
+
+    def __init__(self, hash_ids, num_tokens: int, block_tokens: int, vocab_size: int) -> None:
+        self.hash_ids = np.asarray(hash_ids, dtype=np.uint64)
+        self.num_tokens, self.block_tokens, self.vocab_size = num_tokens, block_tokens, vocab_size
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
+        pos = np.arange(start, stop, step, dtype=np.int64)
+        k = min(len(self.hash_ids), -(-self.num_tokens // self.block_tokens))
+        block = np.minimum(pos // self.block_tokens, k - 1)
+        offset = (pos - block * self.block_tokens).astype(np.uint64)
+        return splitmix_tokens(self.hash_ids[block], offset, self.vocab_size)
+
+
+def splitmix_tokens(ids: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids in [MIN_TOKEN_ID, vocab_size) from splitmix64 of (id, position), as uint64 arrays."""
+    x = ids * np.uint64(0x9E3779B97F4A7C15) + positions  # uint64 arrays wrap
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(vocab_size - MIN_TOKEN_ID) + np.uint64(MIN_TOKEN_ID)).astype(np.int64)
+
+
+def random_ids(rng: np.random.Generator, num_tokens: int, vocab_size: int) -> np.ndarray:
+    """num_tokens ids uniform in [MIN_TOKEN_ID, vocab_size), in the smallest unsigned dtype that holds them.
+
+    Drawn in pieces (the Generator gives the same stream as one call of the full size), so the int64
+    draw never holds more than a piece at once.
+    """
+    out = np.empty(num_tokens, dtype=np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+    piece = 1 << 22
+    for start in range(0, num_tokens, piece):
+        stop = min(start + piece, num_tokens)
+        out[start:stop] = rng.integers(MIN_TOKEN_ID, vocab_size, size=stop - start)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadRequest:
     """One request of a workload: when it arrives, what it asks, how many tokens it may get."""
 
     request_id: str
     arrival_s: float
-    prompt_token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...] | CompactTokens
     max_tokens: int
     priority: int = 0
     prompt: str | None = None  # text, when the workload carries it (real backend tokenizes it)
@@ -38,8 +174,8 @@ class WorkloadRequest:
             raise ValueError(f"request {self.request_id}: max_tokens={self.max_tokens!r} must be an int >= 1")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise TypeError(f"request {self.request_id}: priority={self.priority!r} must be an int")
-        if not isinstance(self.prompt_token_ids, tuple):
-            raise TypeError(f"request {self.request_id}: prompt_token_ids must be a tuple of ints")
+        if not isinstance(self.prompt_token_ids, (tuple, CompactTokens)):
+            raise TypeError(f"request {self.request_id}: prompt_token_ids must be a tuple of ints or CompactTokens")
         if not self.prompt_token_ids and self.prompt is None and self.messages is None:
             raise ValueError(f"request {self.request_id}: give prompt_token_ids, prompt or messages")
 
