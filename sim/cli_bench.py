@@ -168,6 +168,13 @@ def _request_rate(args: argparse.Namespace) -> float | None:
     return args.rate if args.rate is not None else SYNTHETIC_DEFAULTS["rate"]
 
 
+def _burstiness(args: argparse.Namespace) -> float | None:
+    """vLLM's burstiness (the gamma shape of the gaps, 1 / CV^2) of a synthetic workload; None for a trace."""
+    if workload_kind(args) != "synthetic" or (args.arrival or "poisson") not in ("poisson", "gamma"):
+        return None
+    return 1.0 / args.cv ** 2 if args.cv else 1.0
+
+
 def _report(args, workload, requests, bench, model, meta, tokenizer, setup, goodput, percentiles, out) -> int:
     """Metrics, prediction, the printed report, files and plots."""
     import datetime as dt
@@ -179,8 +186,8 @@ def _report(args, workload, requests, bench, model, meta, tokenizer, setup, good
     num_mismatch = check_lengths(results, args.ignore_eos)
     result = {"date": dt.datetime.now().strftime("%Y%m%d-%H%M%S"), "endpoint_type": "openai", "backend": "openai",
               "label": "tokenstep-bench", "model_id": model, "tokenizer_id": args.tokenizer,
-              "num_prompts": len(requests), "request_rate": _request_rate(args) or "trace", "burstiness": 1.0,
-              "max_concurrency": args.max_concurrency}
+              "num_prompts": len(requests), "request_rate": _request_rate(args) or "trace",
+              "burstiness": _burstiness(args), "max_concurrency": args.max_concurrency}
     result.update(calculate_metrics(bench, goodput, percentiles, args.max_concurrency))
     measured = summarize(measured_run(results))
     if all(r.num_cached_tokens is None for r in results):
