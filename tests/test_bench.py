@@ -103,12 +103,18 @@ class ScriptedServer:
             if self.mode == "hang" and index == 1 and i == 1:
                 await asyncio.sleep(3600)
             piece = {"delta": {"content": f" t{i}"}} if chat else {"text": f" t{i}"}
-            last = i == n - 1
+            last = i == n - 1 and self.mode != "llama"
             await send({"choices": [{"index": 0, **piece, "finish_reason": "length" if last else None}]})
             times.append(time.perf_counter())
             t += GAPS_S[i % len(GAPS_S)]
+        usage = {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}
+        if self.mode == "llama":  # llama-server: the finish reason and usage in one last chunk, no token in it
+            await at(t - GAPS_S[(n - 1) % len(GAPS_S)] + 0.20)
+            await send({"choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": usage})
+            await send(b"[DONE]")
+            return resp
         await at(t - GAPS_S[(n - 1) % len(GAPS_S)] + TAIL_S)
-        await send({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": n, "total_tokens": 8 + n}})
+        await send({"choices": [], "usage": usage})
         await send(b"[DONE]")
         return resp
 
@@ -222,6 +228,18 @@ def test_completions_send_token_ids_and_vllm_fields(server, tmp_path, capsys):
     rec = json.loads(lines[0])
     assert rec["num_prompt_tokens"] == 8 and rec["num_output_tokens"] == 4 and rec["ttft_s"] > 0
     assert rec["e2e_s"] == pytest.approx(TTFT_S + sum(GAPS_S), abs=TOL_S)
+
+
+@pytest.mark.parametrize("server", ["llama"], indirect=True)
+def test_usage_beside_the_finish_reason_is_read(server, tmp_path):
+    # llama-server's completions stream: no usage-only chunk; usage rides on the finish chunk, which has no token
+    code, m = bench(server.url, tmp_path, n=2)
+    assert code == 0 and m["completed"] == 2 and m["output_lens"] == [4, 4]
+    for gaps, lat in zip(m["itls"], m["latencies"], strict=True):
+        assert len(gaps) == 3  # the empty finish chunk is not a token
+        assert lat == pytest.approx(TTFT_S + sum(GAPS_S) + 0.20, abs=TOL_S)  # E2EL: to the last choice chunk (vLLM)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert all(rec["output_count_source"] == "usage" for rec in lines)
 
 
 def test_closed_loop_reports_client_queueing(server, tmp_path):
