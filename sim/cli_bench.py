@@ -217,6 +217,10 @@ def _report(args, workload, requests, bench, model, meta, tokenizer, setup, good
             runs.append(predicted_run)
     report = "\n".join(lines)
     paths = write_files(out, results, result, summary)
+    from sim.workload import workload_to_jsonl
+
+    # the requests as built, replayable with --trace and joined to requests.jsonl by request_id
+    paths["workload.jsonl"] = workload_to_jsonl(workload, out / "workload.jsonl")
     pngs = []
     if not args.no_plots and any(r.success for r in results):
         from sim.plots import plot_latency_cdfs

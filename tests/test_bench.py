@@ -228,6 +228,12 @@ def test_completions_send_token_ids_and_vllm_fields(server, tmp_path, capsys):
     rec = json.loads(lines[0])
     assert rec["num_prompt_tokens"] == 8 and rec["num_output_tokens"] == 4 and rec["ttft_s"] > 0
     assert rec["e2e_s"] == pytest.approx(TTFT_S + sum(GAPS_S), abs=TOL_S)
+    # the workload as sent replays with --trace: same ids, same lengths
+    from sim.traces import load_trace
+
+    replay = load_trace(tmp_path / "out" / "workload.jsonl", "jsonl")
+    assert any(list(r.prompt_token_ids) == body["prompt"] for r in replay.requests)
+    assert [r.request_id for r in replay.requests] == [json.loads(x)["request_id"] for x in lines]
 
 
 @pytest.mark.parametrize("server", ["llama"], indirect=True)
