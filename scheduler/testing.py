@@ -14,8 +14,10 @@ A failure comes back shrunk to a short sequence of steps.
 
 from __future__ import annotations
 
+import inspect
 import zlib
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hypothesis import settings
@@ -43,28 +45,60 @@ def _fail(message: str) -> None:
     raise InvariantError(message)
 
 
-def expected_token(request_id: str, index: int) -> int:
-    """The executor's token for output index of a request (never EOS)."""
-    return 10 + zlib.crc32(f"{request_id}:{index}".encode()) % 990
+def content_token(kv_tokens: Sequence[int]) -> int:
+    """The executor's next token after a slot holding exactly kv_tokens (never EOS).
+
+    It depends on the slot's whole KV content, as a model's does: a prefix copied from the wrong slot,
+    a removal at the wrong position or a token fed to the wrong slot changes every later token.
+    """
+    return 10 + zlib.crc32(array("q", kv_tokens).tobytes()) % 990
 
 
 class DeterministicExecutor:
-    """Executes plans like a model would, with tokens fixed per (request, index) and scripted EOS."""
+    """Executes plans like a model would: a mirror of every slot's KV, tokens from its content, scripted EOS.
+
+    fail_next: the next step fails the request of its first chunk (reason "injected failure"), with
+    garbage left in its slot, as a backend error may leave it.
+    """
 
     def __init__(self, scripted_eos: dict[str, int] | None = None) -> None:
         self.scripted_eos = scripted_eos if scripted_eos is not None else {}
         self.num_sampled: dict[str, int] = {}
+        self.kv: dict[int, list[int]] = {}  # slot -> the tokens its KV holds, position by position
+        self.fail_next = False
 
     def step(self, plan: StepPlan) -> StepResult:
-        """One token per sampling chunk; one second per step."""
-        sampled = {}
-        for c in plan.chunks:
+        """Removals, copies, then the batch; one token per sampling chunk; one second per step."""
+        for request_id in plan.finished_request_ids:
+            self.num_sampled.pop(request_id, None)
+        kv = self.kv
+        for rm in plan.removes:
+            del kv.setdefault(rm.slot, [])[rm.start_pos:]
+        for cp in plan.copies:
+            src = kv.get(cp.src_slot, [])
+            if cp.num_tokens > len(src):
+                _fail(f"prefix copy {cp.src_slot}->{cp.dst_slot} of {cp.num_tokens} tokens: the slot holds {len(src)}")
+            kv[cp.dst_slot] = src[: cp.num_tokens]
+            if cp.move and cp.src_slot != cp.dst_slot:
+                kv[cp.src_slot] = []
+        sampled: dict[str, int] = {}
+        failed: dict[str, str] = {}
+        for i, c in enumerate(plan.chunks):
+            held = kv.setdefault(c.slot, [])
+            if c.token_ids and c.start_pos != len(held):
+                _fail(f"{c.request_id}: chunk starts at {c.start_pos} but slot {c.slot} holds {len(held)} tokens")
+            if self.fail_next and i == 0:
+                held += [-1] * len(c.token_ids)  # garbage: nothing may read it again
+                failed[c.request_id] = "injected failure"
+                continue
+            held += c.token_ids
             if c.sample:
-                i = self.num_sampled.get(c.request_id, 0)
-                self.num_sampled[c.request_id] = i + 1
-                eos = self.scripted_eos.get(c.request_id) == i
-                sampled[c.request_id] = EOS if eos else expected_token(c.request_id, i)
-        return StepResult(sampled, 1.0)
+                n = self.num_sampled.get(c.request_id, 0)
+                self.num_sampled[c.request_id] = n + 1
+                sampled[c.request_id] = EOS if self.scripted_eos.get(c.request_id) == n else content_token(held)
+        if plan.chunks:
+            self.fail_next = False
+        return StepResult(sampled, 1.0, failed)
 
 
 def check_plan(sched: Scheduler, plan: StepPlan) -> None:
@@ -170,12 +204,15 @@ def check_invariants(sched: Scheduler) -> None:
 
 
 def owed_tokens(request: Request, scripted_eos: dict[str, int]) -> list[int]:
-    """The tokens a request that ran to completion must have produced."""
+    """The tokens a request that ran to completion must have produced (its KV always exactly its own tokens)."""
     k = scripted_eos.get(request.request_id)
     n = request.max_tokens if k is None else min(request.max_tokens, k + 1)
-    out = [expected_token(request.request_id, i) for i in range(n)]
-    if k is not None and k < request.max_tokens:
-        out[k] = EOS
+    seq = list(request.prompt_token_ids)
+    out = []
+    for i in range(n):
+        token = EOS if i == k else content_token(seq)
+        out.append(token)
+        seq.append(token)
     return out
 
 
@@ -233,7 +270,12 @@ def requests(draw, request_id: str, arrival_s: float = 0.0) -> tuple[Request, in
 
 
 class SchedulerStateMachine(RuleBasedStateMachine):
-    """Adds, steps, aborts and drains requests under one policy; checks every invariant after every step."""
+    """Adds, steps, aborts and drains requests under one policy; checks every invariant after every step.
+
+    Besides plain steps it explores arrivals later than now, the clock stepping back, aborts between
+    schedule() and commit(), release_cache(), backend failures, and (through the executor) KV content
+    that must be exactly each request's own tokens.
+    """
 
     policy_factory: Callable[[], Policy | str] = staticmethod(lambda: "continuous")
     max_drain_steps = 5000
@@ -245,16 +287,17 @@ class SchedulerStateMachine(RuleBasedStateMachine):
         self.executor = DeterministicExecutor(self.scripted_eos)
         self.now_s = 0.0
         self.counter = 0
+        self.mid_step = False  # a check failed inside a step: teardown must not plan again over it
 
     @initialize(config=scheduler_configs())
     def setup(self, config: SchedulerConfig) -> None:
         """A fresh scheduler with a drawn configuration."""
         self.sched = Scheduler(config, make_policy(self.policy_factory()))
 
-    @rule(data=st.data())
-    def add(self, data: Any) -> None:
-        """A request arrives now."""
-        req, eos = data.draw(requests(f"q{self.counter:04d}", self.now_s))
+    @rule(data=st.data(), later_s=st.sampled_from([0.0, 0.0, 0.0, 0.5, 3.0]))
+    def add(self, data: Any, later_s: float) -> None:
+        """A request arrives now, or is added ahead of its arrival time."""
+        req, eos = data.draw(requests(f"q{self.counter:04d}", self.now_s + later_s))
         self.counter += 1
         if eos is not None:
             self.scripted_eos[req.request_id] = eos
@@ -267,8 +310,15 @@ class SchedulerStateMachine(RuleBasedStateMachine):
         """One schedule/execute/commit round."""
         self._step()
 
-    def _step(self) -> StepPlan:
-        ran = run_step(self.sched, self.executor, self.now_s, lambda plan: check_plan(self.sched, plan))
+    def _step(self, between: Callable[[StepPlan], None] | None = None) -> StepPlan:
+        def checks(plan: StepPlan) -> None:
+            check_plan(self.sched, plan)
+            if between is not None:
+                between(plan)
+
+        self.mid_step = True
+        ran = run_step(self.sched, self.executor, self.now_s, checks)
+        self.mid_step = False
         plan = ran.plan
         if plan.is_empty and plan.wake_at_s is not None:
             self.now_s = max(self.now_s, plan.wake_at_s)
@@ -286,10 +336,50 @@ class SchedulerStateMachine(RuleBasedStateMachine):
         if out is None or out.finish_reason != FinishReason.ABORT.value:
             _fail(f"abort of {victim.request_id} returned {out}")
 
+    @precondition(lambda self: self.sched is not None and self.sched.has_unfinished())
+    @rule(data=st.data())
+    def abort_during_step(self, data: Any) -> None:
+        """The client gives up while a step runs: the abort is applied at commit."""
+        victims: list[Request] = []
+
+        def abort(plan: StepPlan) -> None:
+            live = [*self.sched.waiting, *self.sched.running]
+            if not live:
+                return
+            victim = data.draw(st.sampled_from(live))
+            victims.append(victim)
+            out = self.sched.abort(victim.request_id, self.now_s)
+            if plan.is_empty and (out is None or out.finish_reason != FinishReason.ABORT.value):
+                _fail(f"abort of {victim.request_id} with nothing in flight returned {out}")
+            if not plan.is_empty and out is not None:
+                _fail(f"abort of {victim.request_id} during a step returned {out} before commit")
+
+        self._step(abort)
+        for v in victims:
+            if v.status is not RequestStatus.FINISHED:
+                _fail(f"{v.request_id} was aborted during a step and is still {v.status.value} after commit")
+
+    @rule()
+    def step_failing(self) -> None:
+        """The backend fails the first request of the next step that runs anything."""
+        self.executor.fail_next = True
+        self._step()
+
+    @rule()
+    def release(self) -> None:
+        """Hand the prefix cache back (its removals go out with the next plan)."""
+        if self.sched is not None:
+            self.sched.release_cache()
+
     @rule(dt=st.floats(0.0, 5.0))
     def wait(self, dt: float) -> None:
         """Time passes without a step."""
         self.now_s += dt
+
+    @rule(dt=st.floats(0.0, 5.0))
+    def clock_back(self, dt: float) -> None:
+        """The clock steps back (a driver's clock is not always monotonic)."""
+        self.now_s = max(0.0, self.now_s - dt)
 
     @invariant()
     def invariants_hold(self) -> None:
@@ -299,8 +389,8 @@ class SchedulerStateMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         """Drain: every request must end with its owed tokens or a stated reason, and nothing may leak."""
-        if self.sched is None:
-            return
+        if self.sched is None or self.mid_step:
+            return  # a failed step already raised its own error: planning again would only hide it
         for _ in range(self.max_drain_steps):
             if not self.sched.has_unfinished():
                 break
@@ -315,15 +405,31 @@ class SchedulerStateMachine(RuleBasedStateMachine):
         release_kv(self.sched, self.executor, self.now_s)
         if self.sched.pool.num_used_blocks or any(self.sched.pool.slot_state):
             _fail("KV blocks or slots leaked after every request finished and the cache was released")
+        if any(self.executor.kv.values()):
+            _fail("the backend still holds KV after every request finished and the cache was released")
+
+
+def _makes_a_policy(fn: Callable[..., Any]) -> bool:
+    """True for a factory taking no arguments (a select function takes sched, now_s and limit)."""
+    try:
+        inspect.signature(fn).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature (a builtin): not a factory we can tell apart
+        return False
+    return True
 
 
 def policy_state_machine(policy: Policy | str | Callable[..., Any] | type, *, max_examples: int = 100,
                          stateful_step_count: int = 40) -> type[SchedulerStateMachine]:
-    """A SchedulerStateMachine subclass for a policy (a name, class, instance factory or function)."""
+    """A SchedulerStateMachine subclass for a policy: a name, a Policy class, an instance factory (called
+    with no arguments for every example: a fresh policy each time) or a select function."""
 
     def factory() -> Policy:
         if isinstance(policy, type) and issubclass(policy, Policy):
             return policy()
+        if callable(policy) and not isinstance(policy, (str, type, Policy)) and _makes_a_policy(policy):
+            return make_policy(policy())
         return make_policy(policy)
 
     name = getattr(policy, "__name__", str(policy)).replace(":", "_").replace(".", "_")
