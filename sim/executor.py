@@ -29,6 +29,7 @@ import os
 import random
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -57,12 +58,14 @@ class Task:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one task gave: value, or error (one line) with the worker's traceback."""
+    """What one task gave: value, or error (one line) with the worker's traceback; how long it ran, and where."""
 
     label: str
     value: Any = None
     error: str | None = None
     traceback: str | None = None
+    elapsed_s: float = 0.0  # the task's own time in its worker (timing: never part of a result)
+    worker: str = ""  # host:pid
 
     @property
     def ok(self) -> bool:
@@ -89,11 +92,15 @@ def run_task(fn: Callable, label: str, seed: int, args: tuple) -> Outcome:
     s = task_seed(seed, label)
     random.seed(s)
     np.random.seed(s)
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    start = time.perf_counter()
     try:
-        return Outcome(label, fn(*args))
+        value = fn(*args)
     except Exception as exc:  # the task's own failure, reported by label; the study goes on
         text = " ".join(f"{type(exc).__name__}: {exc}".split())
-        return Outcome(label, error=text[:500], traceback=traceback.format_exc())
+        return Outcome(label, error=text[:500], traceback=traceback.format_exc(),
+                       elapsed_s=time.perf_counter() - start, worker=where)
+    return Outcome(label, value, elapsed_s=time.perf_counter() - start, worker=where)
 
 
 OnDone = Callable[[int, Outcome], None]

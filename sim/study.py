@@ -10,7 +10,8 @@ already built, so serial runs and real backends use it directly.
 The parent streams each finished task to <out>/results.jsonl (one JSON line:
 index, label, and the result or the error), so a killed study keeps what it
 finished; at the end the file is rewritten in task order, identical whatever
-executor ran it.
+executor ran it. Timings go apart, to <out>/task_times.json: the executor, its
+wall time, and each task's own time and worker.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +33,7 @@ from sim.executor import Outcome, SerialExecutor, Task, describe, make_executor
 from sim.report import _plain as plain
 
 RESULTS_FILE = "results.jsonl"
+TIMES_FILE = "task_times.json"
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ class ResultStream:
         self.path = out / RESULTS_FILE
         self.to_json = to_json
         self.lines: dict[int, str] = {}
+        self.times: dict[int, dict] = {}
         self._fh = self.path.open("w", encoding="utf-8")
 
     def add(self, index: int, outcome: Outcome) -> None:
@@ -124,15 +128,18 @@ class ResultStream:
             entry["error"] = outcome.error
         line = json.dumps(plain(entry), allow_nan=False)
         self.lines[index] = line
+        self.times[index] = {"label": outcome.label, "task_s": outcome.elapsed_s, "worker": outcome.worker}
         self._fh.write(line + "\n")
         self._fh.flush()
 
-    def close(self) -> None:
-        """Rewrite the file in task order (identical on every executor)."""
+    def close(self, executor: str = "", wall_s: float | None = None) -> None:
+        """Rewrite the file in task order (identical on every executor); write the timings beside it."""
         self._fh.close()
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(self.lines[i] + "\n" for i in sorted(self.lines)), encoding="utf-8")
         os.replace(tmp, self.path)
+        times = {"executor": executor, "wall_s": wall_s, "tasks": [self.times[i] for i in sorted(self.times)]}
+        (self.path.parent / TIMES_FILE).write_text(json.dumps(times, indent=1) + "\n", encoding="utf-8")
 
 
 def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[Task], out: Path,
@@ -148,6 +155,7 @@ def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[
     total = len(tasks)
     log(args, f"{label}: {total} task(s) on {describe(executor)}; results stream to {stream.path}")
     finished = 0
+    start = time.perf_counter()
     try:
         with make_progress(args, label) as bar:
             def on_done(index: int, outcome: Outcome) -> None:
@@ -160,7 +168,7 @@ def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[
 
             return executor.map(fn, tasks, on_done)
     finally:
-        stream.close()
+        stream.close(describe(executor), time.perf_counter() - start)
 
 
 def report_failures(args: argparse.Namespace, command: str, outcomes: Sequence[Outcome]) -> int:

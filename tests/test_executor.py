@@ -159,3 +159,25 @@ def test_a_bad_executor_exits_2_with_one_line(tmp_path, capsys, executor, messag
     assert main([*SWEEP, "--executor", executor, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_validates_noisy_reruns_are_identical_in_this_process_and_on_a_local_pool():
+    from backends.cost import load_cost_model
+    from calib.validate import StepNoise, ensemble_predict, noise_spread, predict
+    from scheduler import SchedulerConfig
+    from sim.metrics import summarize
+    from sim.workload import synthetic_workload
+
+    profile = load_cost_model("cpu-gemma3-270m")
+    config = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=512, num_kv_blocks=512)
+    w = synthetic_workload("poisson", 3.0, 40, "uniform:20,120", "uniform:4,30", 3)
+    measured = summarize(predict(w, "continuous", config, profile, 1))
+    noise = StepNoise(0.03, 0.01)
+    pool = LocalExecutor(2)
+    spread = [noise_spread(w, "continuous", config, profile, 1, "least_outstanding", measured, noise, runs=4,
+                           executor=e) for e in (None, pool)]
+    assert spread[0] == spread[1] and spread[0]["runs"] == 4
+    ens = [ensemble_predict(w, "continuous", config, profile, 1, "least_outstanding", noise, runs=4, seed=2,
+                            executor=e) for e in (None, pool)]
+    medoids = [summarize(e.pop("run")) for e in ens]  # rebuilt from its seed after the pooled reruns
+    assert medoids[0] == medoids[1] and ens[0] == ens[1] and ens[0]["runs"] == 4
