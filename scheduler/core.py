@@ -24,7 +24,7 @@ class SchedulerStats:
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission)
-    num_prefix_hit_tokens: int = 0  # of those, served from the prefix cache
+    num_prefix_hit_tokens: int = 0  # of those, served from the prefix cache at first admission
     num_evictions: int = 0
     num_slot_moves: int = 0  # running requests moved to close a gap (slot_choice "compact")
 

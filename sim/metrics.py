@@ -24,7 +24,9 @@ Definitions (names follow vLLM's benchmark and Vidur; all times in seconds on th
   (ttft, tpot, e2e; each an upper bound in seconds) / duration_s. A request with one output token has no
   TPOT and meets a TPOT SLO. slo_attainment = those requests / num_requests (all requests, so rejected
   and aborted requests count as misses).
-- prefix_hit_rate = sum(num_cached_tokens) / sum(num_prompt_tokens) over finished requests.
+- prefix_hit_rate = sum(num_cached_tokens) / sum(num_prompt_tokens) over finished requests, where a request's
+  num_cached_tokens is its prompt tokens served from the prefix cache at its first admission (a readmission
+  after preemption does not count again), as the scheduler's SchedulerStats counts them: at most 1.
 - Step statistics, plain means over step samples (all instances pooled): mean_batch_size (num_seqs),
   mean_kv_usage and max_kv_usage (kv_used_blocks / kv_total_blocks), mean_queue_depth (num_waiting),
   num_steps.
