@@ -252,3 +252,21 @@ def test_continuous_does_not_wait_for_an_empty_engine_behind_a_long_prompt():
 def test_stepplan_is_empty_still_ignores_finished_ids():
     # is_empty means nothing to compute; the loop hands the finished ids over on its own
     assert StepPlan(1, 0.0, (), finished_request_ids=("x",)).is_empty
+
+
+def test_the_text_engine_frees_a_finished_requests_sampler_on_the_real_backend(llama_model):
+    from backends.llamacpp import LlamaCppBackend
+    from serve.engine import EngineCore
+
+    backend = LlamaCppBackend(llama_model, n_ctx=256, n_seq_max=2, n_threads=2)
+    try:
+        core = EngineCore(backend, "continuous")
+        core.add(core.encode("Hello"), SamplingParams(max_tokens=2, temperature=0.8, seed=1), "sampled")
+        while core.scheduler.has_unfinished():
+            core.step()
+        assert "sampled" in backend._samplers  # finished in the last step; announced by the next plan
+        assert core.has_work()
+        core.step()  # that plan runs nothing: before, it never reached the backend and the sampler leaked
+        assert backend._samplers == {} and not core.has_work()
+    finally:
+        backend.close()
