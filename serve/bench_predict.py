@@ -70,7 +70,7 @@ def prediction_workload(requests: Sequence[BenchRequest], results: Sequence[Requ
         raise ValueError("no request succeeded, so there is nothing to predict")
     rng = np.random.default_rng(seed)
     t0 = done[0].sent_s
-    out, guessed = [], 0
+    out, guessed, resized = [], 0, 0
     for r in done:
         req = by_id[r.request_id]
         ids = prompt_ids(req, endpoint, tokenizer)
@@ -81,11 +81,18 @@ def prediction_workload(requests: Sequence[BenchRequest], results: Sequence[Requ
                                  "length; give --tokenizer to predict")
             ids = tuple(rng.integers(MIN_TOKEN_ID, 32000, size=n).tolist())
             guessed += 1
+        elif r.num_prompt_tokens and r.num_prompt_tokens != len(ids):
+            # the server counted otherwise (its chat template, a BOS): keep the ids' prefix, match its length
+            n = r.num_prompt_tokens
+            ids = ids[:n] + tuple(rng.integers(MIN_TOKEN_ID, 32000, size=max(0, n - len(ids))).tolist())
+            resized += 1
         max_tokens = req.max_tokens if ignore_eos and r.success else max(1, r.num_output_tokens)
         out.append(workload_request(req, r.sent_s - t0, ids, max_tokens))
     if guessed:
         notes.append(f"{guessed} text prompt(s) stand as random ids of the length the server reported (no "
                      "--tokenizer): prefix sharing among them is not predicted")
+    if resized:
+        notes.append(f"{resized} prompt(s) cut or padded to the length the server reported (usage.prompt_tokens)")
     desc = f"{len(out)} requests as sent to the server (arrival = send time)"
     return Workload(tuple(out), desc, {"kind": "bench_log", "num_requests": len(out)}), notes
 

@@ -381,3 +381,20 @@ def test_bad_prediction_flags_exit_2_before_any_request(server, tmp_path, capsys
     code, _ = bench(server.url, tmp_path, "--predict", "--cost", "no-such-profile", n=2)
     assert code == 2 and "no-such-profile" in capsys.readouterr().err
     assert server.bodies == []  # not even the endpoint check went out
+
+
+def test_prediction_takes_the_servers_prompt_length():
+    from serve.bench_client import BenchRequest
+    from serve.bench_predict import prediction_workload
+
+    ids = tuple(range(20, 30))
+    reqs = [BenchRequest("a", 0.0, ids, 4, 10), BenchRequest("b", 0.5, ids, 4, 10), BenchRequest("c", 0.7, ids, 4, 10)]
+    results = [_result("a", 1.0, [1.1, 1.2, 1.3, 1.4], 1.4), _result("b", 1.5, [1.6, 1.7, 1.8, 1.9], 1.9),
+               _result("c", 1.6, [1.7, 1.8, 1.9, 2.0], 2.0)]
+    results[0].num_prompt_tokens, results[1].num_prompt_tokens, results[2].num_prompt_tokens = 12, 6, 10
+    w, notes = prediction_workload(reqs, results, "/v1/completions", None, True, 0)
+    a, b, c = w.requests
+    assert len(a.prompt_token_ids) == 12 and a.prompt_token_ids[:10] == ids  # the server added 2 (a template)
+    assert b.prompt_token_ids == ids[:6] and c.prompt_token_ids == ids
+    assert [r.arrival_s for r in w.requests] == pytest.approx([0.0, 0.5, 0.6])  # send times, from the first send
+    assert any("2 prompt(s) cut or padded" in n for n in notes)
