@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+import warnings
 from dataclasses import fields, replace
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from scheduler import ROUTERS, SchedulerConfig
 from scheduler.config import SLOT_CHOICES, VICTIM_RULES
 from sim.arrivals import ARRIVALS
-from sim.traces import FORMATS, default_workload, load_trace
+from sim.traces import FORMATS, TraceWarning, default_workload, load_trace
 from sim.workload import MIN_TOKEN_ID, Workload, scale_workload, synthetic_workload
 
 # Preferred bundled cost model first; the placeholder stands in until a calibrated profile is bundled.
@@ -127,6 +129,11 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=window, metavar="START,END", help="trace: keep [START, END) seconds")
     g.add_argument("--limit", type=positive_int, metavar="N", help="trace or default workload: first N requests")
     g.add_argument("--sample", type=float, metavar="F", help="trace: keep each row with probability F")
+    g.add_argument("--time-unit", choices=["s", "ms", "ns"],
+                   help="JSONL trace: unit of a time field whose name gives none (timestamp, arrival_time, time)")
+    g.add_argument("--repeat", type=positive_int, metavar="N",
+                   help="trace: play it N times back to back, each copy one span plus one mean gap later, "
+                        "with prefixes of its own (before --window, --sample and --limit)")
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed for synthetic workloads and token ids (default 0)")
 
@@ -228,7 +235,7 @@ def _arrival_params(args: argparse.Namespace) -> dict[str, float]:
 def check_kind_flags(args: argparse.Namespace, kind: str) -> None:
     """Reject flags that do not apply to this kind of workload."""
     if kind != "trace":
-        for flag in ("window", "sample", "trace_format"):
+        for flag in ("window", "sample", "trace_format", "repeat", "time_unit"):
             if getattr(args, flag, None) is not None:
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --trace only")
     if kind == "synthetic" and args.limit is not None:
@@ -264,8 +271,16 @@ def build_workload(args: argparse.Namespace, with_time_scale: bool = True) -> Wo
     if kind == "trace":
         if with_time_scale and args.rate is not None:
             raise UsageError("--rate makes a synthetic workload; change a trace's rate with --time-scale")
-        w = load_trace(args.trace, args.trace_format, time_scale, args.length_scale or 1.0, window_s=args.window,
-                       limit=args.limit, sample=args.sample, seed=args.seed, vocab_size=VOCAB_SIZE)
+        with warnings.catch_warnings(record=True) as caught:  # a trace's warnings, one stderr line each
+            warnings.simplefilter("always", TraceWarning)
+            w = load_trace(args.trace, args.trace_format, time_scale, args.length_scale or 1.0, window_s=args.window,
+                           limit=args.limit, sample=args.sample, seed=args.seed, vocab_size=VOCAB_SIZE,
+                           repeat=getattr(args, "repeat", None) or 1, time_unit=getattr(args, "time_unit", None))
+        for item in caught:
+            if not issubclass(item.category, TraceWarning):
+                warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+            elif not getattr(args, "quiet", False):
+                print(f"tokenstep: warning: {item.message}", file=sys.stderr, flush=True)
         prefix, groups = args.shared_prefix or 0, args.prefix_groups or 1
     else:
         d = DEFAULT_WORKLOAD

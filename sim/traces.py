@@ -15,18 +15,29 @@ Per-format rules (also in FORMATS):
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import itertools
 import json
 import math
-import re
+import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from sim.data import data_path
+from sim.trace_jsonl import KNOWN_FIELDS, check_time_unit, describe_ignored, read_jsonl
+from sim.trace_rows import (  # noqa: F401  (TraceError and _azure_time are this module's API too)
+    TraceError,
+    _azure_time,
+    _count,
+    _json_lines,
+    _need,
+    _Row,
+    _seconds,
+    one_line,
+    quote,
+)
 from sim.workload import (
     HashedTokens,
     TokenArray,
@@ -41,87 +52,25 @@ from sim.workload import (
 )
 
 MOONCAKE_BLOCK_TOKENS = 512
+
+
+class TraceWarning(UserWarning):
+    """Something in a trace was left out (fields tokenstep does not read); the message names it."""
+
 FORMATS = {
     "azure": "CSV TIMESTAMP,ContextTokens,GeneratedTokens (Azure LLM inference 2023); zero counts raise",
     "vidur": "CSV arrived_at,num_prefill_tokens,num_decode_tokens (seconds); zero counts raise",
     "mooncake": "JSONL timestamp (ms), input_length, output_length, hash_ids; output 0 skipped+counted",
     "burstgpt": "CSV Timestamp, Request tokens, Response tokens[, Model, Log Type]; 0 tokens skipped+counted",
-    "jsonl": "tokenstep JSONL: arrival_s, max_tokens, prompt|messages|prompt_token_ids|num_prompt_tokens",
+    "jsonl": "JSONL: arrival_s (or timestamp, arrival_time, ... with --time-unit), max_tokens (or output_length, "
+             "output_len, ...), prompt|messages|prompt_token_ids|num_prompt_tokens (or input_length, prompt_len, "
+             "...); other fields ignored with a warning",
 }
 _CSV_COLUMNS = {
     "azure": ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
     "vidur": ("arrived_at", "num_prefill_tokens", "num_decode_tokens"),
     "burstgpt": ("Timestamp", "Request tokens", "Response tokens"),
 }
-_JSONL_KEYS = {"request_id", "arrival_s", "max_tokens", "priority", "prompt", "messages",
-               "prompt_token_ids", "num_prompt_tokens"}  # fmt: skip
-_AZURE_TS = re.compile(r"(\d{4})-(\d{2})-(\d{2})[ T](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?")
-_EPOCH = dt.datetime(1970, 1, 1)
-
-
-class TraceError(ValueError):
-    """A trace file that cannot be read; the message names the file, line and field."""
-
-    def __init__(self, path, line: int, message: str, field: str | None = None):
-        where = f"{path} line {line}" + (f", field {field!r}" if field else "")
-        super().__init__(f"{where}: {message}")
-        self.path, self.line, self.field = str(path), line, field
-
-
-@dataclass(slots=True)
-class _Row:
-    line: int
-    arrival_s: float
-    num_prompt_tokens: int | None
-    max_tokens: int
-    token_ids: tuple | None = None
-    hash_ids: list | None = None
-    prompt: str | None = None
-    messages: tuple | None = None
-    request_id: str | None = None
-    priority: int = 0
-
-
-def _count(path, line, field, raw, zero_ok: bool = False) -> int:
-    """Parse a token count, raising TraceError naming the line and field."""
-    try:
-        x = float(raw) if isinstance(raw, str) else raw
-        ok = isinstance(x, (int, float)) and not isinstance(x, bool) and float(x).is_integer()
-    except ValueError:
-        ok = False
-    if not ok:
-        raise TraceError(path, line, f"{raw!r} is not an integer; expected a non-negative token count", field)
-    if x < 0 or (x == 0 and not zero_ok):
-        need = "a non-negative" if zero_ok else "a positive (>= 1)"
-        raise TraceError(path, line, f"{raw!r} is not allowed; expected {need} token count", field)
-    return int(x)
-
-
-def _seconds(path, line, field, raw, scale: float = 1.0) -> float:
-    """Parse a finite number of seconds (raw * scale), raising TraceError naming the line and field."""
-    try:
-        x = float(raw) * scale if not isinstance(raw, bool) else math.nan
-    except (TypeError, ValueError):
-        x = math.nan
-    if not math.isfinite(x):
-        raise TraceError(path, line, f"{raw!r} is not a number; expected a time in seconds", field)
-    return x
-
-
-def _azure_time(path, line, raw: str) -> tuple[int, float]:
-    """Whole and fractional seconds since 1970 of '2023-11-16 18:15:46.6805900' (fromisoformat takes 6 digits)."""
-    m = _AZURE_TS.fullmatch(raw.strip())
-    try:
-        whole = dt.datetime(*map(int, m.groups()[:6])) if m else None
-    except ValueError:
-        whole = None
-    if whole is None:
-        raise TraceError(path, line, f"{raw!r} is not a timestamp like '2023-11-16 18:15:46.6805900'", "TIMESTAMP")
-    frac = m.group(7) or "0"
-    # kept apart: a float of 1.7e9 s plus 7 decimals would lose the last ones
-    return (whole - _EPOCH) // dt.timedelta(seconds=1), int(frac) / 10 ** len(frac)
-
-
 def _csv_rows(path: Path, fmt: str):
     """Yield (line, row dict) under the header, raising TraceError for a missing column or ragged row."""
     with path.open(newline="", encoding="utf-8-sig") as f:
@@ -132,7 +81,10 @@ def _csv_rows(path: Path, fmt: str):
         header = [h.strip() for h in header]
         for col in _CSV_COLUMNS[fmt]:
             if col not in header:
-                raise TraceError(path, 1, f"missing column; the header has {header}", col)
+                shown = ", ".join(quote(h, 30) for h in header[:6]) + (", ..." if len(header) > 6 else "")
+                hint = (" (the file holds JSON lines: give --trace-format jsonl or mooncake, or none to detect it)"
+                        if header[0].startswith("{") else "")  # fmt: skip
+                raise TraceError(path, 1, f"missing column; the header has {len(header)} columns: {shown}{hint}", col)
         for fields in reader:
             if not fields or not any(s.strip() for s in fields):
                 continue
@@ -166,32 +118,6 @@ def _read_csv(path: Path, fmt: str, skipped: Counter, models: Counter) -> list[_
     return rows
 
 
-def _json_lines(path: Path):
-    """Yield (line, object) per non-blank line, raising TraceError for bad JSON or an empty file."""
-    found = False
-    with path.open(encoding="utf-8-sig") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise TraceError(path, line, f"bad JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(path, line, f"expected a JSON object, got {type(obj).__name__}")
-            found = True
-            yield line, obj
-    if not found:
-        raise TraceError(path, 1, "file is empty; expected one JSON object per line")
-
-
-def _need(path, line, obj: dict, key: str):
-    """obj[key], or TraceError naming the missing field."""
-    if key not in obj:
-        raise TraceError(path, line, "missing field", key)
-    return obj[key]
-
-
 def _read_mooncake(path: Path, skipped: Counter, models: Counter) -> list[_Row]:
     """Rows of a Mooncake JSONL trace, with their prefix hash ids."""
     rows = []
@@ -212,52 +138,6 @@ def _read_mooncake(path: Path, skipped: Counter, models: Counter) -> list[_Row]:
     return rows
 
 
-def _read_jsonl(path: Path, skipped: Counter, models: Counter) -> list[_Row]:
-    """Rows of tokenstep's own JSONL format (see FORMATS['jsonl'])."""
-    rows = []
-    for line, obj in _json_lines(path):
-        unknown = sorted(set(obj) - _JSONL_KEYS)
-        if unknown:
-            raise TraceError(path, line, f"unknown field; allowed: {sorted(_JSONL_KEYS)}", unknown[0])
-        t = _seconds(path, line, "arrival_s", _need(path, line, obj, "arrival_s"))
-        if t < 0:
-            raise TraceError(path, line, f"{t} is negative; expected seconds >= 0", "arrival_s")
-        row = _Row(line, t, None, _count(path, line, "max_tokens", _need(path, line, obj, "max_tokens")))
-        if "prompt_token_ids" in obj:
-            ids = obj["prompt_token_ids"]
-            if not isinstance(ids, list) or not ids or not all(type(i) is int and i >= 0 for i in ids):
-                raise TraceError(path, line, "expected a non-empty list of token ids >= 0", "prompt_token_ids")
-            row.token_ids = tuple(ids)
-        if "num_prompt_tokens" in obj:
-            if row.token_ids is not None:
-                raise TraceError(path, line, "give prompt_token_ids or num_prompt_tokens, not both", "prompt_token_ids")
-            row.num_prompt_tokens = _count(path, line, "num_prompt_tokens", obj["num_prompt_tokens"])
-        if "prompt" in obj and "messages" in obj:
-            raise TraceError(path, line, "give prompt or messages, not both", "messages")
-        if "prompt" in obj:
-            if not isinstance(obj["prompt"], str):
-                raise TraceError(path, line, "expected a string", "prompt")
-            row.prompt = obj["prompt"]
-        if "messages" in obj:
-            msgs = obj["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
-                raise TraceError(path, line, "expected a list of objects with 'role' and 'content'", "messages")
-            row.messages = tuple(msgs)
-        if row.token_ids is None and row.num_prompt_tokens is None and row.prompt is None and row.messages is None:
-            raise TraceError(path, line, "missing field; give one of prompt, messages, prompt_token_ids, "
-                             "num_prompt_tokens", "prompt")  # fmt: skip
-        if "request_id" in obj:
-            if not isinstance(obj["request_id"], str) or not obj["request_id"]:
-                raise TraceError(path, line, "expected a non-empty string", "request_id")
-            row.request_id = obj["request_id"]
-        if "priority" in obj:
-            if type(obj["priority"]) is not int:
-                raise TraceError(path, line, f"{obj['priority']!r} is not an integer", "priority")
-            row.priority = obj["priority"]
-        rows.append(row)
-    return rows
-
-
 def detect_format(path: str | Path) -> str:
     """Name of the trace format of path, from its header line or first JSON object's keys."""
     path = Path(path)
@@ -267,7 +147,7 @@ def detect_format(path: str | Path) -> str:
             if first.strip():
                 break
     first = first.strip()
-    listing = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    listing = f"{', '.join(FORMATS)} (tokenstep --help lists their fields)"
     if not first:
         raise TraceError(path, 1, f"file is empty; known formats: {listing}")
     if first.startswith("{"):
@@ -275,16 +155,16 @@ def detect_format(path: str | Path) -> str:
             keys = set(json.loads(first))
         except (json.JSONDecodeError, TypeError):
             raise TraceError(path, 1, "bad JSON in the first object") from None
-        if {"hash_ids", "input_length"} & keys:
+        if "hash_ids" in keys:
             return "mooncake"
-        if "arrival_s" in keys:
+        if keys & KNOWN_FIELDS:
             return "jsonl"
     else:
         header = {h.strip() for h in next(csv.reader([first]))}
         for fmt, cols in _CSV_COLUMNS.items():
             if set(cols) <= header:
                 return fmt
-    raise TraceError(path, 1, f"unknown trace format (first line {first[:80]!r}); known formats: {listing}")
+    raise TraceError(path, 1, f"unknown trace format (first line {quote(first, 80)}); known formats: {listing}")
 
 
 def _build(path, rows: list[_Row], rng, length_scale: float, vocab_size: int) -> list[WorkloadRequest]:
@@ -324,19 +204,45 @@ _READERS = {
     "vidur": lambda p, s, m: _read_csv(p, "vidur", s, m),
     "burstgpt": lambda p, s, m: _read_csv(p, "burstgpt", s, m),
     "mooncake": _read_mooncake,
-    "jsonl": _read_jsonl,
+    "jsonl": None,  # read_jsonl takes the time unit and reports ignored fields
 }
 
 
-def _select(rows: list[_Row], fmt, window_s, sample, limit, rng) -> tuple[list[_Row], int, list[str]]:
-    """Sort stably, rebase, then apply window, sample and limit in that order; also return notes."""
+def _repeat(rows: list[_Row], repeat: int) -> list[_Row]:
+    """The sorted rows followed by repeat - 1 copies, copy k shifted by k periods (span + mean gap).
+
+    Copy k's block hash ids are shifted past every id of the copies before it, so the copies share no
+    prefix; its request ids (when the trace names them) get the suffix "-k". Length-only rows get their
+    own random ids anyway; token ids and text are copied as they are.
+    """
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat={repeat!r} must be an int >= 1 (1 reads the trace once)")
+    if repeat == 1 or not rows:
+        return rows
+    span = rows[-1].arrival_s - rows[0].arrival_s
+    period = span * len(rows) / (len(rows) - 1) if len(rows) > 1 else 0.0
+    num_ids = 1 + max((max(r.hash_ids, default=-1) for r in rows if r.hash_ids is not None), default=-1)
+    out = list(rows)
+    for k in range(1, repeat):
+        for r in rows:
+            out.append(replace(r, arrival_s=r.arrival_s + k * period,
+                               hash_ids=[h + k * num_ids for h in r.hash_ids] if r.hash_ids is not None else None,
+                               request_id=f"{r.request_id}-{k}" if r.request_id else None))  # fmt: skip
+    return out
+
+
+def _select(rows: list[_Row], rebase: bool, window_s, sample, limit, rng, repeat=1) -> tuple[list[_Row], int, list]:
+    """Sort stably, rebase, repeat, then apply window, sample and limit in that order; also return notes."""
     late = sum(b.arrival_s < a.arrival_s for a, b in itertools.pairwise(rows))
     rows = sorted(rows, key=lambda r: r.arrival_s)  # stable: equal times keep file order
-    if fmt != "jsonl" and rows:
+    if rebase and rows:
         t0 = rows[0].arrival_s
         for r in rows:
             r.arrival_s -= t0
     notes = []
+    rows = _repeat(rows, repeat)
+    if repeat > 1:
+        notes.append(f"repeated {repeat} times, each copy one span plus one mean gap after the one before")
     if window_s is not None:
         start, end = (float(x) for x in window_s)
         if not (math.isfinite(start) and start >= 0 and end > start):
@@ -369,15 +275,20 @@ def load_trace(
     sample: float | None = None,
     seed: int = 0,
     vocab_size: int = 32000,
+    repeat: int = 1,
+    time_unit: str | None = None,
 ) -> Workload:
     """Read a trace into a Workload (see the module docstring for zero counts, ordering and rebasing).
 
     window_s selects [start, end) seconds of trace time (before time_scale) and
     rebases to start; sample keeps each row with that probability (seeded);
-    limit keeps the first rows after both. time_scale multiplies arrival times
+    limit keeps the first rows after both. repeat plays the trace that many times back to back
+    (before window, sample and limit; see _repeat). time_scale multiplies arrival times
     (2.0 = twice as slow); length_scale multiplies prompt and output lengths
     (rounded half up, at least 1 token). Token ids for length-only rows are
-    seeded random; mooncake blocks derive from their hash ids.
+    seeded random; mooncake blocks derive from their hash ids. time_unit ('s', 'ms' or 'ns') is the
+    unit of a JSONL time field whose name gives none (see sim.trace_jsonl). Fields a JSONL trace has
+    and tokenstep does not read raise one TraceWarning naming them.
     """
     path = Path(path)
     if not path.is_file():
@@ -388,14 +299,22 @@ def load_trace(
     time_scale = check_scale("time_scale", time_scale)
     length_scale = check_scale("length_scale", length_scale)
     check_vocab_size(vocab_size)
+    if check_time_unit(time_unit) is not None and fmt != "jsonl":
+        raise ValueError(f"time_unit applies to JSONL traces; a {fmt} trace says its own unit (see FORMATS)")
     skipped: Counter = Counter()
     models: Counter = Counter()
-    rows = _READERS[fmt](path, skipped, models)
+    ignored: Counter = Counter()
+    if fmt == "jsonl":
+        rows, rebase = read_jsonl(path, time_unit, ignored)
+    else:
+        rows, rebase = _READERS[fmt](path, skipped, models), True
     num_read = len(rows) + sum(skipped.values())
     if num_read == 0:
         raise TraceError(path, 2, "no data rows; the file holds only a header or blank lines")
+    if ignored:
+        warnings.warn(TraceWarning(one_line(f"{path}: {describe_ignored(ignored, num_read)}")), stacklevel=2)
     rng = np.random.default_rng(seed)
-    rows, late, notes = _select(rows, fmt, window_s, sample, limit, rng)
+    rows, late, notes = _select(rows, rebase, window_s, sample, limit, rng, repeat)
     for r in rows:
         r.arrival_s *= time_scale
     requests = tuple(_build(path, rows, rng, length_scale, vocab_size))
@@ -407,12 +326,18 @@ def load_trace(
     if models:
         parts.append("models " + ", ".join(f"{k} x{v}" for k, v in models.most_common()))
     parts += notes
+    if ignored:
+        parts.append("ignored fields " + ", ".join(sorted(ignored)))
     span = requests[-1].arrival_s if requests else 0.0
     parts.append(f"{len(requests)} requests over {span:.1f} s")
     parts.append(f"time_scale={time_scale:g}, length_scale={length_scale:g}, seed {seed}")
     source = {"kind": "trace", "path": str(path), "fmt": fmt, "time_scale": time_scale,
               "length_scale": length_scale, "window_s": list(window_s) if window_s else None,
               "limit": limit, "sample": sample, "seed": seed, "vocab_size": vocab_size}  # fmt: skip
+    if repeat != 1:
+        source["repeat"] = repeat
+    if time_unit is not None:
+        source["time_unit"] = time_unit
     return Workload(requests, "; ".join(parts), source)
 
 

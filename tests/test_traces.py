@@ -188,7 +188,7 @@ def test_unknown_format_lists_formats():
         ("mooncake_bad_json.jsonl", None, "mooncake_bad_json.jsonl line 3: bad JSON"),
         ("mooncake_missing_field.jsonl", None, "line 2, field 'output_length': missing field"),
         ("mooncake_bad_hash_ids.jsonl", None, "line 1, field 'hash_ids': expected a list of ceil"),
-        ("jsonl_unknown_field.jsonl", None, "line 2, field 'max_token': unknown field"),
+        ("jsonl_unknown_field.jsonl", None, "line 2, field 'max_tokens': missing field"),
         ("jsonl_zero_max_tokens.jsonl", None, "line 1, field 'max_tokens': 0 is not allowed"),
         ("jsonl_duplicate_id.jsonl", None, "line 2, field 'request_id'"),
         ("vidur_negative.csv", None, "line 3, field 'num_prefill_tokens': '-3' is not allowed"),
