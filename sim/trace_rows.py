@@ -40,6 +40,8 @@ def quote(value, limit: int = 60) -> str:
 
 @dataclass(slots=True)
 class _Row:
+    """One request as a reader found it, before selection, scaling and token ids."""
+
     line: int
     arrival_s: float
     num_prompt_tokens: int | None

@@ -341,13 +341,14 @@ def check_scale(name: str, value: float) -> float:
     return float(value)
 
 
-def scale_ids(ids: tuple[int, ...], length_scale: float) -> tuple[int, ...]:
+def scale_ids(ids: tuple[int, ...] | CompactTokens, length_scale: float) -> tuple[int, ...]:
     """Resize a prompt by a position map (position i takes token floor(i / scale)).
 
     The map depends only on positions, so prompts that share their first P
     tokens still share their first ~P*scale tokens and differ after: prefix
     structure survives both shrinking and growing (growing repeats tokens).
     """
+    ids = ids[:] if isinstance(ids, CompactTokens) else ids  # one read, not one per position
     n = scale_count(len(ids), length_scale)
     src = np.minimum((np.arange(n) / length_scale).astype(np.int64), len(ids) - 1)
     return tuple(operator.itemgetter(*src.tolist())(ids)) if n > 1 else (ids[int(src[0])],)
