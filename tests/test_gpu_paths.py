@@ -160,7 +160,7 @@ def test_threaded_host_argmax_matches_numpy(model, monkeypatch):
 def test_model_loads_after_every_cli_module_is_imported():
     """numpy.linalg (OpenBLAS) and matplotlib loaded before llama.cpp must not break the model load."""
     code = textwrap.dedent("""
-        import importlib, pkgutil
+        import importlib, importlib.util
         import numpy.linalg, matplotlib.pyplot  # what sim.plots and the calibration modules import
         import calib, serve, sim
         from sim.cli import SUBCOMMANDS

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU measurements, run on the H200 machine from the checkout's root with .gpu (made by
+# ../shared/gpu/prepare.sh) carried; writes results under $OUT. docs/GPU.md records what they gave.
+#   bash benchmarks/gpu_session.sh engine      # build, load-order probe, engine vs llama-batched-bench (~8 min)
+#   bash benchmarks/gpu_session.sh calibrate   # on the same machine afterwards: the GPU profile (~8 min)
+#   bash benchmarks/gpu_session.sh validate    # build if needed, validate the profile at three loads
+set -uo pipefail
+OUT=${OUT:-results/gpu}; mkdir -p "$OUT"; W=/tmp/w; T=8
+export PYTHONUNBUFFERED=1
+SHAPES=${SHAPES:-llama3-8b} bash .gpu/build.sh 2>&1 | tail -8 || exit 1
+source $W/env.sh
+M8=$W/llama3-8b.gguf; M1=$W/llama3.2-1b.gguf; BB=$W/build/bin/llama-batched-bench
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+case "${1:-engine}" in
+engine)
+  python3 -c 'import numpy, sys; print("numpy", numpy.__version__, sys.version.split()[0])'
+  timeout 200 python3 -m benchmarks.load_order_probe "$M1" --json-out "$OUT/load_order.json"
+  timeout 150 cuda-gdb -batch -ex run -ex bt -ex 'info sharedlibrary' --args python3 -c "import numpy.linalg
+import llama_cpp as L
+p = L.llama_model_default_params(); p.n_gpu_layers = 0
+L.llama_model_load_from_file(b'$M1', p)" > "$OUT/crash_backtrace.txt" 2>&1
+  grep -n -A25 'SIGSEGV\|signal' "$OUT/crash_backtrace.txt" | head -60
+  timeout 330 python3 -m benchmarks.bench_decode --model "$M8" --n-gpu-layers 99 --threads $T \
+    --batch-sizes 1,4,16,32,64,128 --prompt-tokens 128 --gen-tokens 128 --sampling both --engine --no-bare \
+    --repeats 2 --batched-bench "$BB" --json-out "$OUT/bench_decode_8b.json" 2>&1 | grep -v '^llama\|^load\|^print_info' \
+    | tee "$OUT/bench_decode_8b.txt"
+  ;;
+calibrate)
+  timeout 120 python3 -m benchmarks.load_order_probe "$M8" --n-gpu-layers 0 --json-out "$OUT/load_order2.json"
+  timeout ${CAL_S:-330} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --quick --repeats 3 \
+    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/h200-samples.jsonl" 2>&1 | grep -v '^llama\|^load' \
+    | tail -40 | tee "$OUT/calibrate.txt"
+  ;;
+validate)
+  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  for pol in continuous chunked; do
+    timeout ${VAL_S:-200} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --no-plots \
+      --out "$W/validate-$pol" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/validate-$pol.txt"
+  done
+  tar czf "$OUT/validate.tgz" -C $W validate-continuous validate-chunked
+  ;;
+esac
+ls -la "$OUT"
