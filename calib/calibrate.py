@@ -294,7 +294,12 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
     backends, config = make_llama_instances(model, instances, options)
     try:
         b = backends[0]
-        scenarios = grid(quick, config.max_model_len)
+        if b.model.n_gpu_layers:
+            from calib.gpu_grid import gpu_grid
+
+            scenarios = gpu_grid(quick, config.max_model_len)
+        else:
+            scenarios = grid(quick, config.max_model_len)
         say(f"calibrate: {b.model.name} ({b.model.path.name}), {b.n_threads} threads, n_ctx {b.n_ctx}, "
             f"{b.num_slots} slots; {len(scenarios)} scenarios x {repeats} repeats"
             + (f"; {instances - 1} more instance(s) serving meanwhile" if instances > 1 else ""))
@@ -313,6 +318,7 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             "context": {"n_threads": b.n_threads, "n_ctx": b.n_ctx, "n_seq_max": b.num_slots,
                         "n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified,
                         "swa_full": b.swa_full, "use_extra_bufts": b.model.use_extra_bufts,
+                        "n_gpu_layers": b.model.n_gpu_layers,
                         "instances": instances, "neighbour_steps": busy.num_steps},
             "scheduler": {"max_num_seqs": config.max_num_seqs, "max_num_batched_tokens": config.max_num_batched_tokens,
                           "max_model_len": config.max_model_len, "num_kv_blocks": config.num_kv_blocks,

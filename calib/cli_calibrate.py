@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from backends.cost.table import describe_wakeup
-from sim.cli_common import positive_int
+from sim.cli_common import add_gpu_args, gpu_layers, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the wake-up probe (prefills after idle waits of 0.1-2.5 s, about 13 s; --quick: "
                              "0.1 and 1 s, about 3 s): the profile then prices every step after idle at the grid's "
                              "flat wake-up, whatever the wait")
+    add_gpu_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
@@ -133,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         cal = refit(args.refit, out.stem)
     else:
         options = {} if args.threads is None else {"n_threads": args.threads}
+        layers = gpu_layers(args)
+        if layers:  # a GPU context sized for GPU serving (calib.gpu_grid)
+            from calib.gpu_grid import GPU_CONTEXT
+
+            options.update(GPU_CONTEXT, n_gpu_layers=layers)
         cal = calibrate(args.model or DEFAULT_MODEL, options, quick=args.quick, repeats=args.repeats, seed=args.seed,
                         name=out.stem, progress=say, instances=args.instances, wakeup=not args.no_wakeup_probe)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,7 @@ from sim.cli_common import (
     workload_kind,
 )
 from sim.cli_output import out_dir
+from sim.executor import add_executor_arg, make_executor
 from sim.report import _plain as plain
 
 DEFAULT_LIMIT = 200  # the whole bundled slice: a p99 of fewer requests is one or two requests
@@ -92,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")
+    add_executor_arg(parser)
 
 
 def _log(args: argparse.Namespace, text: str) -> None:
@@ -114,7 +116,7 @@ def _llama_options(profile) -> dict:
 
     ctx = (getattr(profile, "meta", {}) or {}).get("context") or {}
     opts = dict(DEFAULT_LLAMA_OPTIONS)
-    for key in ("n_threads", "n_ctx", "n_seq_max", "n_batch", "n_ubatch", "kv_unified", "swa_full"):
+    for key in ("n_threads", "n_ctx", "n_seq_max", "n_batch", "n_ubatch", "kv_unified", "swa_full", "n_gpu_layers"):
         if key in ctx:
             opts[key] = ctx[key]
     return opts
@@ -157,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
     policy = make_policy(args.policy).describe()  # a bad spec fails before the model loads
     workload = _workload(args)
     warnings = check_instances(profile, profile_name, args.instances, force=args.force)
+    executor = make_executor(args.executor, args.seed)  # the simulated reruns; real runs stay in this process
     backends, real = make_llama_instances(args.model, args.instances, _llama_options(profile))
     try:
         warnings += check_profile(profile, profile_name, model_fingerprint(backends[0].model), build_info(),
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             # the prediction: the median of noisy reruns, with the step noise the probes around this load met
             load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
                                 noise_runs=args.noise_runs, ensemble_noise=merge_noise([noise, noise_after]),
-                                ensemble_runs=args.ensemble_runs)
+                                ensemble_runs=args.ensemble_runs, executor=executor)
             load["factor_label"], load["speed_probe"], probe, noise = label, speed, after, noise_after
             _write_load(args, out / f"load{i + 1}-{rate:.3g}rps", load, profile_name, config, policy)
             loads.append(load)
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
                        + ("all targets met" if not bad else "missed " + ", ".join(bad)))
     finally:
         close_instances(backends)
+        executor.close()
     c = config
     setup = (f"workload: {workload.description}; arrivals re-timed at each rate as a Poisson process "
              f"(seed {args.seed}), lengths kept\n"
