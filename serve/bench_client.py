@@ -296,7 +296,8 @@ async def run_requests(target: BenchTarget, requests: Sequence[BenchRequest], *,
                        num_warmups: int = 0, progress: Callable[[int, int], None] | None = None) -> BenchRun:
     """Send every request at its arrival time (open loop) or through a --max-concurrency gate; gather results.
 
-    Arrivals are shifted so the first request goes out at once. Past max_duration_s no request is sent
+    The run's clock is the workload's: a request goes out arrival_s after the start, as vLLM replays a timed
+    trace (a synthetic workload's first arrival is one gap in). Past max_duration_s no request is sent
     (they count in num_not_sent) and those still streaming are cut off and fail with that reason.
     """
     async with _session(max_concurrency) as session:
@@ -308,7 +309,6 @@ async def run_requests(target: BenchTarget, requests: Sequence[BenchRequest], *,
         def clock() -> float:
             return time.perf_counter() - t0
 
-        offset = requests[0].arrival_s if requests else 0.0
         results: list[RequestResult] = []
         tasks: list[asyncio.Task] = []
         done_count = 0
@@ -326,7 +326,7 @@ async def run_requests(target: BenchTarget, requests: Sequence[BenchRequest], *,
 
         not_sent = 0
         for i, req in enumerate(requests):
-            arrival = req.arrival_s - offset
+            arrival = req.arrival_s
             if max_duration_s is not None and arrival >= max_duration_s:
                 not_sent = len(requests) - i
                 break
