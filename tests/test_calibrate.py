@@ -204,12 +204,11 @@ def test_decode_hook_prices_exactly_like_the_plan(run_factor):
     for slots in ((0,), (0, 1, 2, 3), (1, 3, 4, 6, 9, 12, 14, 15), tuple(range(16))):
         chunks = tuple(_decode(s, pos=40 + 7 * s) for s in slots)
         plan = StepPlan(0, 0.0, chunks, num_decode_seqs=len(slots), num_context_tokens=sum(41 + 7 * s for s in slots))
-        assert model.decode_step_time_s(slots, plan.num_context_tokens) == model.step_time_s(plan)
-        assert model.decode_pricer(slots)(plan.num_context_tokens) == model.step_time_s(plan)  # the hoisted pricer
+        assert model.decode_pricer(slots)(plan.num_context_tokens) == model.step_time_s(plan)
         if run_factor is not None:
             assert model.step_time_s(plan) == pytest.approx(run_factor * grid.step_time_s(plan), rel=1e-12)
-    fragmented = model.decode_step_time_s(tuple(range(0, 16, 2)), 800)
-    assert fragmented > 1.5 * model.decode_step_time_s(tuple(range(8)), 800)  # 8 passes instead of one
+    fragmented = model.decode_pricer(tuple(range(0, 16, 2)))(800)
+    assert fragmented > 1.5 * model.decode_pricer(tuple(range(8)))(800)  # 8 passes instead of one
 
 
 def test_retime_keeps_lengths_and_sets_the_rate():
@@ -304,7 +303,7 @@ def test_prefill_run_factor_prices_only_steps_with_prompt_tokens():
                                 num_context_tokens=123 + 64)
     assert model.step_time_s(decode) == pytest.approx(1.01 * grid.step_time_s(decode), rel=1e-12)
     assert model.step_time_s(mixed) == pytest.approx(1.04 * grid.step_time_s(mixed), rel=1e-12)
-    assert model.decode_step_time_s([0, 1, 2], 123) == model.step_time_s(decode)
+    assert model.decode_pricer([0, 1, 2])(123) == model.step_time_s(decode)
     # without a prefill factor (profiles written before it) every step takes run_factor
     older = dataclasses.replace(model, prefill_run_factor=None)
     assert older.step_time_s(mixed) == pytest.approx(1.01 * grid.step_time_s(mixed), rel=1e-12)

@@ -334,7 +334,7 @@ def test_decode_batch_factors_price_a_decode_step_by_its_batch_size():
     # the fast-forward's pricers give the step's price bit for bit
     for b in (1, 2, 5):
         slots = tuple(range(b))
-        assert by_batch.decode_step_time_s(slots, 41 * b) == by_batch.step_time_s(decode(b))
+        assert by_batch.decode_pricer(slots)(41 * b) == by_batch.step_time_s(decode(b))
         stretch = by_batch.decode_stretch(slots, (41,) * b, None)
         assert stretch.price(0, 41 * b) == by_batch.time_s(decode(b), prev_graph=None)
     # scaled(): every decode-only factor moves, the prompt-step factor apart

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from backends.cost.base import CostModelError, StepFeatures, check_params, floor_time
+from backends.cost.base import MIN_STEP_S, CostModelError, StepFeatures, check_params, floor_time
 from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
 from backends.cost.ubatch import DecodeChunk, Ubatch, fa_tiles, split_ubatches, takes_tiled_path
 from scheduler.messages import StepPlan
@@ -202,19 +202,31 @@ class TableCostModel:
     def price(self, shape: StepShape, prev_graph=STEADY) -> float:
         """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost.graph;
         the default, STEADY, prices the step as if it followed itself)."""
+        if shape.is_empty:
+            return 0.0
+        base_s = self.fixed_s(shape) + self.graph_build_s(shape, prev_graph)
+        pairs = sum(u.attention_pairs for u in shape.ubatches)
+        return self.total_s(base_s, pairs, self.factor(shape.has_prefill, shape.num_chunks))
+
+    def fixed_s(self, shape: StepShape) -> float:
+        """The step's seconds before graph building, decode attention and the run factor: the per-step terms,
+        each ubatch's token and output tables, and its prompt-chunk attention. Every pricing path (price, and
+        the fast-forward's decode_pricer and decode_stretch) starts from this one sum."""
         t = (self.step_s + self.per_chunk_s * shape.num_chunks + self.per_remove_s * shape.num_removes
              + self.per_copy_s * shape.num_copies + self.per_copied_token_s * shape.num_copied_tokens
              + self.idle_wakeup_s * shape.after_idle)
-        pairs = 0
         for u in shape.ubatches:
             t += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
                   + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
-            pairs += u.attention_pairs
             if u.q_len:
                 t += self.prompt_attention_s(u)
-        t += self.graph_build_s(shape, prev_graph)
-        t += self.per_attention_pair_s * pairs  # one product of the integer total: see decode_step_time_s
-        return 0.0 if shape.is_empty else max(t * self.factor(shape.has_prefill, shape.num_chunks), 1e-6)
+        return t
+
+    def total_s(self, base_s: float, pairs: int, factor: float) -> float:
+        """A non-empty step's seconds from its fixed part plus graph building (base_s) and its decodes'
+        attention pairs: the pairs come last, as one product of their integer total, so a fast-forward that
+        holds base_s for a stretch of steps computes the same float as price()."""
+        return max((base_s + self.per_attention_pair_s * pairs) * factor, MIN_STEP_S)
 
     def graph_build_s(self, shape: StepShape, prev_graph=STEADY) -> float:
         """Seconds the step's ubatches spend building compute graphs llama.cpp could not reuse."""
@@ -326,38 +338,21 @@ class TableCostModel:
         prev_graph is the graph key before it (default: the step follows itself)."""
         return self.price(self.shape(plan, after_idle), prev_graph)
 
-    def decode_step_time_s(self, slots: Sequence[int], num_context_tokens: int) -> float:
-        """Seconds of a pure-decode step over these slots: exactly step_time_s of that plan.
-
-        For drivers that skip ahead over decode-only stretches knowing the running slots and the
-        summed context (the plan's num_context_tokens) but not building each plan.
-        """
-        return self.decode_pricer(slots)(num_context_tokens)
-
     def decode_pricer(self, slots: Sequence[int]) -> Callable[[int], float]:
-        """price(num_context_tokens) == decode_step_time_s(slots, num_context_tokens), bit for bit, faster.
-
-        price() adds the attention pairs last, as one product of their total, so everything before
-        that product is fixed for a set of slots and is computed once here.
-        """
-        ubatches, t0 = self._decode_fixed(slots, (1,) * len(slots))
-        if not ubatches:
+        """price(num_context_tokens): the price() of a pure-decode step over these slots, for drivers that skip
+        ahead over decode-only stretches knowing the running slots and the summed context but not each plan."""
+        shape = self.decode_shape(slots, (1,) * len(slots))
+        if not shape.ubatches:
             return lambda ctx: 0.0
-        t0 += self.graph_build_s(StepShape(ubatches))
-        k, f = self.per_attention_pair_s, self.factor(False, len(slots))
-        return lambda ctx: max((t0 + k * ctx) * f, 1e-6)
+        base_s = self.fixed_s(shape) + self.graph_build_s(shape)
+        factor, total_s = self.factor(False, len(slots)), self.total_s
+        return lambda ctx: total_s(base_s, ctx, factor)
 
-    def _decode_fixed(self, slots: Sequence[int], ends: Sequence[int]) -> tuple[tuple[Ubatch, ...], float]:
-        """A pure-decode step's ubatches (sequences ending at ends) and its price before graphs and pairs,
-        summed in price()'s order."""
+    def decode_shape(self, slots: Sequence[int], ends: Sequence[int]) -> StepShape:
+        """The shape of a pure-decode step over these slots whose sequences end at ends (after it)."""
         chunks = tuple(DecodeChunk(s, start_pos=e - 1) for s, e in zip(slots, ends, strict=True))
         ubatches = split_ubatches(StepPlan(0, 0.0, chunks), self.n_batch, self.n_ubatch, self.kv_unified)
-        t0 = self.step_s + self.per_chunk_s * len(chunks) + self.per_remove_s * 0 + self.per_copy_s * 0
-        t0 = t0 + self.per_copied_token_s * 0 + self.idle_wakeup_s * False
-        for u in ubatches:
-            t0 += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
-                   + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
-        return ubatches, t0
+        return StepShape(ubatches, len(chunks))
 
     def decode_stretch(self, slots: Sequence[int], ends: Sequence[int], prev_graph) -> DecodeStretch:
         """Pure-decode steps over sorted slots whose sequences end at ends (after step 0) and grow by one a
@@ -453,15 +448,16 @@ class DecodeStretch:
     grows past a multiple of 256 cells. Step 0 compares with the key before the stretch.
     """
 
-    __slots__ = ("t0", "k", "f", "first", "steady", "every", "cross", "last", "last_end")
+    __slots__ = ("total_s", "f", "first", "steady", "every", "cross", "last", "last_end")
 
     def __init__(self, model: TableCostModel, slots: tuple[int, ...], ends: tuple[int, ...], prev_graph) -> None:
-        ubatches, t0 = model._decode_fixed(slots, ends)
-        self.t0, self.k, self.f = t0, model.per_attention_pair_s, model.factor(False, len(slots))
-        shape = StepShape(ubatches)
-        self.first = model.graph_build_s(shape, prev_graph)
-        self.steady = model.graph_build_s(shape)
-        self.every = model.graph_build_s(shape, None)  # every ubatch builds
+        shape = model.decode_shape(slots, ends)
+        fixed_s, ubatches = model.fixed_s(shape), shape.ubatches
+        self.total_s, self.f = model.total_s, model.factor(False, len(slots))
+        # fixed part plus graph building, for step 0, a step that reuses its graph, and one where every ubatch builds
+        self.first = fixed_s + model.graph_build_s(shape, prev_graph)
+        self.steady = fixed_s + model.graph_build_s(shape)
+        self.every = fixed_s + model.graph_build_s(shape, None)
         self.last = ubatches[-1].graph if ubatches else prev_graph
         end = {s: e for s, e in zip(slots, ends, strict=True)}
         # the last ubatch's sequences' longest end: its KV length after step i is kv_cells(last_end + i)
@@ -472,12 +468,12 @@ class DecodeStretch:
     def price(self, i: int, ctx: int) -> float:
         """Seconds of step i (0 first) with num_context_tokens ctx."""
         if i == 0:
-            rb = self.first
+            base_s = self.first
         elif self.cross and i >= self.cross and (i - self.cross) % KV_PAD == 0:
-            rb = self.every
+            base_s = self.every
         else:
-            rb = self.steady
-        return max((self.t0 + rb + self.k * ctx) * self.f, 1e-6)
+            base_s = self.steady
+        return self.total_s(base_s, ctx, self.f)
 
     def graph_after(self, i: int) -> tuple | None:
         """The graph key after step i."""

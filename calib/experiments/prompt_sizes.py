@@ -1,6 +1,7 @@
 """Time single prompts of given sizes on the real backend against a profile's price: where the cost model bends.
 
-    python calib/experiments/prompt_sizes.py [--sizes 240,256,264,...] [--start P] [--repeats 5] [--profile NAME|FILE ...]
+    python calib/experiments/prompt_sizes.py [--sizes 240,256,264,...] [--start P] [--repeats 5]
+        [--profile NAME|FILE ...]
 
 Each size is one step of one sequence: a prompt chunk of n tokens at position P (after a first chunk of P
 tokens in the same slot when P > 0, untimed), sampled at its last token, on the default model with the
