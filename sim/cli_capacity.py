@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                 emit(args, _steps(o.value, width) if o.ok else f"{o.label}: FAILED ({o.error})")
                 shown += 1
 
-        outcomes = run_study(args, executor, capacity_task, tasks, out, _capacity_entry, "capacity", show)
+        outcomes = run_study(args, executor, capacity_task, tasks, out, _capacity_entry, "capacity", show,
+                             bar=ctx.llama is None)
         results = [o.value for o in outcomes if o.ok]
         status = report_failures(args, "capacity", outcomes)
         if not results:

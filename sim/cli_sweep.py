@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         rates = sorted(args.rates)
         tasks = [Task(f"{spec.label} @ {rate:g} req/s", (study, spec, rate)) for rate in rates for spec in specs]
         log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {len(tasks)} runs, backend {ctx.backend}")
-        outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep")
+        outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep",
+                             bar=ctx.llama is None)
         runs, summaries, points, lines = [], [], [], []
         slo = ctx.slo is not None
         width = max(len("policy"), *(len(spec.label) for spec in specs))

@@ -237,7 +237,8 @@ class RayExecutor:
             elif address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=workers or available_cpus(), **kwargs)
+                # "local": a Ray of our own even when another is running here (None would join the latest one)
+                ray.init(address="local", num_cpus=workers or available_cpus(), **kwargs)
                 self._owns = True
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -144,10 +144,11 @@ class ResultStream:
 
 def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[Task], out: Path,
               to_json: Callable[[Any], Any], label: str,
-              also: Callable[[int, Outcome], None] | None = None) -> list[Outcome]:
+              also: Callable[[int, Outcome], None] | None = None, bar: bool = True) -> list[Outcome]:
     """Run every task on the executor under one progress bar, streaming results to out; results in task order.
 
-    also(index, outcome), if given, is called in this process after each task's line is written.
+    also(index, outcome), if given, is called in this process after each task's line is written. bar=False
+    leaves the bar off (real runs draw one each).
     """
     from sim.cli_output import log
 
@@ -157,12 +158,12 @@ def run_study(args: argparse.Namespace, executor, fn: Callable, tasks: Sequence[
     finished = 0
     start = time.perf_counter()
     try:
-        with make_progress(args, label) as bar:
+        with make_progress(args, label, enabled=bar) as progress:
             def on_done(index: int, outcome: Outcome) -> None:
                 nonlocal finished
                 finished += 1
                 stream.add(index, outcome)
-                bar(finished, total)
+                progress(finished, total)
                 if also is not None:
                     also(index, outcome)
 
