@@ -1,5 +1,6 @@
 """tokenstep's scheduler: pure token-step scheduling policy (standard library only)."""
 
+from .backend import Backend, ClearsKV, ForgetsRequests, KnowsTokens
 from .config import SchedulerConfig
 from .core import Scheduler, SchedulerStats
 from .messages import KVCopy, KVRemove, RequestOutput, ScheduledChunk, StepPlan, StepResult
@@ -8,7 +9,8 @@ from .request import FinishReason, Request, RequestStatus, SamplingParams
 from .router import ROUTERS, Router
 
 __all__ = [
-    "FinishReason", "KVCopy", "KVRemove", "POLICIES", "Policy", "ROUTERS", "Request", "RequestOutput",
-    "RequestStatus", "Router", "SamplingParams", "ScheduledChunk", "Scheduler", "SchedulerConfig",
-    "SchedulerStats", "StepPlan", "StepResult", "describe_policies", "make_policy", "register_policy",
+    "Backend", "ClearsKV", "FinishReason", "ForgetsRequests", "KVCopy", "KVRemove", "KnowsTokens", "POLICIES",
+    "Policy", "ROUTERS", "Request", "RequestOutput", "RequestStatus", "Router", "SamplingParams", "ScheduledChunk",
+    "Scheduler", "SchedulerConfig", "SchedulerStats", "StepPlan", "StepResult", "describe_policies", "make_policy",
+    "register_policy",
 ]

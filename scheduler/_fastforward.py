@@ -3,7 +3,8 @@
 Between two events (an arrival, a finish, an abort, a KV shortfall, an admission)
 a continuous-batching engine repeats the same pure-decode step with every context
 one token longer. A driver that knows the tokens in advance (a simulated backend
-that never stops early) can apply K such steps at once: ``decode_horizon`` says
+that never stops early) can apply K such steps at once through the scheduler's
+``fast_forward`` (a FastForward): ``decode_horizon`` says
 how many steps are certain to be pure decode up to the first finish,
 ``decode_run_horizon`` how many when finishes change nothing but the batch (no
 request waits, finished KV stays cached and, with slot compaction, no finish
@@ -25,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .core import Scheduler
 
 
-def decode_horizon(s: Scheduler) -> int:
+def _decode_horizon(s: Scheduler) -> int:
     """Upcoming steps certain to be identical pure-decode steps, absent arrivals and aborts (0: none)."""
     running = s.running
     # finished ids still to announce are fine (they change no chunk and no cost); KV removals are not
@@ -86,13 +87,13 @@ def _kv_capped(s: Scheduler, k: int) -> int:
     return lo
 
 
-def decode_run_horizon(s: Scheduler) -> int:
+def _decode_run_horizon(s: Scheduler) -> int:
     """Steps a decode run may take across finishes (each request stops at its own max_tokens), or 0.
 
     Finishes may be skipped over only when nothing else changes at them: no request waits (none can
     be admitted into the freed slot) and finished KV stays cached (no KVRemove joins the next plan).
     The run is bounded by the last finish and by the free blocks: it may never need an eviction.
-    Call after decode_horizon(s) > 0.
+    Call after decode_horizon() > 0.
     """
     if s.waiting or not s.pool.enable_prefix_caching:
         return 0
@@ -107,7 +108,7 @@ def decode_run_horizon(s: Scheduler) -> int:
     return _kv_capped(s, k)
 
 
-def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]
+def _apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int], list[int]]
                        ) -> tuple[list[str], list[tuple[int, Request]], list[int]]:
     """Apply up to `steps` pure-decode steps at once; each request stops at its max_tokens.
 
@@ -149,12 +150,42 @@ def apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, int
     return announced, done, adds
 
 
-def finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:
+def _finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:
     """Finish (length) requests that got their last token in a skipped step ending at now_s, in batch order."""
     return [(r, s._finish(r, FinishReason.LENGTH, now_s)) for r in done]
 
 
-def take_announced(s: Scheduler) -> list[str]:
+def _take_announced(s: Scheduler) -> list[str]:
     """Finished ids pending for the next plan, taken now: a skipped step's plan announced them."""
     announced, s._pending_finished = s._pending_finished, []
     return announced
+
+
+class FastForward:
+    """Skips pure-decode steps for the scheduler that owns it (``Scheduler.fast_forward``)."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+
+    def decode_horizon(self) -> int:
+        """Upcoming steps certain to be identical pure-decode steps, absent arrivals and aborts (0: none)."""
+        return _decode_horizon(self._s)
+
+    def decode_run_horizon(self) -> int:
+        """Steps a decode run may take across finishes, or 0 (call after decode_horizon() > 0)."""
+        return _decode_run_horizon(self._s)
+
+    def apply_decode_steps(self, steps: int, take_tokens: Callable[[str, int], list[int]]
+                           ) -> tuple[list[str], list[tuple[int, Request]], list[int]]:
+        """Apply up to steps pure-decode steps at once: (announced ids, (step, request) done, blocks added by step)."""
+        return _apply_decode_steps(self._s, steps, take_tokens)
+
+    def finish_decode_steps(self, done: list[Request], now_s: float) -> list[tuple[Request, RequestOutput]]:
+        """Finish (length) requests that got their last token in a skipped step ending at now_s."""
+        return _finish_decode_steps(self._s, done, now_s)
+
+    def take_announced(self) -> list[str]:
+        """Finished ids pending for the next plan, taken now: a skipped step's plan announced them."""
+        return _take_announced(self._s)

@@ -327,3 +327,16 @@ def build_plan(s: Scheduler, now_s: float) -> StepPlan:
     s._step_id += 1
     return StepPlan(s._step_id, now_s, tuple(b.chunks), tuple(b.removes), tuple(b.copies), b.prefill, b.decode,
                     b.context, b.sum_sq, b.pad, b.copied, wake, tuple(finished))
+
+
+class Planner:
+    """Plans the steps of the scheduler that owns it (``Scheduler.planner``)."""
+
+    __slots__ = ("_s",)
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._s = scheduler
+
+    def build(self, now_s: float) -> StepPlan:
+        """The next StepPlan at now_s (see build_plan)."""
+        return build_plan(self._s, now_s)

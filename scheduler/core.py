@@ -6,7 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._step import build_plan
+from ._fastforward import FastForward
+from ._step import Planner
 from .config import SchedulerConfig
 from .kv import KVPool
 from .messages import KVRemove, RequestOutput, StepPlan, StepResult, new_output
@@ -33,7 +34,8 @@ class Scheduler:
     """Admits and retires requests at every step, within token, slot and KV limits.
 
     Read-only attributes a policy may use: ``config``, ``waiting`` (arrival order),
-    ``running`` (admission order), ``requests``, ``pool`` and ``stats``.
+    ``running`` (admission order), ``requests``, ``pool`` and ``stats``. ``fast_forward``
+    (a FastForward) lets a driver whose backend knows its tokens skip pure-decode stretches.
     """
 
     def __init__(self, config: SchedulerConfig | None = None, policy: str | Policy | Callable[..., Any] = "continuous",
@@ -57,6 +59,8 @@ class Scheduler:
         self._lost: dict[str, int] = {}  # request -> computed tokens thrown away by preemption
         self._step_id = 0
         self._max_len = min(c.max_model_len, c.kv_capacity_tokens)
+        self.planner = Planner(self)  # plans each step (scheduler._step)
+        self.fast_forward = FastForward(self)  # skips pure-decode stretches for drivers that know the tokens
 
     # ---- queries ---------------------------------------------------------------
     @property
@@ -150,7 +154,7 @@ class Scheduler:
         """Plan one step: KV removals and copies, then one batch of chunks."""
         if self._in_flight is not None:
             raise RuntimeError("schedule() called twice without commit(); commit the previous plan first")
-        plan = build_plan(self, now_s)
+        plan = self.planner.build(now_s)
         if not plan.is_empty:
             self._in_flight = plan
         return plan

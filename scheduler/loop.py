@@ -9,8 +9,9 @@ it, else through ``backend.step(plan)`` on the empty plan, whose elapsed time is
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from .backend import Backend, ForgetsRequests
 from .messages import RequestOutput, StepPlan, StepResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,18 +27,17 @@ class StepDone(NamedTuple):
     now_s: float
 
 
-def announce_finished(backend: Any, plan: StepPlan) -> None:
+def announce_finished(backend: Backend, plan: StepPlan) -> None:
     """Hand an empty plan's finished request ids to the backend so it drops their state (no time passes)."""
     if not plan.finished_request_ids:
         return
-    forget = getattr(backend, "forget", None)
-    if forget is not None:
-        forget(plan.finished_request_ids)
+    if isinstance(backend, ForgetsRequests):
+        backend.forget(plan.finished_request_ids)
     else:
         backend.step(plan)  # nothing to run: the backend only drops the finished requests' state
 
 
-def plan_step(scheduler: Scheduler, backend: Any, now_s: float) -> StepPlan:
+def plan_step(scheduler: Scheduler, backend: Backend, now_s: float) -> StepPlan:
     """schedule(now_s); when the plan runs nothing, its finished ids go to the backend right away."""
     plan = scheduler.schedule(now_s)
     if plan.is_empty:
@@ -45,7 +45,7 @@ def plan_step(scheduler: Scheduler, backend: Any, now_s: float) -> StepPlan:
     return plan
 
 
-def run_step(scheduler: Scheduler, backend: Any, now_s: float | Callable[[], float],
+def run_step(scheduler: Scheduler, backend: Backend, now_s: float | Callable[[], float],
              check: Callable[[StepPlan], None] | None = None) -> StepDone:
     """Plan, execute and commit one step.
 
@@ -65,7 +65,7 @@ def run_step(scheduler: Scheduler, backend: Any, now_s: float | Callable[[], flo
     return StepDone(plan, result, scheduler.commit(plan, result, end), end)
 
 
-def release_kv(scheduler: Scheduler, backend: Any, now_s: float) -> None:
+def release_kv(scheduler: Scheduler, backend: Backend, now_s: float) -> None:
     """Evict the whole prefix cache and run the removals, so the backend's KV ends empty."""
     scheduler.release_cache()
     run_step(scheduler, backend, lambda: now_s)

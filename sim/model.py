@@ -22,13 +22,7 @@ import simpy.rt
 
 from backends.cost.base import StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
-from scheduler._fastforward import (
-    apply_decode_steps,
-    decode_horizon,
-    decode_run_horizon,
-    finish_decode_steps,
-    take_announced,
-)
+from scheduler.backend import Backend, ClearsKV, KnowsTokens
 from scheduler.loop import plan_step, release_kv
 from sim.records import RequestRecord, RunResult, StepLog, StepSample
 from sim.rt import ThreadedRealtimeEnvironment
@@ -44,7 +38,7 @@ def to_request(w: WorkloadRequest, ignore_eos: bool = True, sampling: SamplingPa
 class Engine:
     """One instance: a scheduler and a backend stepping in a SimPy process."""
 
-    def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, backend: Any,
+    def __init__(self, env: simpy.Environment, index: int, scheduler: Scheduler, backend: Backend,
                  recorder: Recorder, fast_forward: bool = False, clock: Any = None) -> None:
         self.env = env
         self.fast_forward = fast_forward
@@ -56,7 +50,7 @@ class Engine:
         self.wake = env.event()
         self.idle = False
         self.closed = False
-        self.threaded = hasattr(env, "run_in_thread")
+        self.threaded = isinstance(env, ThreadedRealtimeEnvironment)
 
     def submit(self, request: Request) -> None:
         """Hand a request to this instance's scheduler; wake the engine if it sleeps."""
@@ -104,7 +98,7 @@ class Engine:
                                         pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens,
                                         plan.num_copied_tokens))
             if self.fast_forward:
-                k = decode_horizon(sched)
+                k = sched.fast_forward.decode_horizon()
                 if k > 0:
                     yield from self._jump(k)
 
@@ -115,7 +109,7 @@ class Engine:
         ordered = sorted(running, key=lambda r: r.slot)
         slots = [r.slot for r in ordered]
         stretch = getattr(cost, "decode_stretch", None)  # cost models that price llama.cpp's graph reuse
-        if stretch is not None and hasattr(self.backend, "graph"):
+        if stretch is not None:
             return stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
         fast = getattr(cost, "decode_pricer", None)  # cost models that hoist the fixed part (and slot layout)
         if fast is not None:
@@ -138,11 +132,13 @@ class Engine:
         straddle = not self.clock.router_reads_kv
         pool = sched.pool
         t = env.now
-        graph = getattr(self.backend, "graph", None)
+        backend = self.backend  # a KnowsTokens: only such backends are fast-forwarded
+        ff = sched.fast_forward
+        graph = backend.graph
         path: list[float] = []  # the skipped steps' ends since SimPy's clock last moved
         while k > 0:
             running = list(sched.running)
-            horizon = decode_run_horizon(sched) or k
+            horizon = ff.decode_run_horizon() or k
             # the timeline: steps of the shrinking batch, priced per stretch between finishes
             left = sorted((r.sampling.max_tokens - len(r.output_token_ids), i) for i, r in enumerate(running))
             alive = list(running)
@@ -181,14 +177,12 @@ class Engine:
             m = len(ends)
             if m == 0:
                 break
-            if hasattr(self.backend, "graph"):
-                self.backend.graph = graph
-            if hasattr(self.backend, "end_s"):  # the next plain step straight after the jump is not after idle
-                self.backend.end_s = ends[-1]
+            backend.graph = graph
+            backend.end_s = ends[-1]  # the next plain step straight after the jump is not after idle
             used = pool.num_used_blocks
-            announced, done, adds = apply_decode_steps(sched, m, self.backend.take_tokens)
+            announced, done, adds = ff.apply_decode_steps(m, backend.take_tokens)
             if announced:
-                self.backend.forget(announced)
+                backend.forget(announced)
             records = rec.records
             last_step = {r.request_id: step for step, r in done}  # requests that got their last token
             for r in running:
@@ -202,10 +196,10 @@ class Engine:
             finals = [r for step, r in done if step == m - 1]
             early = [(step, r) for step, r in done if step < m - 1]
             for step, r in early:
-                for x, out in finish_decode_steps(sched, [r], ends[step]):
+                for x, out in ff.finish_decode_steps([r], ends[step]):
                     rec.output(out, x, ends[step])
             if early:
-                self.backend.forget(take_announced(sched))
+                backend.forget(ff.take_announced())
             waiting = len(sched.waiting)
             arrived = last >= limit  # an arrival lands during the last step: SimPy must deliver it first
             path += ends
@@ -213,7 +207,7 @@ class Engine:
                 for d in _reach(env.now, path):
                     yield env.timeout(d)
                 path = []
-            for r, out in finish_decode_steps(sched, finals, last):  # at the end of the last step, as its commit would
+            for r, out in ff.finish_decode_steps(finals, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
             steps = rec.steps
             index, total = self.index, pool.num_blocks
@@ -232,7 +226,7 @@ class Engine:
                                     len(sched.running), pool.num_used_blocks, total))
             if arrived or m < horizon:
                 break
-            k = decode_horizon(sched)
+            k = ff.decode_horizon()
         if t > env.now:
             for d in _reach(env.now, path):
                 yield env.timeout(d)
@@ -334,7 +328,7 @@ class Recorder:
                 self.progress(self.done, self.total)
 
 
-def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backends: Sequence[Any],
+def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backends: Sequence[Backend],
                  router: str = "least_outstanding", realtime: bool = False, ignore_eos: bool = True,
                  progress: Callable[[int, int], None] | None = None,
                  request_factory: Callable[[WorkloadRequest], Request] | None = None,
@@ -353,8 +347,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     recorder = Recorder(len(workload.requests), progress)
     configs = list(configs) if configs is not None else [config] * len(backends)
     schedulers = [Scheduler(c, policy) for c in configs]
-    can_skip = not realtime and all(getattr(b, "never_eos", False) and hasattr(b, "take_tokens")
-                                    and hasattr(b, "cost_model") for b in backends)
+    can_skip = not realtime and all(isinstance(b, KnowsTokens) and b.never_eos for b in backends)
     if fast_forward and not can_skip:
         raise ValueError("fast_forward needs virtual time and backends that know their tokens (SyntheticBackend "
                          "without scripted EOS)")
@@ -381,7 +374,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
             e.poke()
 
     for b in backends:  # a backend reused across runs starts each run with an empty KV cache
-        if hasattr(b, "clear_kv"):
+        if isinstance(b, ClearsKV):
             b.clear_kv()
     env.process(arrivals())
     procs = [env.process(e.run()) for e in engines]

@@ -4,13 +4,6 @@ import pytest
 
 from backends.synthetic import SyntheticBackend
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
-from scheduler._fastforward import (
-    apply_decode_steps,
-    decode_horizon,
-    decode_run_horizon,
-    finish_decode_steps,
-    take_announced,
-)
 from scheduler.testing import check_invariants
 
 
@@ -42,15 +35,16 @@ def test_skipped_steps_leave_the_state_plain_steps_leave(caching, slot_choice):
         now += 1.0
         _plain(fast, fb, now)
         _plain(plain, pb, now)
-        k = decode_horizon(fast)
+        ff = fast.fast_forward
+        k = ff.decode_horizon()
         if k:
             jumps += 1
-            k = decode_run_horizon(fast) or k  # across finishes when nothing else changes at them
-            runs += k > decode_horizon(fast)
-            _, done, _ = apply_decode_steps(fast, k, fb.take_tokens)
+            k = ff.decode_run_horizon() or k  # across finishes when nothing else changes at them
+            runs += k > ff.decode_horizon()
+            _, done, _ = ff.apply_decode_steps(k, fb.take_tokens)
             for step, r in done:
-                finish_decode_steps(fast, [r], now + step + 1)
-            fb.forget(take_announced(fast))
+                ff.finish_decode_steps([r], now + step + 1)
+            fb.forget(ff.take_announced())
             for j in range(k):
                 _plain(plain, pb, now + j + 1)
             now += k
