@@ -176,6 +176,20 @@ def _prefix_hashes(s: Scheduler, r: Request) -> list[int]:
     return hashes
 
 
+def _selection(s: Scheduler, now_s: float, limit: int) -> list[Request]:
+    """The policy's picks, checked before any admission, so that a bad selection changes nothing."""
+    policy = s.policy
+    selected = list(policy.select(s, now_s, limit))[:limit]  # every admission pass admits one or stops
+    seen: set[str] = set()
+    for r in selected:
+        if r.status is not WAITING or s.requests.get(r.request_id) is not r:
+            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
+        if r.request_id in seen:
+            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r} twice in one step")
+        seen.add(r.request_id)
+    return selected
+
+
 def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
     """Admit waiting requests in the policy's order while slots, budget and KV allow."""
     pool = s.pool
@@ -186,16 +200,8 @@ def _admit(s: Scheduler, b: _Builder, now_s: float) -> list[int]:
     if limit <= 0 or not s.waiting or (use_budget and b.budget <= 0):
         return []
     cap = c.max_prefill_chunk_tokens or c.max_num_batched_tokens
-    selected = list(policy.select(s, now_s, limit))[:limit]  # every pass below admits one or stops
-    seen: set[str] = set()
-    for r in selected:  # checked before any admission, so that a bad selection changes nothing
-        if r.status is not WAITING or s.requests.get(r.request_id) is not r:
-            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r}, which is not waiting")
-        if r.request_id in seen:
-            raise ValueError(f"policy {policy.name!r} selected request {r.request_id!r} twice in one step")
-        seen.add(r.request_id)
     admitted: list[int] = []
-    for r in selected:
+    for r in _selection(s, now_s, limit):
         if len(admitted) >= limit or (use_budget and b.budget <= 0) or not pool.has_slot():
             break
         near = [o.slot for o in s.running] if c.slot_choice != "any" else ()

@@ -10,10 +10,11 @@ every decision is the scheduler's.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -117,6 +118,64 @@ class Engine:
         n = len(slots)
         return _Stateless(lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0)), graph)
 
+    def _timeline(self, running: list[Request], horizon: int, t: float, graph, limit: float, straddle: bool):
+        """The skipped steps of one run: their ends and batch sizes, priced per stretch between finishes (the
+        batch shrinks as requests finish), up to horizon or to the step an arrival must be planned with;
+        returns (ends, sizes, the graph key after the last step)."""
+        left = sorted((r.sampling.max_tokens - len(r.output_token_ids), i) for i, r in enumerate(running))
+        alive = list(running)
+        base = sum(r.num_computed_tokens for r in running) + len(running)  # context at step 0
+        ends: list[float] = []
+        sizes: list[int] = []
+        j = 0
+        f = 0  # index into left: the next requests to finish
+        while j < horizon:
+            n = len(alive)
+            stretch, j0 = self._stretch(alive, j, graph), j
+            price = stretch.price
+            stretch_end = min(left[f][0], horizon)  # steps j .. stretch_end - 1 have this batch
+            stop = False
+            while j < stretch_end:
+                t_next = t + price(j - j0, base + j * n)
+                if (t if straddle else t_next) >= limit:
+                    stop = True  # the arrival must be seen by the next plan: leave it to a plain step
+                    break
+                ends.append(t_next)
+                sizes.append(n)
+                t = t_next
+                j += 1
+            if j > j0:
+                graph = stretch.graph_after(j - 1 - j0)
+            if stop or j >= horizon:
+                break
+            gone = set()
+            while f < len(left) and left[f][0] == j:  # these got their last token at step j - 1
+                r = running[left[f][1]]
+                gone.add(r.request_id)
+                base -= r.num_computed_tokens + 1
+                f += 1
+            alive = [r for r in alive if r.request_id not in gone]
+        return ends, sizes, graph
+
+    def _sample_steps(self, run_start: float, ends: list[float], sizes: list[int], done, adds: list[int],
+                      used: int, waiting: int) -> None:
+        """Step samples of a run's skipped steps, as their plain commits would have taken them."""
+        sched, pool, steps = self.scheduler, self.scheduler.pool, self.recorder.steps
+        index, total, m = self.index, pool.num_blocks, len(ends)
+        finished_at = [0] * m
+        for step, _ in done:
+            finished_at[step] += 1
+        u = used
+        s0 = run_start
+        for j in range(m - 1):
+            u += adds[j]
+            steps.append(StepSample(index, s0, ends[j], sizes[j], 0, sizes[j], waiting,
+                                    sizes[j] - finished_at[j], u, total))
+            s0 = ends[j]
+        # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
+        steps.append(StepSample(index, s0, ends[-1], sizes[-1], 0, sizes[-1], len(sched.waiting),
+                                len(sched.running), pool.num_used_blocks, total))
+
     def _jump(self, k: int):
         """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.
 
@@ -139,44 +198,12 @@ class Engine:
         while k > 0:
             running = list(sched.running)
             horizon = ff.decode_run_horizon() or k
-            # the timeline: steps of the shrinking batch, priced per stretch between finishes
-            left = sorted((r.sampling.max_tokens - len(r.output_token_ids), i) for i, r in enumerate(running))
-            alive = list(running)
             run_start = t
-            base = sum(r.num_computed_tokens for r in running) + len(running)  # context at step 0
-            ends: list[float] = []
-            sizes: list[int] = []
-            j = 0
-            f = 0  # index into left: the next requests to finish
-            stop = False
-            while j < horizon and not stop:
-                n = len(alive)
-                stretch, j0 = self._stretch(alive, j, graph), j
-                price = stretch.price
-                stretch_end = min(left[f][0], horizon)  # steps j .. stretch_end - 1 have this batch
-                while j < stretch_end:
-                    t_next = t + price(j - j0, base + j * n)
-                    if (t if straddle else t_next) >= limit:
-                        stop = True  # the arrival must be seen by the next plan: leave it to a plain step
-                        break
-                    ends.append(t_next)
-                    sizes.append(n)
-                    t = t_next
-                    j += 1
-                if j > j0:
-                    graph = stretch.graph_after(j - 1 - j0)
-                if stop or j >= horizon:
-                    break
-                gone = set()
-                while f < len(left) and left[f][0] == j:  # these got their last token at step j - 1
-                    r = running[left[f][1]]
-                    gone.add(r.request_id)
-                    base -= r.num_computed_tokens + 1
-                    f += 1
-                alive = [r for r in alive if r.request_id not in gone]
+            ends, sizes, graph = self._timeline(running, horizon, t, graph, limit, straddle)
             m = len(ends)
             if m == 0:
                 break
+            t = ends[-1]
             backend.graph = graph
             backend.end_s = ends[-1]  # the next plain step straight after the jump is not after idle
             used = pool.num_used_blocks
@@ -209,21 +236,7 @@ class Engine:
                 path = []
             for r, out in ff.finish_decode_steps(finals, last):  # at the end of the last step, as its commit would
                 rec.output(out, r, last)
-            steps = rec.steps
-            index, total = self.index, pool.num_blocks
-            finished_at = [0] * m
-            for step, _ in done:
-                finished_at[step] += 1
-            u = used
-            s0 = run_start
-            for j in range(m - 1):
-                u += adds[j]
-                steps.append(StepSample(index, s0, ends[j], sizes[j], 0, sizes[j], waiting,
-                                        sizes[j] - finished_at[j], u, total))
-                s0 = ends[j]
-            # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
-            steps.append(StepSample(index, s0, last, sizes[-1], 0, sizes[-1], len(sched.waiting),
-                                    len(sched.running), pool.num_used_blocks, total))
+            self._sample_steps(run_start, ends, sizes, done, adds, used, waiting)
             if arrived or m < horizon:
                 break
             k = ff.decode_horizon()
@@ -378,22 +391,12 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
             b.clear_kv()
     env.process(arrivals())
     procs = [env.process(e.run()) for e in engines]
-    # a replay allocates millions of small objects that live until the run ends (KV blocks, token lists,
-    # records); the cyclic collector would scan them again and again for nothing, so it pauses meanwhile
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        env.run(until=simpy.AllOf(env, procs))
-    finally:
-        if isinstance(env, ThreadedRealtimeEnvironment):
-            env.close()
-        if collecting:
-            if gc.get_freeze_count() == 0:
-                # the run's survivors would make the first young collection scan all of them (~0.15 s for a
-                # full trace); promote them to the oldest generation unscanned, as if they had aged there
-                gc.freeze()
-                gc.unfreeze()
-            gc.enable()
+    with _cyclic_gc_paused():
+        try:
+            env.run(until=simpy.AllOf(env, procs))
+        finally:
+            if isinstance(env, ThreadedRealtimeEnvironment):
+                env.close()
     for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
         release_kv(s, b, env.now)
     records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
@@ -410,6 +413,27 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
                      num_preemptions=sum(s.stats.num_preemptions for s in schedulers),
                      num_recomputed_tokens=sum(s.stats.num_recomputed_tokens for s in schedulers),
                      ttft_timing="computed")
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector for a run.
+
+    A replay allocates millions of small objects that live until the run ends (KV blocks, token lists,
+    records); the cyclic collector would scan them again and again for nothing.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            if gc.get_freeze_count() == 0:
+                # the run's survivors would make the first young collection scan all of them (~0.15 s for a
+                # full trace); promote them to the oldest generation unscanned, as if they had aged there
+                gc.freeze()
+                gc.unfreeze()
+            gc.enable()
 
 
 class _Clock:
