@@ -75,7 +75,7 @@ class Request:
     slot: int | None = None
     finish_reason: FinishReason | None = None
     finish_detail: str | None = None
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (last admission)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     first_scheduled_s: float | None = None
