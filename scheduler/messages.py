@@ -83,7 +83,11 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
-        """True when there is nothing for a backend to do."""
+        """True when there is nothing for a backend to run or change in its KV.
+
+        Such a plan may still announce finished_request_ids, whose state the backend must drop:
+        scheduler.loop hands them over (backend.forget, else a step on the empty plan).
+        """
         return not (self.chunks or self.removes or self.copies)
 
 
