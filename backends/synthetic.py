@@ -6,7 +6,7 @@ import math
 import zlib
 from collections.abc import Mapping
 
-from backends.cost.table import wakeup_cost
+from backends.cost.wakeup import wakeup_cost
 from scheduler.messages import StepPlan, StepResult
 
 
@@ -94,7 +94,7 @@ class SyntheticBackend:
 
     def step(self, plan: StepPlan) -> StepResult:
         """Sample one token per sampling chunk; elapsed_s from the cost model, plus its wake-up
-        (backends.cost.table.wakeup_cost: by the wait's length when the model has an idle_wakeup_curve) when
+        (backends.cost.wakeup.wakeup_cost: by the wait's length when the model has an idle_wakeup_curve) when
         the engine waited for this plan (the first step of a run: the wait is unknown, the flat price)."""
         for request_id in plan.finished_request_ids:
             self._num_sampled.pop(request_id, None)

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost.table import TableCostModel, describe_wakeup, wakeup_curve
+from backends.cost.table import TableCostModel
+from backends.cost.wakeup import describe_wakeup, wakeup_curve
 from calib.fit_table import fit_table, graph_chain, percent_errors
 from calib.validate import build_info, load_snapshot, machine_info, model_fingerprint, step_kind
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig

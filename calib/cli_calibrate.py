@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from backends.cost.table import describe_wakeup
+from backends.cost.wakeup import describe_wakeup
 from sim.cli_common import add_gpu_args, gpu_layers, positive_int
 
 

@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backends.cost.table import describe_batch_factors, describe_wakeup
+from backends.cost.table import describe_batch_factors
+from backends.cost.wakeup import describe_wakeup
 from calib.validate import (
     ENSEMBLE_RUNS,
     NOISE_RUNS,

@@ -9,7 +9,9 @@ import numpy as np
 
 from backends.cost.base import CostModelError
 from backends.cost.graph import builds
-from backends.cost.table import GRAPH, SCALARS, StepShape, TableCostModel, default_knots, output_knots
+from backends.cost.knots import default_knots, output_knots
+from backends.cost.table import StepShape, TableCostModel
+from backends.cost.table_params import GRAPH, SCALARS
 from backends.cost.ubatch import FA_Q_TILE, fa_tiles, takes_tiled_path
 from calib.nnls import nnls
 from scheduler.messages import StepPlan

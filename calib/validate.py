@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost.table import price_run, wakeup_cost
+from backends.cost.table import price_run
+from backends.cost.wakeup import wakeup_cost
 from calib.fit_table import percent_errors
 from scheduler import SchedulerConfig
 from scheduler.messages import StepPlan, StepResult
@@ -315,8 +316,11 @@ def measure_load(backends: list, workload: Workload, rate: float, policy: Any, c
 
 def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, seed: int,
                  router: str = "least_outstanding", noise_runs: int = NOISE_RUNS,
-                 ensemble_noise: StepNoise | None = None, ensemble_runs: int = ENSEMBLE_RUNS) -> dict:
+                 ensemble_noise: StepNoise | None = None, ensemble_runs: int = ENSEMBLE_RUNS,
+                 executor: Any = None) -> dict:
     """A measured load (measure_load) against its prediction with profile: errors, intervals, diagnostics.
+
+    executor (sim.executor; None: this process) runs the noisy reruns of the ensemble and the noise spread.
 
     With ensemble_noise (the speed probes' step noise, not this run's), the prediction is the median of
     ensemble_runs simulated runs with noisy step prices (ensemble_predict); the noiseless run is kept as
@@ -328,7 +332,8 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
     sm, sp = summarize(measured), summarize(predicted)
     deterministic = None
     if ensemble_noise is not None and ensemble_runs > 0:
-        ens = ensemble_predict(w, policy, config, profile, instances, router, ensemble_noise, ensemble_runs, seed)
+        ens = ensemble_predict(w, policy, config, profile, instances, router, ensemble_noise, ensemble_runs, seed,
+                               executor)
         deterministic = {"predicted": sp, "rel_error": rel_errors(sm, sp)}
         predicted, sp = ens.pop("run"), {**ens.pop("summary"), "policy": "predicted"}
         predicted.policy = "predicted"
@@ -337,7 +342,7 @@ def compare_load(m: dict, profile: Any, policy: Any, config: SchedulerConfig, se
     sensitivity = price_sensitivity(w, policy, config, profile, instances, router, sm, rel)
     idle_s = m.get("idle_s")
     noise = noise_spread(w, policy, config, profile, instances, router, sm, step_noise(samples, profile, idle_s),
-                         runs=noise_runs, seed=seed) if noise_runs else None
+                         runs=noise_runs, seed=seed, executor=executor) if noise_runs else None
     at_speed = None
     speed = run_speed_factors(samples, profile, idle_s)
     if speed is not None:
@@ -530,11 +535,34 @@ def merge_noise(noises: Sequence[StepNoise | None]) -> StepNoise | None:
     return StepNoise(rms([n.sigma for n in got]), rms([n.slow_sigma for n in got]), got[0].block_s, own, blocks)
 
 
+def noisy_summary(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
+                  router: str, noise: StepNoise, seed: int) -> dict:
+    """The summary of one prediction with NoisyModel(profile, noise, seed): one task of noisy_summaries."""
+    return summarize(predict(workload, policy, config, NoisyModel(profile, noise, seed), instances, router))
+
+
+def noisy_summaries(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
+                    router: str, noise: StepNoise, seeds: Sequence[int], executor: Any = None) -> list[dict]:
+    """noisy_summary for each seed, in order, on the executor (None: in this process); a failed rerun raises."""
+    if executor is None:
+        return [noisy_summary(workload, policy, config, profile, instances, router, noise, s) for s in seeds]
+    from sim.executor import Task
+
+    tasks = [Task(f"noisy rerun, seed {s}", (workload, policy, config, profile, instances, router, noise, s))
+             for s in seeds]
+    outcomes = executor.map(noisy_summary, tasks)
+    for o in outcomes:
+        if not o.ok:
+            raise RuntimeError(f"{o.label} failed: {o.error}")
+    return [o.value for o in outcomes]
+
+
 ENSEMBLE_SEED = 104729  # the ensemble's reruns draw apart from noise_spread's
 
 
 def ensemble_predict(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
-                     router: str, noise: StepNoise, runs: int = ENSEMBLE_RUNS, seed: int = 0) -> dict:
+                     router: str, noise: StepNoise, runs: int = ENSEMBLE_RUNS, seed: int = 0,
+                     executor: Any = None) -> dict:
     """The prediction as the median of `runs` simulated runs with every step's price times noise of mean 1
     (NoisyModel): {"summary", "run", "runs", "medoid", "sigma", "slow_sigma"}.
 
@@ -545,9 +573,8 @@ def ensemble_predict(workload: Workload, policy: Any, config: SchedulerConfig, p
     run's summary with every latency statistic and throughput replaced by its median over the reruns; run:
     the medoid, the rerun nearest those medians (sum of |log| ratios), for per-request CSVs and plots.
     """
-    sims = [predict(workload, policy, config, NoisyModel(profile, noise, seed + ENSEMBLE_SEED + k), instances, router)
-            for k in range(runs)]
-    sums = [summarize(r) for r in sims]
+    seeds = [seed + ENSEMBLE_SEED + k for k in range(runs)]
+    sums = noisy_summaries(workload, policy, config, profile, instances, router, noise, seeds, executor)
     medians = _stat_medians(sums)
 
     def distance(x: dict) -> float:
@@ -558,14 +585,15 @@ def ensemble_predict(workload: Workload, policy: Any, config: SchedulerConfig, p
     best = min(range(runs), key=lambda i: distance(sums[i]))
     summary = {**sums[best], **{k: {**sums[best][k], **medians[k]} for k in METRICS},
                "throughput_rps": medians["throughput_rps"]}
-    return {"summary": summary, "run": sims[best], "runs": runs, "medoid": best, "sigma": noise.sigma,
+    medoid = predict(workload, policy, config, NoisyModel(profile, noise, seeds[best]), instances, router)
+    return {"summary": summary, "run": medoid, "runs": runs, "medoid": best, "sigma": noise.sigma,
             "slow_sigma": noise.slow_sigma,
             "draws": "the speed probes' own residuals" if noise.own_draws else "lognormal"}
 
 
 def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profile: Any, instances: int,
                  router: str, measured: dict, noise: StepNoise | None, runs: int = NOISE_RUNS,
-                 seed: int = 0) -> dict | None:
+                 seed: int = 0, executor: Any = None) -> dict | None:
     """The range of each statistic's relative error over `runs` predictions with NoisyModel(profile, noise).
 
     A statistic whose range is wide turns on the order of events, not on the price level: one real run of it
@@ -575,9 +603,9 @@ def noise_spread(workload: Workload, policy: Any, config: SchedulerConfig, profi
     """
     if noise is None or not (noise.sigma or noise.slow_sigma) or runs < 1 or not hasattr(profile, "step_after"):
         return None
-    errors = [rel_errors(measured, summarize(predict(workload, policy, config, NoisyModel(profile, noise, seed + k),
-                                                     instances, router)))
-              for k in range(runs)]
+    sums = noisy_summaries(workload, policy, config, profile, instances, router, noise,
+                           [seed + k for k in range(runs)], executor)
+    errors = [rel_errors(measured, s) for s in sums]
     return {"sigma": noise.sigma, "slow_sigma": noise.slow_sigma, "block_s": noise.block_s, "runs": runs,
             "draws": "the run's own residuals" if noise.own_draws else "lognormal",
             "rel_error_range": _error_ranges(errors), "rel_error_median": _stat_medians(errors)}

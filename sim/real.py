@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from scheduler import SchedulerConfig
@@ -10,9 +11,10 @@ from scheduler import SchedulerConfig
 # llama.cpp splits a batch with split_simple (every sequence in one micro-batch); with a stream per slot it
 # uses split_equal(sequential), which groups only consecutive slot ids with equal token counts (the cost
 # model prices those passes). --llama-option kv_unified=true switches; calibrate a profile for it.
-DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": 2, "kv_unified": False}
-# This machine's cores: instances share them unless n_threads is given (2 instances: 1 thread each).
-CPU_THREADS = DEFAULT_LLAMA_OPTIONS["n_threads"]
+# The CPUs this process may run on: instances share them unless n_threads is given (2 CPUs and 2 instances:
+# 1 thread each).
+CPU_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": CPU_THREADS, "kv_unified": False}
 
 
 def threads_per_instance(num_instances: int, given: int | None = None) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from backends.cost import load_cost_model, save_cost_model
-from backends.cost.table import TILING, TableCostModel, price_run
+from backends.cost.table import TableCostModel, price_run
+from backends.cost.table_params import TILING
 from backends.cost.ubatch import Ubatch, fa_tiles, split_ubatches
 from calib.calibrate import read_samples
 from calib.fit_table import fit_table

@@ -11,6 +11,7 @@ import pytest
 from backends.cost import (
     COST_MODELS,
     ROOFLINE_PRESETS,
+    CostModel,
     LinearCostModel,
     RooflineCostModel,
     StepFeatures,
@@ -271,7 +272,7 @@ def test_roofline_decode_pricer_gives_the_same_floats_as_pricing_the_plan():
 
 
 def test_a_wakeup_curve_prices_a_step_after_idle_by_its_wait():
-    from backends.cost.table import wakeup_cost, wakeup_from_curve
+    from backends.cost.wakeup import wakeup_cost, wakeup_from_curve
 
     curve = ((0.1, 0.001), (1.0, 0.020), (2.5, 0.030))
     assert wakeup_from_curve(curve, 0.0) == 0.0
@@ -360,3 +361,22 @@ def test_decode_batch_factors_survive_a_profile_file_and_bad_ones_are_refused(tm
         path.write_text(json.dumps(doc))
         with pytest.raises(CostModelError, match=match):
             load_cost_model(path)
+
+
+def test_each_model_declares_the_optional_capabilities_it_has():
+    from backends.cost import PricesDecodeRuns, PricesGraphReuse, SizesScheduler, WakesAfterIdle
+
+    def caps(name):
+        m = load_cost_model(name)
+        assert isinstance(m, CostModel)
+        return {c.__name__ for c in (PricesDecodeRuns, PricesGraphReuse, SizesScheduler, WakesAfterIdle)
+                if isinstance(m, c)}
+
+    assert caps("linear-default") == set()
+    assert caps("h100-llama3-8b") == {"PricesDecodeRuns", "SizesScheduler"}
+    assert caps("cpu-gemma3-270m") == {"PricesDecodeRuns", "PricesGraphReuse", "WakesAfterIdle"}
+    # what a capability promises holds: the table's graph-carrying price of a step after itself is its plain price
+    table = load_cost_model("cpu-gemma3-270m")
+    plan = make_plan(decode=[40, 41, 42])
+    _, graph = table.step_after(plan, None)
+    assert table.step_after(plan, graph)[0] == table.step_time_s(plan)

@@ -11,7 +11,17 @@ import json
 import os
 from pathlib import Path
 
-from backends.cost.base import MIN_STEP_S, CostModel, CostModelError, StepFeatures, features
+from backends.cost.base import (
+    MIN_STEP_S,
+    CostModel,
+    CostModelError,
+    PricesDecodeRuns,
+    PricesGraphReuse,
+    SizesScheduler,
+    StepFeatures,
+    WakesAfterIdle,
+    features,
+)
 from backends.cost.linear import LinearCostModel
 from backends.cost.roofline import ROOFLINE_PRESETS, RooflineCostModel
 from backends.cost.table import TableCostModel
@@ -24,9 +34,13 @@ __all__ = [
     "CostModel",
     "CostModelError",
     "LinearCostModel",
+    "PricesDecodeRuns",
+    "PricesGraphReuse",
     "RooflineCostModel",
+    "SizesScheduler",
     "StepFeatures",
     "TableCostModel",
+    "WakesAfterIdle",
     "features",
     "known_cost_models",
     "load_cost_model",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from scheduler.messages import StepPlan
 
@@ -87,7 +88,14 @@ def features(plan: StepPlan) -> StepFeatures:
 
 @runtime_checkable
 class CostModel(Protocol):
-    """Prices one step: seconds from the plan's counters alone."""
+    """Prices one step: seconds from the plan's counters alone.
+
+    Every cost model has these members. Some add optional capabilities, each declared below as its own
+    Protocol so a driver checks isinstance(model, Capability) instead of probing for attributes:
+    PricesDecodeRuns (the fast-forward's decode_pricer), PricesGraphReuse (llama.cpp's compute graph carried
+    from step to step), WakesAfterIdle (a step after idle costs extra) and SizesScheduler (the capacity a
+    GPU preset implies).
+    """
 
     name: str
     meta: dict
@@ -106,6 +114,45 @@ class CostModel(Protocol):
 
     def describe(self) -> str:
         """One line for reports."""
+        ...
+
+
+@runtime_checkable
+class PricesDecodeRuns(Protocol):
+    """Optional: prices pure-decode steps over fixed slots from their summed context alone (the fast-forward)."""
+
+    def decode_pricer(self, slots: Sequence[int]) -> Callable[[int], float]:
+        """price(num_context_tokens) of a pure-decode step over these slots, exactly step_time_s of its plan."""
+        ...
+
+
+@runtime_checkable
+class PricesGraphReuse(Protocol):
+    """Optional: a step's price depends on the compute graph llama.cpp kept from the step before it."""
+
+    def step_after(self, plan: StepPlan, prev_graph: Any, after_idle: bool = False) -> tuple[float, Any]:
+        """(seconds, graph key after it) of the step following a ubatch of graph key prev_graph."""
+        ...
+
+    def decode_stretch(self, slots: Sequence[int], ends: Sequence[int], prev_graph: Any) -> Any:
+        """A pricer of consecutive pure-decode steps (price(i, ctx), graph_after(i)), as step_after gives them."""
+        ...
+
+
+@runtime_checkable
+class WakesAfterIdle(Protocol):
+    """Optional: the first step after the engine idled costs extra (see backends.cost.wakeup.wakeup_cost)."""
+
+    idle_wakeup_s: float
+    idle_wakeup_curve: tuple
+
+
+@runtime_checkable
+class SizesScheduler(Protocol):
+    """Optional: the scheduler limits the priced hardware implies (SchedulerConfig keyword arguments)."""
+
+    def capacity(self) -> dict:
+        """max_num_seqs, max_num_batched_tokens, max_model_len, num_kv_blocks, block_size."""
         ...
 
 

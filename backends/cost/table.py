@@ -11,27 +11,15 @@ work: per step, per chunk, per KV op and copied token.
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from backends.cost.base import MIN_STEP_S, CostModelError, StepFeatures, check_params, floor_time
+from backends.cost.base import MIN_STEP_S, CostModelError, StepFeatures, floor_time
 from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
+from backends.cost.knots import default_knots, interp, interp_clamped, interp_free, knot_value, output_knots
+from backends.cost.table_params import check_model, from_params, to_params
 from backends.cost.ubatch import DecodeChunk, Ubatch, fa_tiles, split_ubatches, takes_tiled_path
 from scheduler.messages import StepPlan
-
-SCALARS = ("step_s", "per_chunk_s", "per_remove_s", "per_copy_s", "per_copied_token_s", "per_attention_pair_s",
-           "idle_wakeup_s")
-SPLIT = ("n_batch", "n_ubatch", "kv_unified")
-# params a profile may omit (older profiles): defaults apply; without the prompt-pair params, a prompt
-# chunk's attention pairs are priced like a decode's (per_attention_pair_s)
-OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
-            "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s",
-            "idle_wakeup_curve", "decode_batch_factors")
-GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
-TILING = ("per_fa_tile_s", "fa_heads", "fa_threads")
-TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,62 +39,6 @@ class StepShape:
     def is_empty(self) -> bool:
         """True when the step runs no batch and no KV operation."""
         return not (self.ubatches or self.num_chunks or self.num_removes or self.num_copies)
-
-
-def default_knots(limit: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to limit, and limit itself."""
-    knots = [1]
-    while knots[-1] * 2 < limit:
-        knots.append(knots[-1] * 2)
-    if knots[-1] != limit:
-        knots.append(limit)
-    return tuple(knots)
-
-
-def output_knots(n_seq_max: int) -> tuple[int, ...]:
-    """Every output-row count 1..n_seq_max (up to 64, then doubling): decode cost is not smooth in the batch size."""
-    knots = list(range(1, min(n_seq_max, 64) + 1))
-    while knots[-1] < n_seq_max:
-        knots.append(min(knots[-1] * 2, n_seq_max))
-    return tuple(knots)
-
-
-def _interp_free(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
-    """The free table at n; past the last knot it grows at the (non-negative) slope of its upper half."""
-    if n <= knots[-1]:
-        return _interp(n, knots, values)
-    half = max(knots[0], knots[-1] // 2)
-    slope = (values[-1] - _interp(half, knots, values)) / (knots[-1] - half) if knots[-1] > half else 0.0
-    return values[-1] + max(0.0, slope) * (n - knots[-1])
-
-
-def _interp_clamped(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
-    """A free table at n, flat past either end."""
-    if n <= knots[0]:
-        return values[0]
-    if n >= knots[-1]:
-        return values[-1]
-    return _interp(n, knots, values)
-
-
-def _interp(n: int, knots: tuple[int, ...], values: tuple[float, ...]) -> float:
-    if n <= 0:
-        return 0.0
-    if n <= knots[0]:
-        return values[0]
-    j = min(bisect.bisect_left(knots, n), len(knots) - 1)
-    lo, hi = knots[j - 1], knots[j]
-    return values[j - 1] + (values[j] - values[j - 1]) * (n - lo) / (hi - lo)
-
-
-def _check_table(knots_name: str, values_name: str, knots: tuple, values: tuple) -> None:
-    """A table's knots are increasing integers >= 1, each with one finite value >= 0 (else CostModelError)."""
-    if (not knots or len(knots) != len(values) or any(isinstance(k, bool) or not isinstance(k, int) for k in knots)
-            or knots[0] < 1 or any(b <= a for a, b in zip(knots, knots[1:], strict=False))):
-        raise CostModelError(f"TableCostModel: {knots_name} must be increasing integers >= 1 with one "
-                             f"{values_name} entry each, got {knots!r} and {values!r}")
-    check_params("table", {str(i): v for i, v in enumerate(values)}, tuple(map(str, range(len(values)))),
-                 f"TableCostModel.{values_name}")
 
 
 @dataclass(frozen=True)
@@ -158,39 +90,7 @@ class TableCostModel:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        check_params("table", {n: getattr(self, n) for n in SCALARS}, SCALARS, "TableCostModel")
-        self._check_prompt_pairs()
-        self._check_tiling()
-        self._check_graph()
-        for n in ("run_factor", "prefill_run_factor"):
-            f = getattr(self, n)
-            if n == "prefill_run_factor" and f is None:
-                continue
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0:
-                raise CostModelError(f"TableCostModel: {n} must be a number in [0.5, 2], got {f!r}")
-        for n in ("n_batch", "n_ubatch"):
-            self._check_positive_int(n)
-        sizes = [b for b, _ in self.decode_batch_factors]
-        if (any(isinstance(b, bool) or not isinstance(b, int) or b < 1 or isinstance(f, bool)
-                or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0.5 <= f <= 2.0
-                for b, f in self.decode_batch_factors)
-                or any(b <= a for a, b in zip(sizes, sizes[1:], strict=False))):
-            raise CostModelError("TableCostModel: decode_batch_factors must be [sequences, factor] pairs with "
-                                 "whole sequences >= 1 in rising order and factors in [0.5, 2], got "
-                                 f"{[list(k) for k in self.decode_batch_factors]!r}")
-        waits = [a for a, _ in self.idle_wakeup_curve]
-        if (any(not (math.isfinite(a) and math.isfinite(b) and a > 0 and b >= 0) for a, b in self.idle_wakeup_curve)
-                or any(b <= a for a, b in zip(waits, waits[1:], strict=False))):
-            raise CostModelError("TableCostModel: idle_wakeup_curve must be [idle seconds, extra seconds] pairs with "
-                                 "idle seconds > 0 in rising order and extra seconds >= 0, got "
-                                 f"{[list(k) for k in self.idle_wakeup_curve]!r}")
-        if not isinstance(self.kv_unified, bool):
-            raise CostModelError(f"TableCostModel: kv_unified must be true or false, got {self.kv_unified!r}")
-        for knots_name, values_name in TABLES:
-            values = getattr(self, values_name)
-            _check_table(knots_name, values_name, getattr(self, knots_name), values)
-            if values_name == "ubatch_token_s" and any(b < a for a, b in zip(values, values[1:], strict=False)):
-                raise CostModelError(f"TableCostModel: {values_name} must not decrease, got {values!r}")
+        check_model(self)
 
     # -- pricing ------------------------------------------------------------------
     def shape(self, plan: StepPlan, after_idle: bool = False) -> StepShape:
@@ -216,8 +116,8 @@ class TableCostModel:
              + self.per_copy_s * shape.num_copies + self.per_copied_token_s * shape.num_copied_tokens
              + self.idle_wakeup_s * shape.after_idle)
         for u in shape.ubatches:
-            t += (_interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
-                  + _interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
+            t += (interp(u.n_tokens, self.ubatch_tokens, self.ubatch_token_s)
+                  + interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
             if u.q_len:
                 t += self.prompt_attention_s(u)
         return t
@@ -260,51 +160,9 @@ class TableCostModel:
             return self.per_fa_tile_s * fa_tiles(u.q_len, u.starts, self.fa_heads, self.fa_threads)
         if self.prompt_pair_knots is None:
             return self.per_attention_pair_s * (u.context_pairs + u.chunk_pairs)
-        per_context = _interp_clamped(u.q_len, self.prompt_pair_knots, self.prompt_context_pair_s)
+        per_context = interp_clamped(u.q_len, self.prompt_pair_knots, self.prompt_context_pair_s)
         return self.per_prompt_pair_s * u.chunk_pairs + per_context * u.context_pairs
 
-    def _together(self, names: tuple[str, ...], when_null: str) -> list | None:
-        """The values of optional params that go together: None when all are null, else all of them."""
-        values = [getattr(self, n) for n in names]
-        if all(v is None for v in values):
-            return None
-        if any(v is None for v in values):
-            raise CostModelError(f"TableCostModel: {', '.join(names)} go together (all set, or all null "
-                                 f"{when_null}), got {values!r}")
-        return values
-
-    def _check_positive_int(self, name: str) -> None:
-        v = getattr(self, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise CostModelError(f"TableCostModel: {name} must be a positive integer, got {v!r}")
-
-    def _check_prompt_pairs(self) -> None:
-        names = ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
-        values = self._together(names, "for a decode's per-pair price")
-        if values is None:
-            return
-        check_params("table", {"per_prompt_pair_s": values[0]}, ("per_prompt_pair_s",), "TableCostModel")
-        _check_table(names[1], names[2], values[1], values[2])
-
-    def _check_tiling(self) -> None:
-        values = self._together(TILING, "to price long prompt chunks by their attention pairs")
-        if values is None:
-            return
-        check_params("table", {"per_fa_tile_s": values[0]}, ("per_fa_tile_s",), "TableCostModel")
-        for n in TILING[1:]:
-            self._check_positive_int(n)
-        if self.kv_unified:
-            raise CostModelError("TableCostModel: flash-attention tiles are priced for one KV stream per sequence; "
-                                 "a kv_unified profile must leave per_fa_tile_s, fa_heads and fa_threads null")
-
-    def _check_graph(self) -> None:
-        values = self._together(GRAPH, "to price no graph building apart")
-        if values is None:
-            return
-        check_params("table", dict(zip(GRAPH, values, strict=True)), GRAPH, "TableCostModel")
-        if self.kv_unified:
-            raise CostModelError("TableCostModel: graph building is priced for one KV stream per sequence; a "
-                                 "kv_unified profile must leave per_graph_build_s and per_graph_build_seq_s null")
 
     def factor(self, has_prefill: bool, num_seqs: int = 0) -> float:
         """The run factor of a step with (True) or without prompt tokens; a step of decodes only over num_seqs
@@ -312,7 +170,7 @@ class TableCostModel:
         if has_prefill:
             return self.run_factor if self.prefill_run_factor is None else self.prefill_run_factor
         if self.decode_batch_factors and num_seqs:
-            return _knot_value(num_seqs, self.decode_batch_factors)
+            return knot_value(num_seqs, self.decode_batch_factors)
         return self.run_factor
 
     def scaled(self, decode: float, prompt: float) -> TableCostModel:
@@ -380,42 +238,13 @@ class TableCostModel:
     # -- JSON ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         """{"kind": "table", "params", "meta"}."""
-        params = {n: list(v) if isinstance(v := getattr(self, n), tuple) else v for n in SCALARS + SPLIT + OPTIONAL}
-        for knots_name, values_name in TABLES:
-            params[knots_name] = list(getattr(self, knots_name))
-            params[values_name] = list(getattr(self, values_name))
-        return {"kind": "table", "params": params, "meta": dict(self.meta)}
+        return {"kind": "table", "params": to_params(self), "meta": dict(self.meta)}
 
     @classmethod
     def from_dict(cls, params: object, meta: dict, name: str, source: str) -> TableCostModel:
         """Build from a JSON params object; source names the file in errors."""
-        if not isinstance(params, dict):
-            raise CostModelError(f"{source}: 'params' of a table cost model must be an object")
-        expected = set(SCALARS + SPLIT) | {n for pair in TABLES for n in pair}
-        missing, unknown = sorted(expected - set(params)), sorted(set(params) - expected - set(OPTIONAL))
-        if missing or unknown:
-            raise CostModelError(f"{source}: table cost model params: missing {', '.join(missing) or 'none'}; "
-                                 f"unknown {', '.join(unknown) or 'none'}")
-        kw = {n: params[n] for n in SCALARS + SPLIT + OPTIONAL if n in params}
-        for n in ("prompt_pair_knots", "prompt_context_pair_s"):
-            if isinstance(kw.get(n), list):
-                kw[n] = tuple(kw[n])
-        # [x, y] knot lists: checked here for their shape, and by __post_init__ for their values
-        for n, what, convert in (("idle_wakeup_curve", "[idle seconds, extra seconds]", wakeup_curve),
-                                 ("decode_batch_factors", "[sequences, factor]", lambda ks: tuple(map(tuple, ks)))):
-            if n in kw:
-                knots = kw[n]
-                if not (isinstance(knots, list | tuple)
-                        and all(isinstance(k, list | tuple) and len(k) == 2 for k in knots)):
-                    raise CostModelError(f"{source}: table param {n!r} must be a list of {what} pairs")
-                kw[n] = convert(knots)
-        for pair in TABLES:
-            for n in pair:
-                if not isinstance(params[n], list):
-                    raise CostModelError(f"{source}: table param {n!r} must be a list")
-                kw[n] = tuple(params[n])
         try:
-            return cls(**kw, name=name, meta=meta)
+            return cls(**from_params(params, source), name=name, meta=meta)
         except CostModelError as exc:
             raise CostModelError(f"{source}: {exc}") from None
 
@@ -487,44 +316,9 @@ def _prefill_context(f: StepFeatures) -> int:
     return min(f.num_context_tokens, f.num_prefill_tokens) if f.num_prefill_tokens else 0
 
 
-def _knot_value(x: float, knots: Sequence[tuple[float, float]]) -> float:
-    """The value at x of a curve given by (x, value) knots in rising x: linear between them, flat beyond."""
-    if x <= knots[0][0]:
-        return knots[0][1]
-    for (x0, v0), (x1, v1) in zip(knots, knots[1:], strict=False):
-        if x <= x1:
-            return v0 + (v1 - v0) * (x - x0) / (x1 - x0)
-    return knots[-1][1]
-
-
 def describe_batch_factors(knots: Sequence[Sequence[float]]) -> str:
     """'x0.917 at B=1, x0.859 at B=2, ...' for decode_batch_factors."""
     return ", ".join(f"x{f:.3f} at B={b}" for b, f in knots)
-
-
-def wakeup_curve(knots: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
-    """[idle seconds, extra seconds] pairs (a wake-up probe's knots, a profile's JSON) as an idle_wakeup_curve."""
-    return tuple((float(a), float(b)) for a, b in knots)
-
-
-def describe_wakeup(curve: Sequence[Sequence[float]]) -> str:
-    """A wake-up curve for reports: "+1.2 ms after 0.1 s, +8.6 ms after 1 s"."""
-    return ", ".join(f"+{e * 1e3:.1f} ms after {i:g} s" for i, e in curve)
-
-
-def wakeup_from_curve(curve: Sequence[tuple[float, float]], idle_s: float) -> float:
-    """Extra seconds of the first step after an idle wait of idle_s: linear between the curve's knots, from
-    (0, 0) to the first, and the last knot's value beyond it (no measurement says how it grows further)."""
-    return float(_knot_value(max(idle_s, 0.0), ((0.0, 0.0), *curve)))
-
-
-def wakeup_cost(model, idle_s: float | None) -> float:
-    """A cost model's wake-up price for a step after idle_s seconds of idling (None: not known): from its
-    idle_wakeup_curve when it has one and the wait is known, else its flat idle_wakeup_s."""
-    curve = getattr(model, "idle_wakeup_curve", ())
-    if curve and idle_s is not None:
-        return wakeup_from_curve(curve, idle_s)
-    return float(getattr(model, "idle_wakeup_s", 0.0))
 
 
 def price_run(model, steps: Sequence[tuple[StepPlan, bool]]) -> list[float]:

@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from backends.cost.table import wakeup_curve  # noqa: E402
+from backends.cost.wakeup import wakeup_curve  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
 from calib.calibrate import probe_run_factor, probe_wakeup  # noqa: E402
 from calib.validate import (  # noqa: E402
