@@ -42,6 +42,7 @@ import numpy as np
 EXECUTORS = ("serial", "local[:N]", "ray[:ADDRESS]")
 RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
 RAY_CONNECT_TIMEOUT_S = 5.0
+RAY_WAIT_S = 0.2
 
 
 class ExecutorError(ValueError):
@@ -255,7 +256,8 @@ class RayExecutor:
         results: list[Outcome | None] = [None] * len(tasks)
         try:
             while refs:
-                done, _ = ray.wait(list(refs), num_returns=1)
+                # a short timeout: a wait without one blocks in Ray's core, where Ctrl-C never reaches Python
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=RAY_WAIT_S)
                 for ref in done:
                     i = refs.pop(ref)
                     try:

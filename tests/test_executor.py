@@ -126,7 +126,9 @@ def test_ctrl_c_on_a_local_pool_run_leaves_no_process_behind(tmp_path):
     env = {**os.environ, key: value}
     argv = [sys.executable, "-m", "sim.cli", "sweep", "--rates", "1,2,3,4,5,6", "--policies", "static,continuous",
             "--num-requests", "4000", "--no-plots", "--executor", "local:2", "--out", str(tmp_path)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a shell's background job inherits SIGINT ignored, and Python would keep ignoring it: restore the default
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while len(_marked(marker)) < 4 and proc.poll() is None and time.monotonic() < deadline:
