@@ -17,8 +17,10 @@ Workloads:
 - saturated Poisson: 60 requests, Poisson 8 req/s (about twice what the machine serves), the synthetic defaults'
   lengths (prompt lognormal 90, output lognormal 18).
 Prints every run, then one table of tokenstep / llama-server ratios of the medians over rounds: throughput,
-TTFT p50 and p99, TPOT mean, E2E p99. --quick runs a few requests of each, one round: an end-to-end check
-only, never figures. Timings mean something only on an otherwise idle machine (docs/BENCHMARKS.md).
+TTFT p50 and p99, TPOT mean, E2E p99, and whether the targets are met (main job: throughput >= 1.0x and TTFT
+p99 <= 0.5x; shared system prompt: TTFT p50 at least 1.5x better, <= 0.67x). --quick runs a few requests of
+each, one round: an end-to-end check only, never figures. Timings mean something only on an otherwise idle
+machine (docs/BENCHMARKS.md).
 llama-server is built by ../shared/tools/build-llama-peers.sh into ~/.cache/llama-peers/bin (or $LLAMA_PEERS/bin).
 """
 
@@ -54,6 +56,9 @@ QUICK = {"main job": ["--limit", "6", "--time-scale", "0.4"],
 METRICS = (("throughput", "request_throughput", True), ("TTFT p50", "median_ttft_ms", False),
            ("TTFT p99", "p99_ttft_ms", False), ("TPOT mean", "mean_tpot_ms", False), ("E2E p99", "p99_e2el_ms", False))
 READY_TIMEOUT_S = 300
+# what tokenstep serve should reach: (workload, label, most (ratio <=) or least (ratio >=) allowed)
+TARGETS = (("main job", "throughput", ">=", 1.0), ("main job", "TTFT p99", "<=", 0.5),
+           ("shared system prompt", "TTFT p50", "<=", 1 / 1.5))
 
 
 def free_port() -> int:
@@ -126,24 +131,35 @@ def bench(url: str, workload: list[str], out: Path) -> dict:
     return json.loads((out / "vllm_result.json").read_text())
 
 
-def ratio_table(results: dict) -> str:
-    """tokenstep / llama-server of the medians over rounds, one row per workload."""
-    header = ["workload"] + [label for label, _, _ in METRICS]
-    rows = [header]
+def ratios(results: dict) -> dict[tuple[str, str], float | None]:
+    """(workload, metric label) -> tokenstep / llama-server of the medians over rounds."""
+    out = {}
     for workload, by_server in results.items():
-        cells = [workload]
-        for _, field, _ in METRICS:
+        for label, field, _ in METRICS:
             ours = [r[field] for r in by_server["tokenstep serve"] if r[field] is not None]
             theirs = [r[field] for r in by_server["llama-server"] if r[field] is not None]
-            if not ours or not theirs or statistics.median(theirs) == 0:
-                cells.append("-")
-                continue
-            cells.append(f"{statistics.median(ours) / statistics.median(theirs):.2f}x")
-        rows.append(cells)
+            ok = ours and theirs and statistics.median(theirs) != 0
+            out[workload, label] = statistics.median(ours) / statistics.median(theirs) if ok else None
+    return out
+
+
+def ratio_table(results: dict) -> str:
+    """tokenstep / llama-server of the medians over rounds, one row per workload, then the targets."""
+    r = ratios(results)
+    header = ["workload"] + [label for label, _, _ in METRICS]
+    rows = [header]
+    for workload in results:
+        rows.append([workload] + ["-" if r[workload, label] is None else f"{r[workload, label]:.2f}x"
+                                  for label, _, _ in METRICS])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [" | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    for workload, label, op, bound in TARGETS:
+        value = r.get((workload, label))
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        shown = "-" if value is None else f"{value:.2f}x"
+        lines.append(f"target: {workload} {label} {op} {bound:.2f}x: {shown}, {'met' if met else 'NOT met'}")
     return "\n".join(["tokenstep serve / llama-server (medians over rounds; throughput: higher is better, the "
                       "rest: lower is better)"] + lines)
 
