@@ -30,7 +30,7 @@ def _decode_horizon(s: Scheduler) -> int:
     """Upcoming steps certain to be identical pure-decode steps, absent arrivals and aborts (0: none)."""
     running = s.running
     # finished ids still to announce are fine (they change no chunk and no cost); KV removals are not
-    if not running or s._in_flight is not None or s._pending_removes or s._pending_aborts or s._pending_outputs:
+    if not running or s._in_flight is not None or s.planner.removes or s._pending_aborts or s.planner.outputs:
         return 0
     policy = s.policy
     if policy.padding:
@@ -117,7 +117,7 @@ def _apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, in
     that got its last token at that step (0-based), by step then batch order (not finished here: pass
     them to finish_decode_steps); and adds[j], the blocks newly reserved by step j.
     """
-    announced, s._pending_finished = s._pending_finished, []
+    announced = s.planner.take_finished()
     pool = s.pool
     bs = pool.block_size
     slot_blocks, slot_hashes, slot_tokens = pool.slot_blocks, pool.slot_hashes, pool.slot_tokens
@@ -146,7 +146,7 @@ def _apply_decode_steps(s: Scheduler, steps: int, take_tokens: Callable[[str, in
             slot_tokens[slot] = end  # pool.decoded's whole effect otherwise
     done.sort(key=lambda x: x[0])  # stable: batch order within a step
     s.stats.num_steps += steps
-    s._step_id += steps
+    s.planner.skipped(steps)
     return announced, done, adds
 
 
@@ -157,8 +157,7 @@ def _finish_decode_steps(s: Scheduler, done: list[Request], now_s: float) -> lis
 
 def _take_announced(s: Scheduler) -> list[str]:
     """Finished ids pending for the next plan, taken now: a skipped step's plan announced them."""
-    announced, s._pending_finished = s._pending_finished, []
-    return announced
+    return s.planner.take_finished()
 
 
 class FastForward:

@@ -10,7 +10,7 @@ from ._fastforward import FastForward
 from ._step import Planner
 from .config import SchedulerConfig
 from .kv import KVPool
-from .messages import KVRemove, RequestOutput, StepPlan, StepResult, new_output
+from .messages import RequestOutput, StepPlan, StepResult, new_output
 from .policies import Policy, make_policy
 from .request import FinishReason, Request, RequestStatus
 
@@ -49,15 +49,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.stats = SchedulerStats()
         self._eos = frozenset(c.eos_token_ids)
-        self._pending_removes: list[KVRemove] = []
-        self._pending_finished: list[str] = []
-        self._pending_aborts: list[tuple[str, FinishReason, str | None]] = []
-        self._pending_outputs: list[RequestOutput] = []  # finishes decided while planning
-        self._now_s = 0.0
+        self._pending_aborts: list[tuple[str, FinishReason, str | None]] = []  # applied at commit
         self._in_flight: StepPlan | None = None
-        self._hashes: dict[str, tuple[int, list[int]]] = {}  # request -> (num_tokens, its chain_hashes)
-        self._lost: dict[str, int] = {}  # request -> computed tokens thrown away by preemption
-        self._step_id = 0
         self._max_len = min(c.max_model_len, c.kv_capacity_tokens)
         self.planner = Planner(self)  # plans each step (scheduler._step)
         self.fast_forward = FastForward(self)  # skips pure-decode stretches for drivers that know the tokens
@@ -74,7 +67,7 @@ class Scheduler:
 
     def has_pending_kv_ops(self) -> bool:
         """True if the next plan carries KV removals even with no request to run."""
-        return bool(self._pending_removes or self._pending_finished)
+        return self.planner.has_pending_kv_ops()
 
     # ---- requests in and out -------------------------------------------------------
     def add_request(self, request: Request, now_s: float | None = None) -> RequestOutput | None:
@@ -125,7 +118,7 @@ class Scheduler:
     def release_cache(self) -> None:
         """Evict every cached slot in the next plan (so the KV ends empty)."""
         while (slot := self.pool.evict_one()) is not None:
-            self._pending_removes.append(KVRemove(slot))
+            self.planner.remove_slot(slot)
             self.stats.num_evictions += 1
 
     def _finish(self, r: Request, reason: FinishReason, now_s: float, detail: str | None = None,
@@ -137,16 +130,15 @@ class Scheduler:
             if r.slot is not None:
                 keep = reason in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.ABORT)
                 if self.pool.release(r.slot, keep_cached=keep):
-                    self._pending_removes.append(KVRemove(r.slot))
+                    self.planner.remove_slot(r.slot)
                 r.slot = None
-            self._pending_finished.append(r.request_id)
+            self.planner.announce(r.request_id)
         r.status = FINISHED
         r.finish_reason = reason
         r.finish_detail = detail
         r.finish_s = now_s
         r.padding = False
-        self._hashes.pop(r.request_id, None)
-        self._lost.pop(r.request_id, None)
+        self.planner.forget(r.request_id)
         return RequestOutput(r.request_id, (), True, reason.value, detail)
 
     # ---- the step ------------------------------------------------------------------
@@ -167,7 +159,7 @@ class Scheduler:
             raise ValueError("commit() got a plan that is not the one in flight")
         self._in_flight = None
         self.stats.num_steps += 1
-        outputs, self._pending_outputs = self._pending_outputs, []
+        outputs = self.planner.take_outputs()
         sampled = result.sampled_token_ids
         failed = result.failed
         requests = self.requests
@@ -193,7 +185,7 @@ class Scheduler:
             end = chunk.start_pos + len(chunk.token_ids)
             r.num_computed_tokens = end
             if caching and end >= (len(slot_hashes[slot]) + 1) * bs:  # a block filled up: index its hash
-                known = self._hashes.get(request_id)  # the prompt's block hashes, from admission
+                known = self.planner.hashes.get(request_id)  # the prompt's block hashes, from admission
                 pool.computed(slot, end, r.token_at, known[1] if known and known[0] == r.num_tokens else ())
             else:
                 slot_tokens[slot] = end  # pool.computed's whole effect otherwise
