@@ -33,7 +33,7 @@ from sim.cli_output import emit, finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import close, parse_run_spec, prepare, run_config, split_specs
 from sim.cli_sweep import parse_params
-from sim.executor import Task, add_executor_arg
+from sim.executor import Task, add_executor_arg, parse_executor
 from sim.report import format_table, format_time
 from sim.study import executor_for, make_study, register, report_failures, run_study
 
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("capacity needs --slo, e.g. --slo ttft=1,tpot=0.2")
     if not 0 < args.attainment <= 1:
         raise ValueError(f"--attainment {args.attainment} must be in (0, 1]")
+    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     combos = parse_params(args.param)
     specs = [parse_run_spec(s, combo) for combo in combos for s in split_specs(args.policies)]
     workloads = RateWorkloads(args, "capacity")

@@ -35,7 +35,7 @@ from sim.cli_common import (
 )
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
 from sim.cli_runs import RunSpec, close, execute, parse_run_specs, prepare
-from sim.executor import Task, add_executor_arg
+from sim.executor import Task, add_executor_arg, parse_executor
 from sim.report import format_table, safe_name
 from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
 
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             args.time_scale = LLAMA_DEFAULT_TIME_SCALE
     elif args.probe_requests is not None:
         raise UsageError("--probe-requests applies to --backend llama (it times the real backend)")
+    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     specs = parse_run_specs(args.policies)
     workload = build_workload(args)
     ctx = prepare(args, "compare")
@@ -157,9 +158,9 @@ def _simulate_all(ctx, specs, workload, out) -> tuple[int, list, list, list]:
 
 
 def _speed_probe(ctx, workload) -> dict | None:
-    """calib.calibrate.speed_probe on the real instances (None: no llama, no table profile, or --probe-requests
+    """calib.probes.speed_probe on the real instances (None: no llama, no table profile, or --probe-requests
     0). The instances' KV is cleared after it; the runs take fresh backends anyway."""
-    from calib.calibrate import speed_probe
+    from calib.probes import speed_probe
 
     args = ctx.args
     if ctx.llama is None:

@@ -17,7 +17,7 @@ from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args
 from sim.cli_output import finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import RunSpec, close, execute, parse_run_spec, prepare, run_config, split_specs
-from sim.executor import Task, add_executor_arg
+from sim.executor import Task, add_executor_arg, parse_executor
 from sim.report import format_time
 from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
 
@@ -66,6 +66,7 @@ def sweep_point(study: Study, spec: RunSpec, rate: float) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid, print one line per point, write results and the rate curves."""
+    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     combos = parse_params(args.param)
     specs = [parse_run_spec(s, combo) for combo in combos for s in split_specs(args.policies)]
     if args.rate is not None:

@@ -282,21 +282,31 @@ class RayExecutor:
         self._owns = False
 
 
-def make_executor(text: str | None, seed: int = 0):
-    """An executor from an --executor value: serial, local[:N] or ray[:ADDRESS] (None: local)."""
+def parse_executor(text: str | None) -> tuple[str, str | int | None]:
+    """('serial', None), ('local', N or None) or ('ray', ADDRESS or None) from an --executor value (None: local)."""
     text = (text or "local").strip()
     name, _, rest = text.partition(":")
     if name == "serial" and not rest:
-        return SerialExecutor(seed)
+        return "serial", None
     if name == "local":
         if not rest:
-            return LocalExecutor(None, seed)
+            return "local", None
         if rest.isdigit() and int(rest) >= 1:
-            return LocalExecutor(int(rest), seed)
+            return "local", int(rest)
         raise ExecutorError(f"--executor {text}: N must be a whole number >= 1 (e.g. local:4)")
     if name == "ray":
-        return RayExecutor(rest or None, seed=seed)
+        return "ray", rest or None
     raise ExecutorError(f"--executor {text!r} is unknown; use serial, local[:N] or ray[:ADDRESS]")
+
+
+def make_executor(text: str | None, seed: int = 0):
+    """An executor from an --executor value: serial, local[:N] or ray[:ADDRESS] (None: local)."""
+    name, arg = parse_executor(text)
+    if name == "serial":
+        return SerialExecutor(seed)
+    if name == "local":
+        return LocalExecutor(arg, seed)  # type: ignore[arg-type]
+    return RayExecutor(arg, seed=seed)  # type: ignore[arg-type]
 
 
 def add_executor_arg(parser: argparse.ArgumentParser) -> None:
