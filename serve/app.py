@@ -96,6 +96,10 @@ class ServerState:
 
     def _set_engine(self, core: EngineCore, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = AsyncEngine(core, self.metrics, loop, self.max_queue)
+        cfg = core.scheduler.config
+        print(f"tokenstep serve: ready ({cfg.max_num_seqs} slots, max_model_len {self.info.max_model_len}, "
+              f"KV {cfg.kv_capacity_tokens} tokens, prefix caching {'on' if cfg.enable_prefix_caching else 'off'})",
+              file=sys.stderr)
         if self.draining:
             self.engine.accepting = False
 

@@ -154,10 +154,15 @@ def run(args: argparse.Namespace) -> int:
     server = _make_server(config, state)
     print(f"tokenstep serve: {args.backend} backend, model {names[0]}, policy {args.policy}, listening on "
           f"http://{args.host}:{args.port} (GET /health turns 200 once the model is loaded)", file=sys.stderr)
-    server.run()
-    if server.failed:
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot listen (it has logged why)
+        if exc.code in (0, None):
+            return 0
+        print(f"tokenstep: error: could not serve on {args.host}:{args.port} (is the port in use? pick another "
+              "with --port)", file=sys.stderr)
         return 2
-    return 0
+    return 2 if server.failed else 0
 
 
 def _make_server(config: Any, state: Any) -> Any:
