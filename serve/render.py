@@ -131,7 +131,7 @@ def usage_line(meta: ResponseMeta, usage_obj: dict[str, Any]) -> str:
     """The include_usage chunk: no choices, the usage."""
     obj = "chat.completion.chunk" if meta.chat else "text_completion"
     return (f'data: {{"id":"{meta.id}","object":"{obj}","created":{meta.created},"model":{_dumps(meta.model)},'
-            f'"choices":[],"usage":{_dumps(usage_obj)}}}\n\n')
+            f'"choices":[],"usage":{_dumps(usage_obj, separators=(",", ":"))}}}\n\n')
 
 
 class Chunker:
