@@ -51,9 +51,10 @@ def plot_latency_cdfs(runs: list[RunResult], path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), layout="constrained")
     metrics = (("ttft_s", f"TTFT (s, {_timing(runs)})"), ("tpot_s", "TPOT (s)"), ("e2e_s", "E2E latency (s)"))
+    latencies = [[request_latencies(r) for r in run.records if is_finished(r)] for run in runs]
     for ax, (key, label) in zip(axes, metrics, strict=True):
         for i, run in enumerate(runs):
-            values = sorted(v for r in run.records if is_finished(r) and (v := request_latencies(r)[key]) is not None)
+            values = sorted(v for lat in latencies[i] if (v := lat[key]) is not None)
             if not values:
                 continue
             fractions = [0.0] + [(k + 1) / len(values) for k in range(len(values))]
