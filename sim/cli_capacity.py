@@ -33,9 +33,9 @@ from sim.cli_output import emit, finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import close, parse_run_spec, prepare, run_config, split_specs
 from sim.cli_sweep import parse_params
-from sim.executor import Task, add_executor_arg, parse_executor
+from sim.executor import Task, add_executor_arg
 from sim.report import format_table, format_time
-from sim.study import executor_for, make_study, register, report_failures, run_study
+from sim.study import register, report_failures, run_study, start_executor
 
 DEFAULT_POLICIES = "static,continuous,chunked"
 
@@ -100,17 +100,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("capacity needs --slo, e.g. --slo ttft=1,tpot=0.2")
     if not 0 < args.attainment <= 1:
         raise ValueError(f"--attainment {args.attainment} must be in (0, 1]")
-    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     combos = parse_params(args.param)
     specs = [parse_run_spec(s, combo) for combo in combos for s in split_specs(args.policies)]
-    workloads = RateWorkloads(args, "capacity")
-    ctx = prepare(args, "capacity")
-    executor = None
+    # the workers start (and read the trace) while this process reads it
+    executor, study = start_executor(args, "capacity", len(specs))
+    ctx = None
     try:
+        workloads = RateWorkloads(args, "capacity")
+        ctx = prepare(args, "capacity")
         for spec in specs:
             run_config(ctx, spec)  # a bad value fails now, not after the other searches
-        executor = executor_for(args, ctx)
-        study = make_study(args, "capacity")
         register(study, ctx, rates=workloads)
         out = out_dir(args, "capacity")
         start = args.rate or 1.0
@@ -138,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
             return status
         return _finish(ctx, out, results, workloads, start) or status
     finally:
-        if executor is not None:
-            executor.close()
-        close(ctx)
+        executor.close()
+        if ctx is not None:
+            close(ctx)
 
 
 def _finish(ctx, out, results: list[dict], workloads: RateWorkloads, start: float) -> int:

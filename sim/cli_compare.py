@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from calib.validate import bracket_factors, rel_errors
+from calib.judge import rel_errors
+from calib.speed import bracket_factors
 from sim.cli_common import (
     UsageError,
     add_backend_args,
@@ -35,9 +36,9 @@ from sim.cli_common import (
 )
 from sim.cli_output import baseline_index, finish, log, out_dir, resolved_config
 from sim.cli_runs import RunSpec, close, execute, parse_run_specs, prepare
-from sim.executor import Task, add_executor_arg, parse_executor
+from sim.executor import Task, add_executor_arg
 from sim.report import format_table, safe_name
-from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
+from sim.study import Study, context, register, report_failures, run_study, start_executor
 
 DEFAULT_POLICIES = "static,continuous,chunked,continuous+noprefix"
 # the main job on real compute: what 2 CPU cores serve in a few minutes
@@ -78,19 +79,20 @@ def run(args: argparse.Namespace) -> int:
             args.time_scale = LLAMA_DEFAULT_TIME_SCALE
     elif args.probe_requests is not None:
         raise UsageError("--probe-requests applies to --backend llama (it times the real backend)")
-    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     specs = parse_run_specs(args.policies)
-    workload = build_workload(args)
-    ctx = prepare(args, "compare")
+    # simulator only: the strategies are tasks on --executor, whose workers start while the workload is built
+    executor, study = start_executor(args, "compare", len(specs), build="workload")
+    ctx = None
     try:
+        workload = build_workload(args)
+        ctx = prepare(args, "compare")
         out = out_dir(args, "compare")
         log(args, f"compare: {len(specs)} strategies on {len(workload.requests)} requests, backend {ctx.backend}")
-        if ctx.llama is None:  # simulator only: the strategies are independent tasks on --executor
-            status, specs, measured, probes = _simulate_all(ctx, specs, workload, out)
+        if ctx.llama is None:
+            status, specs, measured, probes = _simulate_all(ctx, executor, study, specs, workload, out)
             if not measured:
                 return status
         else:
-            executor_for(args, ctx)  # refuses --executor: real runs take turns on this machine's cores
             status = 0
             probes = [_speed_probe(ctx, workload)]
             measured = []
@@ -131,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
         return finish(ctx, out, runs, summaries, config, report, plot_jobs,
                       extra_json={"speed_probes": probes} if ctx.llama is not None else None) or status
     finally:
-        close(ctx)
+        executor.close()
+        if ctx is not None:
+            close(ctx)
 
 
 def compare_run(study: Study, spec: RunSpec) -> tuple:
@@ -140,18 +144,13 @@ def compare_run(study: Study, spec: RunSpec) -> tuple:
     return execute(sc.ctx, spec, sc.workload)
 
 
-def _simulate_all(ctx, specs, workload, out) -> tuple[int, list, list, list]:
-    """Every strategy in the simulator on --executor: (exit status, the specs that ran, their (run, summary),
+def _simulate_all(ctx, executor, study, specs, workload, out) -> tuple[int, list, list, list]:
+    """Every strategy in the simulator on the executor: (exit status, the specs that ran, their (run, summary),
     speed probes: none)."""
     args = ctx.args
-    executor = executor_for(args, ctx)
-    try:
-        study = make_study(args, "compare")
-        register(study, ctx, workload=workload)
-        tasks = [Task(spec.label, (study, spec)) for spec in specs]
-        outcomes = run_study(args, executor, compare_run, tasks, out, lambda value: value[1], "compare")
-    finally:
-        executor.close()
+    register(study, ctx, workload=workload)
+    tasks = [Task(spec.label, (study, spec)) for spec in specs]
+    outcomes = run_study(args, executor, compare_run, tasks, out, lambda value: value[1], "compare")
     status = report_failures(args, "compare", outcomes)
     ran = [spec for spec, o in zip(specs, outcomes, strict=True) if o.ok]
     return status, ran, [o.value for o in outcomes if o.ok], [None] * (len(ran) + 1)

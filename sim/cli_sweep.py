@@ -17,9 +17,9 @@ from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args
 from sim.cli_output import finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import RunSpec, close, execute, parse_run_spec, prepare, run_config, split_specs
-from sim.executor import Task, add_executor_arg, parse_executor
+from sim.executor import Task, add_executor_arg
 from sim.report import format_time
-from sim.study import Study, context, executor_for, make_study, register, report_failures, run_study
+from sim.study import Study, context, register, report_failures, run_study, start_executor
 
 DEFAULT_RATES = "0.5,1,1.5,2,2.5,3"
 DEFAULT_POLICIES = "static,continuous,chunked"
@@ -66,22 +66,21 @@ def sweep_point(study: Study, spec: RunSpec, rate: float) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     """Run the grid, print one line per point, write results and the rate curves."""
-    parse_executor(args.executor)  # a bad --executor fails before the trace is read
     combos = parse_params(args.param)
     specs = [parse_run_spec(s, combo) for combo in combos for s in split_specs(args.policies)]
     if args.rate is not None:
         log(args, f"sweep: --rate {args.rate:g} ignored; the rates come from --rates")
-    workloads = RateWorkloads(args, "sweep")
-    ctx = prepare(args, "sweep")
-    executor = None
+    rates = sorted(args.rates)
+    # the workers start (and read the trace) while this process reads it
+    executor, study = start_executor(args, "sweep", len(rates) * len(specs))
+    ctx = None
     try:
+        workloads = RateWorkloads(args, "sweep")
+        ctx = prepare(args, "sweep")
         for spec in specs:
             run_config(ctx, spec)  # a bad swept value fails now, not halfway through the grid
-        executor = executor_for(args, ctx)
-        study = make_study(args, "sweep")
         register(study, ctx, rates=workloads)
         out = out_dir(args, "sweep")
-        rates = sorted(args.rates)
         tasks = [Task(f"{spec.label} @ {rate:g} req/s", (study, spec, rate)) for rate in rates for spec in specs]
         log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {len(tasks)} runs, backend {ctx.backend}")
         outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep",
@@ -113,6 +112,6 @@ def run(args: argparse.Namespace) -> int:
         jobs = [("rate_curves.png", lambda p: plot_rate_curves(points, p))]
         return finish(ctx, out, runs, summaries, config, report, jobs) or status
     finally:
-        if executor is not None:
-            executor.close()
-        close(ctx)
+        executor.close()
+        if ctx is not None:
+            close(ctx)

@@ -126,6 +126,9 @@ class SerialExecutor:
                 on_done(i, outcome)
         return results
 
+    def prestart(self, fn: Callable | None = None, args: tuple = ()) -> None:
+        """Nothing to start: tasks run in this process."""
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -140,27 +143,48 @@ def _pool_context():
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         # workers fork from a server that imported the simulator once, instead of importing it each
-        ctx.set_forkserver_preload(["numpy", "simpy", "sim.model", "sim.cli_runs", "sim.executor"])
+        ctx.set_forkserver_preload(["numpy", "simpy", "sim.model", "sim.cli_runs", "sim.executor", "sim.study",
+                                    "sim.cli_sweep", "sim.capacity", "sim.cli_compare"])
         return ctx
     return multiprocessing.get_context("spawn")
 
 
 class LocalExecutor:
-    """A process pool of this machine's CPUs (forkserver or spawn: workers never inherit a forked parent)."""
+    """A process pool of this machine's CPUs (forkserver or spawn: workers never inherit a forked parent).
+
+    The pool lives from prestart() (or the first map()) to close(), so its start-up can overlap the
+    command's own preparation and several maps share it.
+    """
 
     name = "local"
 
     def __init__(self, workers: int | None = None, seed: int = 0) -> None:
         self.workers = workers or available_cpus()
         self.seed = seed
+        self._pool: ProcessPoolExecutor | None = None
+        self._warming: list = []
+
+    def _ensure_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context(),
+                                             initializer=_ignore_sigint)
+        return self._pool
+
+    def prestart(self, fn: Callable | None = None, args: tuple = ()) -> None:
+        """Start the workers now, each running fn(*args) first if given (a warm-up whose result is dropped)."""
+        if self.workers <= 1:
+            return
+        pool = self._ensure_pool()
+        # a pool starts a worker per submitted task while none is idle: one warm-up each starts them all
+        self._warming = [pool.submit(run_task, fn or _nothing, "warm-up", self.seed, args)
+                         for _ in range(self.workers)]
 
     def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
         """Run the tasks on up to self.workers processes; results in task order."""
-        workers = min(self.workers, len(tasks))
-        if workers <= 1:  # a pool would only add its start-up
+        if min(self.workers, len(tasks)) <= 1 and self._pool is None:  # a pool would only add its start-up
             return SerialExecutor(self.seed).map(fn, tasks, on_done)
         results: list[Outcome | None] = [None] * len(tasks)
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(), initializer=_ignore_sigint)
+        pool = self._ensure_pool()
         try:
             pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
             while pending:
@@ -175,13 +199,24 @@ class LocalExecutor:
                     if on_done is not None:
                         on_done(i, outcome)
         except BaseException:
+            self._pool = None
             _terminate(pool)
             raise
-        pool.shutdown(wait=True)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Nothing held between maps."""
+        """End the pool: at once if a warm-up is still running (the command stopped early), else when idle."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if all(f.done() for f in self._warming):
+            pool.shutdown(wait=True)
+        else:
+            _terminate(pool)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
@@ -229,6 +264,7 @@ class RayExecutor:
         self.address = address
         self.seed = seed
         self._owns = False
+        self._warming: list = []
         if address and address != "auto":
             _check_reachable(address)
         kwargs: dict = {"include_dashboard": False, "logging_level": "warning", "log_to_driver": True}
@@ -247,6 +283,11 @@ class RayExecutor:
                                 ) from None
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self._remote = ray.remote(num_cpus=1, max_retries=0)(run_task)
+
+    def prestart(self, fn: Callable | None = None, args: tuple = ()) -> None:
+        """Have each CPU's worker run fn(*args) now (a warm-up whose result is dropped)."""
+        self._warming = [self._remote.remote(fn or _nothing, "warm-up", self.seed, args)
+                         for _ in range(self.workers)]
 
     def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
         """Submit every task; collect them as they finish; results in task order."""
@@ -276,7 +317,10 @@ class RayExecutor:
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Shut down the local Ray this executor started (a cluster is left running)."""
+        """Shut down the local Ray this executor started (a cluster is left running, our warm-ups cancelled)."""
+        for ref in self._warming:
+            self.ray.cancel(ref, force=True)
+        self._warming = []
         if self._owns and self.ray.is_initialized():
             self.ray.shutdown()
         self._owns = False
@@ -299,13 +343,17 @@ def parse_executor(text: str | None) -> tuple[str, str | int | None]:
     raise ExecutorError(f"--executor {text!r} is unknown; use serial, local[:N] or ray[:ADDRESS]")
 
 
-def make_executor(text: str | None, seed: int = 0):
-    """An executor from an --executor value: serial, local[:N] or ray[:ADDRESS] (None: local)."""
+def make_executor(text: str | None, seed: int = 0, num_tasks: int | None = None):
+    """An executor from an --executor value: serial, local[:N] or ray[:ADDRESS] (None: local).
+
+    num_tasks, when known, caps a local pool's workers (no idle processes for a short study).
+    """
     name, arg = parse_executor(text)
     if name == "serial":
         return SerialExecutor(seed)
     if name == "local":
-        return LocalExecutor(arg, seed)  # type: ignore[arg-type]
+        workers = arg or available_cpus()
+        return LocalExecutor(max(1, min(workers, num_tasks)) if num_tasks else workers, seed)  # type: ignore
     return RayExecutor(arg, seed=seed)  # type: ignore[arg-type]
 
 

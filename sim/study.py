@@ -98,14 +98,23 @@ def context(study: Study) -> StudyContext:
     return sc
 
 
-def executor_for(args: argparse.Namespace, ctx: Context):
-    """The executor of --executor; real backends run one at a time in this process."""
-    if ctx.llama is not None:
+def warm_context(study: Study, build: str) -> None:
+    """A worker's warm-up: build the study's context and its workloads (build: 'rates' or 'workload') now."""
+    getattr(context(study), build)
+
+
+def start_executor(args: argparse.Namespace, command: str, num_tasks: int, build: str = "rates"):
+    """(executor, study) for --executor, started now: its workers build the study's context while the command
+    builds its own. --backend llama runs one real run at a time in this process (and refuses --executor)."""
+    study = make_study(args, command)
+    if args.backend == "llama":
         if args.executor not in (None, "serial"):
             raise ValueError(f"--executor {args.executor} applies to simulated runs; --backend llama runs one "
                              "real run at a time on this machine's cores (leave --executor out)")
-        return SerialExecutor(args.seed)
-    return make_executor(args.executor, args.seed)
+        return SerialExecutor(args.seed), study
+    executor = make_executor(args.executor, args.seed, num_tasks)
+    executor.prestart(warm_context, (study, build))
+    return executor, study
 
 
 class ResultStream:
