@@ -43,6 +43,7 @@ EXECUTORS = ("serial", "local[:N]", "ray[:ADDRESS]")
 RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
 RAY_CONNECT_TIMEOUT_S = 5.0
 RAY_WAIT_S = 0.2
+POOL_BROKE = "a worker process of the pool died (killed, or out of memory) before this task could finish"
 
 
 class ExecutorError(ValueError):
@@ -194,7 +195,8 @@ class LocalExecutor:
                     try:
                         outcome = future.result()
                     except BrokenProcessPool:
-                        outcome = Outcome(tasks[i].label, error="its worker process died (killed, or out of memory)")
+                        outcome = Outcome(tasks[i].label, error=POOL_BROKE)
+                        self._pool = None  # a broken pool takes no more tasks: the next map starts another
                     results[i] = outcome
                     if on_done is not None:
                         on_done(i, outcome)
