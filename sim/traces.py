@@ -300,7 +300,8 @@ def load_trace(
     length_scale = check_scale("length_scale", length_scale)
     check_vocab_size(vocab_size)
     if check_time_unit(time_unit) is not None and fmt != "jsonl":
-        raise ValueError(f"time_unit applies to JSONL traces; a {fmt} trace says its own unit (see FORMATS)")
+        raise ValueError(f"--time-unit (time_unit) applies to JSONL traces; the {fmt} format fixes its own time unit "
+                         "(tokenstep --help lists the formats); leave it out")
     skipped: Counter = Counter()
     models: Counter = Counter()
     ignored: Counter = Counter()
