@@ -64,12 +64,11 @@ class StepLog:
     objects; columns() gives the arrays for code that does not.
     """
 
-    __slots__ = ("_buffer", "_parts", "_columns")
+    __slots__ = ("_buffer", "_parts")
 
     def __init__(self, samples: Iterable[StepSample] = ()) -> None:
         self._buffer: list[StepSample] = []
         self._parts: list[dict[str, np.ndarray]] = []
-        self._columns: dict[str, np.ndarray] | None = None
         for s in samples:
             self.append(s)
 
@@ -77,7 +76,6 @@ class StepLog:
         """Record one step."""
         buffer = self._buffer
         buffer.append(sample)
-        self._columns = None
         if len(buffer) >= _CHUNK:
             self._fold()
 
@@ -88,12 +86,10 @@ class StepLog:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every field as an array (float64 for times, int32 or int64 for counts), in recording order."""
-        if self._columns is None:
-            self._fold()
-            if len(self._parts) > 1:
-                self._parts = [{k: np.concatenate([p[k] for p in self._parts]) for k in STEP_FIELDS}]
-            self._columns = self._parts[0] if self._parts else _to_columns([])
-        return self._columns
+        self._fold()
+        if len(self._parts) > 1:
+            self._parts = [{k: np.concatenate([p[k] for p in self._parts]) for k in STEP_FIELDS}]
+        return self._parts[0] if self._parts else _to_columns([])
 
     def __len__(self) -> int:
         return sum(len(p["instance"]) for p in self._parts) + len(self._buffer)

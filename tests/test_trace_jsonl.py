@@ -122,3 +122,10 @@ def test_cli_time_unit_and_warning_on_stderr(tmp_path, capsys):
     assert doc["runs"][0]["num_requests"] == 3 and "over 2.0 s" in doc["workload"]
     warning = [line for line in captured.err.splitlines() if "warning" in line and "'user'" in line]
     assert warning == [f"tokenstep: warning: {path}: ignored fields tokenstep does not read: 'user' (3 of 3 lines)"]
+
+
+def test_time_unit_is_refused_for_a_format_that_fixes_its_own(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,4,2\n")
+    with pytest.raises(ValueError, match="applies to JSONL traces; the azure format fixes its own time unit"):
+        load_trace(path, time_unit="ms")
