@@ -12,6 +12,7 @@ import signal
 import statistics
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -19,7 +20,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from test_serve import client, metrics, start_server, stop_server  # noqa: E402
+from test_serve import client, free_port, metrics, start_server, stop_server  # noqa: E402
 
 MODEL = "gemma3-270m"
 PROMPT_IDS = list(range(1000, 1040))  # 40 token ids
@@ -128,3 +129,51 @@ def test_sigterm_past_the_grace_period_aborts_with_a_reason_and_exits_0():
             pass
     assert "server shutting down" in aborted.value.message
     assert stop_server(proc, 30) == 0
+
+
+def test_health_is_503_while_the_model_loads_then_200():
+    import uvicorn
+
+    from backends.cost import load_cost_model
+    from scheduler import SchedulerConfig
+    from serve.app import ServerInfo, ServerState, create_app
+    from serve.engine import EngineCore
+    from serve.sim_backend import ByteTokenizer, RealTimeSyntheticBackend
+
+    loaded = threading.Event()
+
+    def loader() -> EngineCore:
+        loaded.wait(60)
+        backend = RealTimeSyntheticBackend(load_cost_model("cpu-gemma3-270m"), SchedulerConfig(), ByteTokenizer())
+        return EngineCore(backend)
+
+    state = ServerState(ServerInfo(("m",), "sim", "continuous", "cpu-gemma3-270m", None), loader, None, 1.0)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(url + path, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status("/health") == 503 and status("/v1/models") == 503
+        loaded.set()
+        deadline = time.monotonic() + 30
+        while status("/health") != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status("/health") == 200 and status("/v1/models") == 200
+        out = client(url).completions.create(model="m", prompt="hi", max_tokens=3)
+        assert out.choices[0].text and out.usage.completion_tokens == 3  # byte-level stand-in: ASCII text
+    finally:
+        loaded.set()
+        server.should_exit = True
+        thread.join(30)
