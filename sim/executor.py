@@ -39,10 +39,8 @@ from typing import Any
 
 import numpy as np
 
-EXECUTORS = ("serial", "local[:N]", "ray[:ADDRESS]")
 RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
 RAY_CONNECT_TIMEOUT_S = 5.0
-RAY_WAIT_S = 0.2
 POOL_BROKE = "a worker process of the pool died (killed, or out of memory) before this task could finish"
 
 
@@ -299,8 +297,7 @@ class RayExecutor:
         results: list[Outcome | None] = [None] * len(tasks)
         try:
             while refs:
-                # a short timeout: a wait without one blocks in Ray's core, where Ctrl-C never reaches Python
-                done, _ = ray.wait(list(refs), num_returns=1, timeout=RAY_WAIT_S)
+                done, _ = ray.wait(list(refs), num_returns=1)
                 for ref in done:
                     i = refs.pop(ref)
                     try:
