@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from backends.cost import load_cost_model  # noqa: E402
 from backends.cost.ubatch import split_ubatches  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
-from calib.validate import retime  # noqa: E402
+from calib.measure import retime  # noqa: E402
 from scheduler import SchedulerConfig  # noqa: E402
 from scheduler.config import SLOT_CHOICES  # noqa: E402
 from sim.metrics import summarize  # noqa: E402
@@ -54,7 +54,7 @@ class PassCounter(SyntheticBackend):
 def run_real(workload, profile, base: SchedulerConfig, rate: float, choices: list[str]) -> list[dict]:
     """Continuous at `rate` on the real backend, the slot choices in turn, twice (a, b, a, b)."""
     from calib.cli_validate import _llama_options
-    from calib.validate import TimedBackend
+    from calib.measure import TimedBackend
     from sim.real import close_instances, make_llama_instances
 
     backends, real = make_llama_instances(None, 1, _llama_options(profile))

@@ -6,7 +6,7 @@ prefix copies, padded static batches, steps after an idle wait) through the back
 step's time is the wall time of schedule() + step() + commit(), the median of its repeats
 within 1.10x of the fastest (on a shared CPU, slower repeats are contention). Fits a "table" cost model
 (llama.cpp's micro-batch split replayed, piecewise-linear tables per micro-batch) and
-reports its error on held-out steps (every 4th), next to the linear "fitted" form. A wake-up
+reports its error on held-out steps (every 4th). A wake-up
 probe then times prefills after idle waits of several lengths (the profile's idle_wakeup_curve)
 and a short real-time serving run fits the run factors.
 The profile's meta says which model file, llama-cpp-python build, context and machine
@@ -96,7 +96,6 @@ def report(meta: dict, stats: dict, path: Path) -> str:
     for kind, s in stats["by_kind_held_out"].items():
         lines.append(f"  {kind:<18} {_pct(s)}")
     lines.append(f"table model on the steps it was fitted on: {_pct(stats['train'])}")
-    lines.append(f"linear 'fitted' form on the same held-out steps: {_pct(stats['linear_fitted_held_out'])}")
     wake = stats.get("wakeup")
     if wake:
         lines.append("wake-up: a prefill after an idle wait over the same prefill right after it (median of "
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(cal.model, out)
     if args.samples:
-        from calib.calibrate import write_samples
+        from calib.samples import write_samples
 
         write_samples(cal, args.samples)
     text = report(cal.meta, cal.stats, out)

@@ -7,7 +7,7 @@ The context is one unified KV stream (kv_unified) so that a single slot can hold
 
 from __future__ import annotations
 
-from calib.calibrate import Scenario, _mixed_grid
+from calib.grid import Scenario, _mixed_grid
 
 # llama.cpp context of a GPU calibration: 256 slots over one 256k-cell stream (32 GiB of F16 KV for Llama-3-8B),
 # 8k-token steps split into 512-token micro-batches (llama-server's defaults on a GPU)

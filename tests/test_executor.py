@@ -165,7 +165,8 @@ def test_a_bad_executor_exits_2_with_one_line(tmp_path, capsys, executor, messag
 
 def test_validates_noisy_reruns_are_identical_in_this_process_and_on_a_local_pool():
     from backends.cost import load_cost_model
-    from calib.validate import StepNoise, ensemble_predict, noise_spread, predict
+    from calib.measure import predict
+    from calib.noise import StepNoise, ensemble_predict, noise_spread
     from scheduler import SchedulerConfig
     from sim.metrics import summarize
     from sim.workload import synthetic_workload

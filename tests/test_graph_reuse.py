@@ -153,7 +153,7 @@ def test_a_profile_with_broken_graph_params_is_refused(model, change, message):
 def test_a_multi_instance_runs_steps_are_priced_each_on_its_own_context(model):
     """validate concatenates the instances' timed steps; each instance's first step (wait unknown) starts on
     a fresh graph, not after the other instance's last step."""
-    from calib.validate import price_samples
+    from calib.measure import price_samples
 
     a = [_decodes([0, 1], 40), _decodes([0, 1], 41)]
     b = [_decodes([0, 1], 42), _decodes([0, 1], 43)]  # the same shape as a's last step: no build if chained

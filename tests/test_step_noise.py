@@ -8,7 +8,9 @@ import pytest
 from backends.cost import load_cost_model
 from backends.cost.table import price_run
 from backends.synthetic import SyntheticBackend
-from calib.validate import NoisyModel, StepNoise, misses_within, noise_spread, predict, rel_errors, step_noise
+from calib.judge import misses_within, rel_errors
+from calib.measure import predict
+from calib.noise import NoisyModel, StepNoise, noise_spread, step_noise
 from scheduler import SchedulerConfig
 from scheduler.messages import ScheduledChunk, StepPlan, StepResult
 from sim.metrics import summarize
@@ -151,10 +153,10 @@ def test_misses_within_names_the_misses_whose_range_holds_zero():
     assert misses_within(rel, {}) == []
 
 
-def _noisy_load(profile) -> dict:
+def _noisy_load(profile, seed: int = 9) -> dict:
     """A stand-in for measure_load's result: a static run on a backend whose steps scatter 3 % around their price."""
     w = _workload(n=40, rate=2.0)
-    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=9)))
+    rec = _Recorder(SyntheticBackend(NoisyModel(profile, StepNoise(0.03, 0.0), seed=seed)))
     run = run_workload(w, "static", CONFIG, [rec], fast_forward=False)
     return {"rate": 2.0, "workload": w, "measured_run": run, "instances": 1, "samples": rec.samples,
             "cpu_load": {"before": {}, "after": {}}}
@@ -173,7 +175,7 @@ def test_compare_load_reports_the_step_noise_of_the_measured_steps_and_skips_it_
 
 
 def test_merge_noise_joins_the_probes_pools_and_combines_their_sigmas():
-    from calib.validate import merge_noise
+    from calib.noise import merge_noise
 
     a = StepNoise(0.03, 0.01, 1.0, (0.1, -0.1), (0.02,))
     b = StepNoise(0.04, 0.02, 1.0, (0.2,), (-0.02, 0.0))
@@ -187,7 +189,8 @@ def test_merge_noise_joins_the_probes_pools_and_combines_their_sigmas():
 
 
 def test_ensemble_prediction_is_the_median_of_its_reruns_and_its_run_the_nearest_one(profile):
-    from calib.validate import ENSEMBLE_SEED, METRICS, STATS, ensemble_predict
+    from calib.judge import METRICS, STATS
+    from calib.noise import ENSEMBLE_SEED, ensemble_predict
 
     w = _workload(n=60, rate=3.0)
     noise = StepNoise(0.03, 0.015)
@@ -207,7 +210,7 @@ def test_ensemble_prediction_is_the_median_of_its_reruns_and_its_run_the_nearest
 def test_under_static_batching_the_ensemble_lands_nearer_other_noisy_runs_than_one_noiseless_run(profile):
     """The reason the prediction is an ensemble: stand-ins for real runs (noisy runs with seeds of their own)
     scatter around a centre that one noiseless run misses and the reruns' median finds."""
-    from calib.validate import ensemble_predict
+    from calib.noise import ensemble_predict
 
     w = _workload(n=80, rate=3.2, seed=11)
     noise = StepNoise(0.03, 0.015)
@@ -236,3 +239,21 @@ def test_compare_load_predicts_with_the_ensemble_when_given_probe_noise(profile)
     plain = compare_load(m, profile, "static", CONFIG, 0, noise_runs=0, ensemble_noise=StepNoise(0.03, 0.01),
                          ensemble_runs=0)
     assert plain["deterministic"] is None and plain["predicted"] == det["predicted"]
+
+
+def test_compare_load_measures_the_mean_of_the_repeats_and_judges_by_their_spread(profile):
+    from calib.judge import judge
+    from calib.validate import compare_load, merge_repeats
+
+    repeats = [_noisy_load(profile, seed) for seed in (9, 10, 11)]
+    m = merge_repeats(repeats)
+    assert len(m["samples"]) == sum(len(r["samples"]) for r in repeats)
+    load = compare_load(m, profile, "static", CONFIG, 0)
+    runs = [summarize(r["measured_run"]) for r in repeats]
+    mean = sum(r["ttft_s"]["p90"] for r in runs) / 3
+    assert load["repeats"] == 3 and load["measured"]["ttft_s"]["p90"] == pytest.approx(mean)
+    spread = (max(r["ttft_s"]["p90"] for r in runs) - min(r["ttft_s"]["p90"] for r in runs)) / mean
+    assert load["repeat_spread"]["ttft_s"]["p90"] == pytest.approx(spread)
+    assert load["verdict"] == judge(load["rel_error"], load["repeat_spread"], 3)
+    # noisy reruns are asked for, not run by default
+    assert load["deterministic"] is None and load["step_noise"] is None

@@ -13,7 +13,7 @@ default workload and re-timed at that share of the capacity the profile predicts
 own steps (its real plans, in the order they ran) with the probes around it in several ways:
   one factor     the mean of the two probes' decode-only factors (as before decode_batch_factors)
   by batch, k=K  decode-only steps by their number of sequences, both probes' steps pooled, each batch
-                 size pulled toward the one factor by K pseudo-steps (calib.validate.batch_factor_knots;
+                 size pulled toward the one factor by K pseudo-steps (calib.speed.batch_factor_knots;
                  validate uses k=BATCH_SHRINK_STEPS)
 and prints, per load, the error of the priced against the measured sum of its decode-only steps and of
 all its steps, then the mean |error| of each way over the loads, and the probes' per-batch-size factors.
@@ -35,15 +35,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from probe_load import loads_and_counts  # noqa: E402  (calib/experiments/, the script's own folder)
 
 from backends.cost import load_cost_model  # noqa: E402
-from calib.calibrate import probe_run_factor  # noqa: E402
 from calib.cli_validate import PROBE_REQUESTS, _workload  # noqa: E402
-from calib.validate import (  # noqa: E402
-    BATCH_SHRINK_STEPS,
-    batch_factor_knots,
-    bracket_factors,
-    pool_by_batch,
-    price_samples,
-)
+from calib.measure import price_samples  # noqa: E402
+from calib.probes import probe_run_factor  # noqa: E402
+from calib.speed import BATCH_SHRINK_STEPS, batch_factor_knots, bracket_factors, pool_by_batch  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 

@@ -4,7 +4,7 @@
 
 Runs the main job's strategies (static, continuous, continuous+noprefix on the default workload's first 60
 requests at time scale 0.4) on real llama.cpp, once, with a real-time probe (requests drawn from the workload,
-continuous, 0.7x the predicted capacity; calib.calibrate.probe_run_factor) before the first strategy, between
+continuous, 0.7x the predicted capacity; calib.probes.probe_run_factor) before the first strategy, between
 strategies and after the last. Then predicts every measured run several ways, side by side:
 
 - bundled: the profile's own run factors (what compare printed before it had a probe);
@@ -13,17 +13,17 @@ strategies and after the last. Then predicts every measured run several ways, si
 - bracket: the mean of the probes just before and just after that strategy, one factor for every decode-only
   step (what compare and validate did before they priced decode-only steps by batch size);
 - bracket/batch: bracket with decode-only steps priced by batch size from both probes' steps
-  (calib.validate.bracket_factors: what compare and validate do);
+  (calib.speed.bracket_factors: what compare and validate do);
 - own: the factors read off that run's own steps (the best any probe could do); own/batch: the same with
   decode-only steps priced by batch size from the run's own steps;
 - bracket+ens: bracket's factors, predicted as the median of 20 runs with step noise drawn from the two
-  probes' steps (calib.validate.ensemble_predict, as validate predicts);
+  probes' steps (calib.noise.ensemble_predict, as validate predicts);
 - bracket/flat, bracket/none: bracket with the profile's wake-up curve replaced by its flat price, or with
   no wake-up price at all (the probes' factors refitted for each: a step after idle is priced the same way
   in the fit and in the prediction).
 
 --wakeup-probe also times the wake-up curve on the real backend after the first probe
-(calib.calibrate.probe_wakeup, about 13 s) and adds bracket/probed: bracket with that curve.
+(calib.probes.probe_wakeup, about 13 s) and adds bracket/probed: bracket with that curve.
 
 Prints the relative error (predicted - measured) / measured of TTFT, TPOT and E2E means and throughput for
 each, and the mean absolute error per method.
@@ -41,17 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from backends.cost.wakeup import wakeup_curve  # noqa: E402
 from backends.synthetic import SyntheticBackend  # noqa: E402
-from calib.calibrate import probe_run_factor, probe_wakeup  # noqa: E402
-from calib.validate import (  # noqa: E402
-    ENSEMBLE_RUNS,
-    TimedBackend,
-    batch_factor_knots,
-    bracket_factors,
-    ensemble_predict,
-    fit_run_factors,
-    merge_noise,
-    step_noise,
-)
+from calib.measure import TimedBackend  # noqa: E402
+from calib.noise import ENSEMBLE_RUNS, ensemble_predict, merge_noise, step_noise  # noqa: E402
+from calib.probes import probe_run_factor, probe_wakeup  # noqa: E402
+from calib.speed import batch_factor_knots, bracket_factors, fit_run_factors  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
 from sim.cli_common import build_workload  # noqa: E402
 from sim.cli_compare import LLAMA_DEFAULT_LIMIT, LLAMA_DEFAULT_POLICIES, LLAMA_DEFAULT_TIME_SCALE  # noqa: E402

@@ -22,8 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from calib.calibrate import plan_from_row  # noqa: E402
 from calib.cli_validate import _llama_options  # noqa: E402
+from calib.samples import plan_from_row  # noqa: E402
 
 
 def plan(rows):

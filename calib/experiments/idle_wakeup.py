@@ -2,7 +2,7 @@
 
     python calib/experiments/idle_wakeup.py [--idles 0,0.05,0.25,1,3] [--repeats 6] [--prompt 64]
 
-calib.calibrate.probe_wakeup, as `validate` runs it, with the waits, repeats and prompt length given: one prompt
+calib.probes.probe_wakeup, as `validate` runs it, with the waits, repeats and prompt length given: one prompt
 of --prompt tokens is prefilled after the engine has waited --idles seconds with nothing to do (time.sleep, as
 the real-time driver waits for an arrival), each wait --repeats times in a shuffled order; a second prompt right
 after the first, without a wait, gives the no-idle time of the same shape. Prints the
@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from calib.calibrate import probe_wakeup  # noqa: E402
+from calib.probes import probe_wakeup  # noqa: E402
 from scheduler.messages import ScheduledChunk, StepPlan  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 

@@ -3,7 +3,7 @@
     python calib/experiments/probe_load.py [--loads 0.7,1.2] [--repeats 3] [--requests 64 | --requests 64,200]
 
 `validate` prices every load at the run factors of real-time probes run at 0.7x the capacity the profile
-predicts (calib.calibrate.probe_run_factor: requests drawn from validate's default workload, continuous batching). A
+predicts (calib.probes.probe_run_factor: requests drawn from validate's default workload, continuous batching). A
 saturated load keeps the engine busy without a pause and runs larger batches; a light one idles between
 bursts. This runs the same probe at each of --loads in turn, --repeats times (ABAB...), in one process, and
 prints each probe's two factors (decode-only steps, steps with prompt tokens) and the mean difference of
@@ -24,8 +24,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from backends.cost import load_cost_model  # noqa: E402
-from calib.calibrate import probe_run_factor  # noqa: E402
 from calib.cli_validate import _workload  # noqa: E402
+from calib.probes import probe_run_factor  # noqa: E402
 from sim.cli import build_parser  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 
 from backends.cost import load_cost_model  # noqa: E402
 from backends.cost.table import TableCostModel  # noqa: E402
-from calib.calibrate import plan_from_row  # noqa: E402
 from calib.cli_validate import _llama_options  # noqa: E402
+from calib.samples import plan_from_row  # noqa: E402
 from sim.real import close_instances, make_llama_instances  # noqa: E402
 
 DEFAULT_SIZES = "64,96,128,160,192,240,256,264,272,288,320,352,384,400,409,448,500"

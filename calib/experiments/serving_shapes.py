@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from backends.cost import load_cost_model  # noqa: E402
 from backends.cost.table import TableCostModel, price_run  # noqa: E402
 from calib import cli_validate as cv  # noqa: E402
-from calib.calibrate import PROBE, probe_sample  # noqa: E402
-from calib.validate import TimedBackend, estimate_capacity, retime, step_kind  # noqa: E402
+from calib.measure import TimedBackend, estimate_capacity, retime, step_kind  # noqa: E402
+from calib.probes import PROBE, probe_sample  # noqa: E402
 from sim import cli  # noqa: E402
 from sim.cli_common import UsageError, build_config  # noqa: E402
 from sim.model import run_workload  # noqa: E402

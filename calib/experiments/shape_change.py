@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from backends.cost import load_cost_model  # noqa: E402
 from backends.cost.table import TableCostModel, price_run  # noqa: E402
-from calib.calibrate import read_samples  # noqa: E402
+from calib.samples import read_samples  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
