@@ -98,7 +98,8 @@ class StepNoise:
 
     sigma: each step's own scatter; slow_sigma: a drift shared by the steps of each block_s seconds of the
     run's clock (the host's speed moves within seconds: consecutive steps' errors correlate, 0.4 at lag 1 and
-    0.1 at lag 50 in a static run here), which moves a batch's drain more than the same scatter step by step.
+    0.1 at lag 50 in a static run of gemma-3-270m on a 2-vCPU VM), which moves a batch's drain more than the
+    same scatter step by step.
     """
 
     sigma: float
@@ -107,7 +108,7 @@ class StepNoise:
     # the run's own residuals, when known: each step's deviation from its block's mean, and the block means
     # (log, each pool shifted so exp() averages 1). NoisyModel draws from them instead of a lognormal, so the
     # rare slow step a real run meets (one 11 % over its price turned a request's TPOT from 26 to 670 ms in
-    # a light sjf load here) shows up in the reruns too.
+    # a light sjf load on a 2-vCPU VM) shows up in the reruns too.
     own_draws: tuple[float, ...] = ()
     block_draws: tuple[float, ...] = ()
 

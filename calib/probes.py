@@ -46,13 +46,13 @@ def probe_run_factor(backends: Sequence[Any], config: SchedulerConfig, model: Ta
     one for steps of decodes only (run_factor) and one for steps with prompt tokens (prefill_run_factor).
 
     The grid times steps back to back in a plain loop. A serving run also spends the driver's own work
-    between steps (SimPy, records; about 0.1-0.25 ms a step here) and meets occasional slow steps that
+    between steps (SimPy, records; 0.1-0.25 ms a step measured on a 2-vCPU VM) and meets occasional slow steps that
     the grid's median of repeats leaves out; both land on every latency. The probe is a synthetic
     workload (uniform prompts and outputs, shared prefixes, Poisson arrivals at 0.7x the capacity the
     fitted model predicts), run by the same real-time driver `tokenstep validate` measures with, so
     the factor is fitted on other requests than any validation workload.
 
-    Two factors, because the two kinds of step gain differently in a serving run (here decodes about
+    Two factors, because the two kinds of step gain differently in a serving run (measured on a 2-vCPU VM: decodes about
     +0.5 %, steps with prompt tokens about +3 %); one factor fitted on the probe's mix would price a
     workload with another mix (fewer prompt tokens per decode) off by the difference. A kind with fewer
     than PROBE_MIN_STEPS steps in the probe takes the factor of all steps.
@@ -183,7 +183,7 @@ def probe_wakeup(backend, config: SchedulerConfig, seed: int, say: Callable[[str
     """What the first step after an idle wait costs beyond the same step without one, by the wait's length.
 
     The engine's threads, and the host under them, go to sleep while it waits for an arrival; waking them
-    costs the next step time that grows with the wait (here, one evening: +1 ms after 0.1 s, +13 ms after
+    costs the next step time that grows with the wait (measured once on a 2-vCPU VM: +1 ms after 0.1 s, +13 ms after
     0.5 s, +26 ms after 2 s, the same for a 16- and a 200-token prompt: calib/experiments/idle_wakeup.py) and moves
     from day to day (the same machine's calibration grid read 0.8 ms after 0.25 s). Each wait runs `repeats`
     times in a shuffled order; each knot is the median over its repeats of (after the wait - right after),

@@ -50,7 +50,7 @@ def check_instances(profile: Any, profile_name: str, instances: int, force: bool
     """Refuse a profile calibrated for another number of instances sharing the machine, unless force.
 
     A step's time depends on the cores its instance has and on what the other instances run meanwhile,
-    so a profile of one instance with the machine to itself misprices each of two sharing it (here a
+    so a profile of one instance with the machine to itself misprices each of two sharing it (on a 2-vCPU VM a
     B = 4 decode on 1 thread took 1.9x its 2-thread time) and the reverse.
     """
     ctx = (getattr(profile, "meta", {}) or {}).get("context") or {}

@@ -125,7 +125,7 @@ def batch_factor_knots(by_batch: Sequence[Sequence[float]], decode_factor: float
     Batch sizes that did not run take the line between their neighbours (flat beyond the ends).
 
     Why: a probe at 0.7x capacity runs mostly small batches and a saturated load mostly full ones, and the
-    machine's speed does not move every batch size alike (one evening here B = 2 decodes ran at x0.85 of
+    machine's speed does not move every batch size alike (measured once on a 2-vCPU VM: B = 2 decodes ran at x0.85 of
     their price and B = 16 at x0.92). One decode factor fitted on the probe's mix then misprices the
     saturated load's steps by the difference (calib/experiments/batch_factors.py measures how much).
     """

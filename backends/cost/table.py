@@ -66,8 +66,8 @@ class TableCostModel:
     prefill_run_factor: float | None = None
     # a step of decodes only, by its number of sequences B: ((B, factor), ...) in rising B, in place of
     # run_factor (linear between the knots, flat beyond them); empty: run_factor for every B. A machine's speed
-    # does not move all step shapes alike (one evening here: B = 2 decodes at x0.85 of their price, B = 16 at
-    # x0.92), so one factor fitted on a probe's mix of batch sizes misprices a run with another mix
+    # does not move all step shapes alike (measured once on a 2-vCPU VM: B = 2 decodes at x0.85 of their price,
+    # B = 16 at x0.92), so one factor fitted on a probe's mix of batch sizes misprices a run with another mix
     decode_batch_factors: tuple[tuple[int, float], ...] = ()
     # a prompt chunk's attention (see Ubatch): per pair within the chunk, and per pair against the context
     # before it, a free table over the chunk's tokens per sequence; None (older profiles): per_attention_pair_s
@@ -94,7 +94,7 @@ class TableCostModel:
 
     # -- pricing ------------------------------------------------------------------
     def shape(self, plan: StepPlan, after_idle: bool = False) -> StepShape:
-        """The plan's ubatches (as llama.cpp would split them here) and per-step counts."""
+        """The plan's ubatches (as llama.cpp splits them) and per-step counts."""
         return StepShape(split_ubatches(plan, self.n_batch, self.n_ubatch, self.kv_unified), len(plan.chunks),
                          len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle,
                          plan.num_prefill_tokens > 0, bool(plan.copies))

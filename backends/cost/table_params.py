@@ -138,7 +138,7 @@ def from_params(params: object, source: str) -> dict:
     for n in ("prompt_pair_knots", "prompt_context_pair_s"):
         if isinstance(kw.get(n), list):
             kw[n] = tuple(kw[n])
-    # [x, y] knot lists: checked here for their shape, and by check_model for their values
+    # [x, y] knot lists: checked in this function for their shape, and by check_model for their values
     for n, what, convert in (("idle_wakeup_curve", "[idle seconds, extra seconds]", wakeup_curve),
                              ("decode_batch_factors", "[sequences, factor]", lambda ks: tuple(map(tuple, ks)))):
         if n in kw:
