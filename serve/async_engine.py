@@ -202,19 +202,23 @@ class AsyncEngine:
                 m.step_time.observe(ran.result.elapsed_s)
                 m.batch_size.observe(plan.num_seqs)
                 m.batched_tokens.observe(plan.num_scheduled_tokens)
-            sinks, itl = self._sinks, m.inter_token_latency
+            sinks = self._sinks
             num_tokens = 0
+            gaps: dict[float, int] = {}  # previous token time -> requests: a step's decodes share one gap
             for out in ran.outputs:
                 k = len(out.new_token_ids)
                 sink = sinks.get(out.request_id) if k else None
                 if sink is None:
                     continue
                 num_tokens += k
-                if sink.last_token_s is None:
+                last = sink.last_token_s
+                if last is None:
                     self._first_token(sink, now)
                 else:
-                    itl.observe(now - sink.last_token_s)
+                    gaps[last] = gaps.get(last, 0) + 1
                 sink.last_token_s = now
+            for last, count in gaps.items():
+                m.inter_token_latency.observe(now - last, count)
             if num_tokens:
                 m.generation_tokens.inc(num_tokens)
         self.num_running = len(sched.running)

@@ -269,6 +269,8 @@ def test_eight_concurrent_streams_share_steps(api, server):
     alone = after['tokenstep:batch_size_bucket{le="1.0"}'] - before['tokenstep:batch_size_bucket{le="1.0"}']
     assert steps - alone > 0  # some steps ran several requests together
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] >= 8 * 12
+    itls = after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"]
+    assert itls == 8 * 11  # one gap between each request's consecutive tokens
     assert after["vllm:num_requests_running"] == 0
 
 

@@ -121,3 +121,15 @@ def test_byte_tokenizer_round_trips_text():
     assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "héllo\n"
     assert tok.encode_chat([{"role": "user", "content": "hi"}])[-len("assistant:"):] == tok.encode(
         "assistant:", add_special=False)
+
+
+def test_batch_histogram_counts_many_observations_per_update():
+    from serve.metrics import ServerMetrics
+
+    m = ServerMetrics("m")
+    m.inter_token_latency.observe(0.05, 7)  # on a bucket bound: counted in it (le)
+    m.inter_token_latency.observe(0.051)
+    text = m.exposition().decode()
+    assert 'vllm:inter_token_latency_seconds_bucket{le="0.05",model_name="m"} 7.0' in text
+    assert 'vllm:inter_token_latency_seconds_bucket{le="0.075",model_name="m"} 8.0' in text
+    assert 'vllm:inter_token_latency_seconds_count{model_name="m"} 8.0' in text
