@@ -67,6 +67,9 @@ class AsyncEngine:
         self._pending: list[tuple[ChoiceSink, Any, Any]] = []  # engine thread: this step's events
         self._finished: list[tuple[ChoiceSink, Completion]] = []  # engine thread: finishes to account
         self._sinks: dict[str, ChoiceSink] = {}  # engine thread: live requests
+        # engine thread: choices 1..n-1 of an n > 1 request, held until choice 0's prompt is computed so that
+        # they find it in the prefix cache: first request id -> (prompt, priority, [(sink, sampling), ...])
+        self._deferred: dict[str, tuple[tuple[int, ...], int, list[tuple[ChoiceSink, SamplingParams]]]] = {}
         self.num_in_flight = 0  # event loop: accepted requests not yet finished
         self.num_running = 0  # engine thread writes after each step; the loop reads it for the queue bound
         self.accepting = True
@@ -162,11 +165,15 @@ class AsyncEngine:
             kind = op[0]
             if kind == "add":
                 _, tokens, samplings, priority, sinks = op
-                for sink, sp in zip(sinks, samplings, strict=True):
-                    self._sinks[sink.request_id] = sink
-                    core.add(tokens, sp, sink.request_id, priority, sink=sink, arrival_s=sink.arrival_s)
+                choices = list(zip(sinks, samplings, strict=True))
+                cfg = core.scheduler.config
+                if len(choices) > 1 and cfg.enable_prefix_caching and len(tokens) > cfg.block_size:
+                    self._deferred[sinks[0].request_id] = (tokens, priority, choices[1:])
+                    choices = choices[:1]
+                self._add(tokens, priority, choices)
             elif kind == "abort":
                 for rid in op[1]:
+                    self._cancel_deferred(rid, op[2])
                     core.abort(rid, op[2])
             elif kind == "abort_all":
                 self._abort_live(op[1])
@@ -174,12 +181,37 @@ class AsyncEngine:
                 return False
         return True
 
+    def _add(self, tokens: tuple[int, ...], priority: int, choices: list[tuple[ChoiceSink, SamplingParams]]) -> None:
+        for sink, sp in choices:
+            self._sinks[sink.request_id] = sink
+            self.core.add(tokens, sp, sink.request_id, priority, sink=sink, arrival_s=sink.arrival_s)
+
+    def _release_deferred(self, request_id: str) -> None:
+        """Choice 0's prompt is in the cache (or it ended): add the other choices."""
+        entry = self._deferred.pop(request_id, None)
+        if entry is not None:
+            self._add(*entry)
+
+    def _cancel_deferred(self, request_id: str, detail: str | None) -> None:
+        """Choice 0 was aborted before the others were added: they end with the same reason."""
+        entry = self._deferred.pop(request_id, None)
+        if entry is None:
+            return
+        tokens, _, choices = entry
+        now = self.core.now()
+        for sink, _sp in choices:
+            sink(Completion(sink.request_id, "", (), "abort", len(tokens), 0, sink.arrival_s, None, now, 0, detail))
+
     def _abort_live(self, detail: str) -> None:
+        for rid in list(self._deferred):
+            self._cancel_deferred(rid, detail)
         for rid in list(self._sinks):
             self.core.abort(rid, detail)
 
     def _fail_all(self, detail: str) -> None:
         """After an engine error: every live request ends with the error (the scheduler is not trusted)."""
+        for rid in list(self._deferred):
+            self._cancel_deferred(rid, detail)
         for rid, sink in list(self._sinks.items()):
             t = sink.tracked
             r = t.request if t is not None else None
@@ -214,6 +246,8 @@ class AsyncEngine:
                 last = sink.last_token_s
                 if last is None:
                     self._first_token(sink, now)
+                    if self._deferred:
+                        self._release_deferred(out.request_id)
                 else:
                     gaps[last] = gaps.get(last, 0) + 1
                 sink.last_token_s = now
@@ -248,6 +282,8 @@ class AsyncEngine:
         m = self.metrics
         for sink, comp in self._finished:
             self._sinks.pop(sink.request_id, None)
+            if self._deferred:  # choice 0 ended before its first token (rejected, failed): the others still run
+                self._release_deferred(sink.request_id)
             m.finished(comp.finish_reason)
             if comp.finish_reason in ("stop", "length"):
                 m.e2e_request_latency.observe(comp.finish_s - sink.arrival_s)

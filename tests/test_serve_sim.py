@@ -177,3 +177,18 @@ def test_health_is_503_while_the_model_loads_then_200():
         loaded.set()
         server.should_exit = True
         thread.join(30)
+
+
+def test_n_choices_share_the_prompt_through_the_prefix_cache(sim):
+    url = sim[1]
+    api = client(url)
+    prompt = list(range(2000, 2040))  # 40 tokens: two whole blocks to share
+    before = metrics(url)
+    out = api.completions.create(model=MODEL, prompt=prompt, max_tokens=5, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 15
+    after = metrics(url)
+    assert after["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"] == 2 * 32
+    chunks = list(api.completions.create(model=MODEL, prompt=list(range(3000, 3040)), max_tokens=3, n=2,
+                                         stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 6
+    assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1]
