@@ -14,8 +14,8 @@ round by round (--rounds; the order rotates each round), and every run's results
 - capacity: the full Azure conversation trace (../shared/traces/azure2023) on the h100-llama3-8b preset, 4
   policies x max_num_seqs 64,128,256 = 12 configurations, each one's bisection in order.
 
-Per-task overhead: each executor maps no-op tasks carrying a real study's payload, in one process
-(sim.executor): per task = (wall of 200 tasks - wall of 2) / 198; start-up = the wall of 2 less their share.
+Per-task overhead: each executor (sim.executor, in this process) runs no-op tasks carrying a real study's
+payload: start-up = making it and running its first 2 tasks; per task = the wall of 200 more on it / 200.
 The projection takes the measured per-task times of the serial run (task_times.json), repeats them to 1,000 tasks, and
 schedules them greedily over 64 workers (in submission order, as a pool hands them out), adding each executor's
 start-up, each worker's set-up (its first task's time over serial's: the context built and the trace read
@@ -76,20 +76,21 @@ def _noop(_payload) -> None:
 
 
 def dispatch_overhead(executor_text: str, num_tasks: int, payload) -> dict:
-    """Start-up and per-task overhead, from the walls of 2 and of num_tasks no-op tasks (2: a pool is used)."""
+    """Start-up (making the executor and its first 2 no-op tasks) and per-task overhead (a further num_tasks
+    no-op tasks on the started executor, each carrying payload)."""
     from sim.executor import Task, make_executor
 
-    walls = []
-    for n in (2, num_tasks):
+    start = time.perf_counter()
+    executor = make_executor(executor_text)
+    try:
+        executor.map(_noop, [Task(f"task {i}", (payload,)) for i in range(2)])
+        startup = time.perf_counter() - start
         start = time.perf_counter()
-        executor = make_executor(executor_text)
-        try:
-            executor.map(_noop, [Task(f"task {i}", (payload,)) for i in range(n)])
-        finally:
-            executor.close()
-        walls.append(time.perf_counter() - start)
-    per_task = max(0.0, walls[1] - walls[0]) / (num_tasks - 2)
-    return {"startup_s": max(0.0, walls[0] - 2 * per_task), "per_task_s": per_task}
+        executor.map(_noop, [Task(f"task {i}", (payload,)) for i in range(num_tasks)])
+        per_task = (time.perf_counter() - start) / num_tasks
+    finally:
+        executor.close()
+    return {"startup_s": startup, "per_task_s": per_task}
 
 
 def makespan(task_s: list[float], num_tasks: int, workers: int, per_task_s: float) -> float:
@@ -169,8 +170,8 @@ def main() -> int:
     print(f"{'executor':<9} {'start-up s':>10} {'per task ms':>12}")
     for e in executors:
         print(f"{e:<9} {over[e]['startup_s']:>10.2f} {over[e]['per_task_s'] * 1e3:>12.3f}")
-    print("no-op tasks carrying a sweep's payload, in this process: per task = (wall of N tasks - wall of 2) / "
-          "(N - 2), start-up = wall of 2 less their share\n")
+    print("no-op tasks carrying a sweep's payload: start-up = making the executor and running its first 2; per task "
+          "= the wall of 200 more on it / 200\n")
     print(f"projection: {args.study_tasks} tasks on {args.cores} cores, from the serial run's per-task times")
     for name in studies:
         task_s = [t["task_s"] for t in results[name]["serial"][0]["times"]["tasks"]]
@@ -183,7 +184,8 @@ def main() -> int:
             o = over[e]
             setup = worker_setup_s(results[name][e][0]["times"], results[name]["serial"][0]["times"])
             span = o["startup_s"] + setup + makespan(task_s, args.study_tasks, args.cores, o["per_task_s"])
-            print(f"    {e:<8} {span / 60:6.2f} min ({serial_s / span:5.1f}x, "
+            where = f"one {args.cores}-core machine" if e.startswith("local") else "a cluster"
+            print(f"    {e:<8} ({where}) {span / 60:6.2f} min ({serial_s / span:5.1f}x, "
                   f"{100 * serial_s / span / args.cores:3.0f} % of {args.cores} cores; start-up "
                   f"{o['startup_s']:.1f} s, each worker's set-up {setup:.1f} s)")
     print("a cluster adds each task's network round trip (about a millisecond inside one data centre) and reads the "
