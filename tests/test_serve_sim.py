@@ -192,3 +192,26 @@ def test_n_choices_share_the_prompt_through_the_prefix_cache(sim):
                                          stream=True, stream_options={"include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 6
     assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1]
+
+
+def test_disconnect_while_waiting_for_a_non_streamed_answer_aborts(sim):
+    import http.client
+    import socket
+
+    url = sim[1]
+    host, port = url.removeprefix("http://").split(":")
+    before = metrics(url)['vllm:request_success_total{finished_reason="abort"}']
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT_IDS, "max_tokens": 2000}),
+                 {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while metrics(url)["vllm:num_requests_running"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 10
+    while metrics(url)["vllm:num_requests_running"] > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    m = metrics(url)
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+    assert m['vllm:request_success_total{finished_reason="abort"}'] == before + 1
