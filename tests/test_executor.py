@@ -83,7 +83,11 @@ def _draw(label: str) -> float:
 def test_every_task_is_seeded_from_its_label_and_the_runs_seed_whatever_the_order():
     tasks = [Task(f"config {i}", (f"config {i}",)) for i in range(6)]
     serial = {o.label: o.value for o in SerialExecutor(seed=3).map(_draw, tasks)}
-    pooled = {o.label: o.value for o in LocalExecutor(2, seed=3).map(_draw, tasks[::-1])}
+    pool = LocalExecutor(2, seed=3)
+    try:
+        pooled = {o.label: o.value for o in pool.map(_draw, tasks[::-1])}
+    finally:
+        pool.close()
     assert serial == pooled and len(set(serial.values())) == 6
     other_seed = {o.label: o.value for o in SerialExecutor(seed=4).map(_draw, tasks)}
     assert other_seed != serial
@@ -177,10 +181,41 @@ def test_validates_noisy_reruns_are_identical_in_this_process_and_on_a_local_poo
     measured = summarize(predict(w, "continuous", config, profile, 1))
     noise = StepNoise(0.03, 0.01)
     pool = LocalExecutor(2)
-    spread = [noise_spread(w, "continuous", config, profile, 1, "least_outstanding", measured, noise, runs=4,
-                           executor=e) for e in (None, pool)]
+    try:
+        spread = [noise_spread(w, "continuous", config, profile, 1, "least_outstanding", measured, noise, runs=4,
+                               executor=e) for e in (None, pool)]
+        ens = [ensemble_predict(w, "continuous", config, profile, 1, "least_outstanding", noise, runs=4, seed=2,
+                                executor=e) for e in (None, pool)]
+    finally:
+        pool.close()
     assert spread[0] == spread[1] and spread[0]["runs"] == 4
-    ens = [ensemble_predict(w, "continuous", config, profile, 1, "least_outstanding", noise, runs=4, seed=2,
-                            executor=e) for e in (None, pool)]
     medoids = [summarize(e.pop("run")) for e in ens]  # rebuilt from its seed after the pooled reruns
     assert medoids[0] == medoids[1] and ens[0] == ens[1] and ens[0]["runs"] == 4
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_each_finished_task_is_on_disk_before_the_next_one_is_reported(tmp_path):
+    import argparse
+
+    from sim.study import run_study
+
+    args = argparse.Namespace(quiet=True)
+    seen = []
+
+    def check(index, outcome):  # called after the task's line is written and flushed
+        lines = (tmp_path / "results.jsonl").read_text().splitlines()
+        seen.append(len(lines))
+        assert json.loads(lines[-1]) == {"index": index, "label": outcome.label, "result": outcome.value}
+
+    tasks = [Task(f"x={i}", (i,)) for i in range(5)]
+    pool = LocalExecutor(2)
+    try:
+        outcomes = run_study(args, pool, _square, tasks, tmp_path, lambda v: v, "test", check)
+    finally:
+        pool.close()
+    assert seen == [1, 2, 3, 4, 5] and [o.value for o in outcomes] == [0, 1, 4, 9, 16]
+    times = json.loads((tmp_path / "task_times.json").read_text())
+    assert [t["label"] for t in times["tasks"]] == [t.label for t in tasks] and times["executor"].startswith("local")
