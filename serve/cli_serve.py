@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
     from backends.models import DEFAULT_MODEL
 
     names = tuple(args.served_model_name or [str(args.model or DEFAULT_MODEL)])
-    info = ServerInfo(names, args.backend, args.policy, args.cost, None)
+    info = ServerInfo(names, args.backend, policy, args.cost, None)  # +noprefix: enable_prefix_caching=False
     loader = (_sim_loader if args.backend == "sim" else _llama_loader)(args, policy, prefix, info)
     server: Any = None
 
