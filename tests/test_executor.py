@@ -60,7 +60,6 @@ def test_sweep_and_capacity_are_identical_serial_and_on_a_local_pool(tmp_path, c
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray of 2 CPUs, started as --executor ray starts it, shared by the module's Ray runs."""
-    pytest.importorskip("ray", reason="the ray extra is not installed")  # CI installs it: this runs there
     from sim.executor import RayExecutor
 
     executor = RayExecutor(None, workers=2)
@@ -160,8 +159,6 @@ def test_ctrl_c_on_a_local_pool_run_leaves_no_process_behind(tmp_path):
     ("ray:nowhere", "the address must be auto, HOST:PORT or ray://HOST:PORT"),
 ])
 def test_a_bad_executor_exits_2_with_one_line(tmp_path, capsys, executor, message):
-    if executor.startswith("ray"):
-        pytest.importorskip("ray", reason="the ray extra is not installed")
     assert main([*SWEEP, "--executor", executor, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
