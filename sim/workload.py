@@ -81,7 +81,7 @@ def _materialized(tokens: CompactTokens) -> tuple[int, ...]:
     if hit is not None:  # the entry holds tokens, so its id cannot have been reused
         _cache.move_to_end(key)
         return hit[1]
-    ids = tuple(tokens._ids(0, len(tokens), 1).tolist())
+    ids = _as_tuple(tokens._ids(0, len(tokens), 1))
     _cache[key] = (tokens, ids)
     _cached_tokens += len(ids)
     while _cached_tokens > _CACHE_TOKENS and len(_cache) > 1:
@@ -89,17 +89,29 @@ def _materialized(tokens: CompactTokens) -> tuple[int, ...]:
     return ids
 
 
+# one int object per uint16 id, shared: a prompt made of them allocates (and later frees) no ints
+_UINT16_INTS = np.array(range(1 << 16), dtype=object)
+
+
+def _as_tuple(ids: np.ndarray) -> tuple[int, ...]:
+    """ids as a tuple of Python ints (shared ones when they fit in uint16)."""
+    if ids.dtype == np.uint16:
+        return tuple(_UINT16_INTS[ids].tolist())
+    return tuple(ids.tolist())
+
+
 class TokenArray(CompactTokens):
     """Token ids in a numpy array (often a view of one shared array): 2 bytes a token for vocabularies
     up to 65536."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "_n")
 
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
+        self._n = len(array)  # the scheduler asks for the length often
 
     def __len__(self) -> int:
-        return len(self.array)
+        return self._n
 
     def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
         return self.array[start:stop:step]
@@ -127,7 +139,8 @@ class HashedTokens(CompactTokens):
         k = min(len(self.hash_ids), -(-self.num_tokens // self.block_tokens))
         block = np.minimum(pos // self.block_tokens, k - 1)
         offset = (pos - block * self.block_tokens).astype(np.uint64)
-        return splitmix_tokens(self.hash_ids[block], offset, self.vocab_size)
+        ids = splitmix_tokens(self.hash_ids[block], offset, self.vocab_size)
+        return ids.astype(np.uint16) if self.vocab_size <= 1 << 16 else ids
 
 
 def splitmix_tokens(ids: np.ndarray, positions: np.ndarray, vocab_size: int) -> np.ndarray:
