@@ -48,6 +48,8 @@ class Study:
 def make_study(args: argparse.Namespace, command: str) -> Study:
     """The study of these parsed flags (internal and callable entries left out)."""
     flags = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and not callable(v)}
+    if flags.get("trace"):  # a worker may start elsewhere (a Ray worker's folder): the same file, by its full path
+        flags["trace"] = os.path.abspath(flags["trace"])
     key = hashlib.sha256(repr((command, sorted(flags.items()))).encode()).hexdigest()[:16]
     return Study(command, flags, key)
 
