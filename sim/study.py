@@ -48,8 +48,10 @@ class Study:
 def make_study(args: argparse.Namespace, command: str) -> Study:
     """The study of these parsed flags (internal and callable entries left out)."""
     flags = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and not callable(v)}
-    if flags.get("trace"):  # a worker may start elsewhere (a Ray worker's folder): the same file, by its full path
-        flags["trace"] = os.path.abspath(flags["trace"])
+    # a worker may start in another folder (a Ray worker's): the same files, by their full paths
+    for name in ("trace", "cost"):
+        if flags.get(name) and (name == "trace" or os.path.isfile(flags[name])):  # --cost is a name or a file
+            flags[name] = os.path.abspath(flags[name])
     key = hashlib.sha256(repr((command, sorted(flags.items()))).encode()).hexdigest()[:16]
     return Study(command, flags, key)
 
