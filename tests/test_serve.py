@@ -17,10 +17,8 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
 
 READY_TIMEOUT_S = 240  # loads in seconds; far slower while other work shares the cores
 MODEL = "gemma3-270m"

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-pytest.importorskip("pydantic")
-
 from serve.engine import Completion  # noqa: E402
 from serve.protocol import (  # noqa: E402
     ChatRequest,

@@ -15,12 +15,9 @@ import time
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-from test_serve import client, free_port, metrics, start_server, stop_server  # noqa: E402
+from test_serve import client, free_port, metrics, start_server, stop_server
 
 MODEL = "gemma3-270m"
 PROMPT_IDS = list(range(1000, 1040))  # 40 token ids
