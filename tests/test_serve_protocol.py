@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serve.engine import Completion  # noqa: E402
-from serve.protocol import (  # noqa: E402
+from serve.engine import Completion
+from serve.protocol import (
     ChatRequest,
     CompletionRequest,
     ProtocolError,
@@ -15,8 +15,8 @@ from serve.protocol import (  # noqa: E402
     parse,
     sampling_params,
 )
-from serve.render import Chunker, ResponseMeta, usage_of  # noqa: E402
-from serve.sim_backend import ByteTokenizer  # noqa: E402
+from serve.render import Chunker, ResponseMeta, usage_of
+from serve.sim_backend import ByteTokenizer
 
 
 @pytest.mark.parametrize(("kind", "body", "field"), [
