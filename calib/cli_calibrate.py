@@ -46,6 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
     parser.add_argument("--refit", metavar="SAMPLES", help="fit again from a --samples file instead of measuring")
+    g = parser.add_argument_group("fit a roofline to another engine's request log instead (calib.fit_log)")
+    g.add_argument("--from-log", metavar="FILE", help="JSONL of finished requests (arrival_s, num_prompt_tokens, "
+                   "num_output_tokens, ttft_s, e2e_s; *_ms and vLLM names accepted): fit --cost's mfu, mbu, "
+                   "overhead_s to it")
+    g.add_argument("--cost", metavar="NAME|FILE",
+                   help="--from-log: the roofline to start from (default h200-llama3-8b)")
+    g.add_argument("--predict", action="append", metavar="FILE", help="--from-log: also report the fitted model's "
+                   "errors on this log (repeatable)")
+    g.add_argument("--log-policy", default="continuous", metavar="SPEC",
+                   help="--from-log: the policy that stands for the engine (default continuous)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -121,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
     from backends.models import DEFAULT_MODEL
     from calib.calibrate import calibrate, refit
 
+    if args.from_log:
+        from calib.fit_log import run_from_log
+
+        return run_from_log(args)
     out = Path(args.out) if args.out else default_out()
     if out.suffix != ".json":
         raise ValueError(f"--out {str(out)!r} must end in .json (profiles are JSON; the file stem names the profile)")

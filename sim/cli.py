@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("sim.cli_generate", "add_arguments", "run"),
     "calibrate": ("calib.cli_calibrate", "add_arguments", "run"),
     "validate": ("calib.cli_validate", "add_arguments", "run"),
-    "serve": ("serve.cli_serve", "add_arguments", "run"),
+    "cost": ("sim.cli_cost", "add_arguments", "run"),
     "serve": ("serve.cli_serve", "add_arguments", "run"),
     "bench": ("sim.cli_bench", "add_arguments", "run"),
 }

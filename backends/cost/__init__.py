@@ -86,7 +86,14 @@ def save_cost_model(model: CostModel, path: str | os.PathLike) -> Path:
 
 
 def load_cost_model(name_or_path: str | os.PathLike) -> CostModel:
-    """A built-in name, a bundled profile name, or a JSON file path -> a cost model."""
+    """A built-in name, a bundled profile name, or a JSON file path -> a cost model.
+
+    NAME:param=value,... (any of those, then overrides) changes scalar parameters: h200-llama3-8b:mfu=0.7.
+    """
+    if isinstance(name_or_path, str) and ":" in name_or_path and not Path(name_or_path).is_file():
+        from backends.cost.overrides import load_with_overrides
+
+        return load_with_overrides(name_or_path, load_cost_model)
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_COST_MODELS:
         return BUILTIN_COST_MODELS[name_or_path]
     bundled = _bundled()

@@ -273,6 +273,9 @@ _H100 = {
     "hbm_gib": 80.0,
 }
 _A100 = {"gpu": "A100-SXM-80GB", "peak_tflops": 312.0, "hbm_tb_s": 2.0, "hbm_gib": 80.0}
+# H200 SXM: the H100's compute (989 TFLOP/s dense bf16) with 141 GB of HBM3e at 4.8 TB/s (datasheet);
+# nvidia-smi reports 143771 MiB, about 140 GiB
+_H200 = {"gpu": "H200-SXM-141GB", "peak_tflops": 989.0, "hbm_tb_s": 4.8, "hbm_gib": 140.0}
 LLAMA31_CONTEXT_TOKENS = 131072  # max_position_embeddings of Llama-3.1-8B and -70B
 _LLAMA3_8B = {
     "model": "Llama-3.1-8B",
@@ -310,5 +313,8 @@ ROOFLINE_PRESETS: dict[str, RooflineCostModel] = {
         ("a100-llama3-8b", _A100, _LLAMA3_8B),
         ("h100-llama3-70b", _H100, _LLAMA3_70B),
         ("a100-llama3-70b", _A100, _LLAMA3_70B),
+        ("h200-llama3-8b", _H200, _LLAMA3_8B),
+        # 141 GB of bf16 weights fit two H200s: tp=2, half the 4-GPU all-reduces' latency
+        ("h200-llama3-70b", _H200, {**_LLAMA3_70B, "num_gpus": 2, "overhead_s": 0.003}),
     )
 }
