@@ -33,12 +33,14 @@ from calib.validate_report import format_load
 from sim.cli_common import (
     DEFAULT_COST_MODELS,
     UsageError,
+    add_gpu_args,
     add_scheduler_args,
     add_workload_args,
     build_config,
     build_workload,
     default_profile,
     float_list,
+    gpu_layers,
     nonnegative_int,
     positive_int,
     workload_kind,
@@ -58,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "variant with --instances N)")
     parser.add_argument("--model", metavar="NAME|PATH", help="GGUF model of the real run (default gemma3-270m)")
     parser.add_argument("--policy", default="continuous", metavar="SPEC", help="policy spec (default continuous)")
+    add_gpu_args(parser)  # default: the layers the profile was calibrated with
     parser.add_argument("--rates", type=float_list, metavar="R1,R2,...",
                         help="arrival rates, req/s (default: 0.3x, 0.7x, 1.2x of the profile's estimated capacity)")
     parser.add_argument("--force", action="store_true", help="compare even with a profile of another model or build")
@@ -146,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
     workload = _workload(args)
     warnings = check_instances(profile, profile_name, args.instances, force=args.force)
     executor = make_executor(args.executor, args.seed)  # the simulated reruns; real runs stay in this process
-    backends, real = make_llama_instances(args.model, args.instances, _llama_options(profile))
+    options = _llama_options(profile)
+    if gpu_layers(args) is not None:
+        options["n_gpu_layers"] = gpu_layers(args)
+    backends, real = make_llama_instances(args.model, args.instances, options)
     try:
         warnings += check_profile(profile, profile_name, model_fingerprint(backends[0].model), build_info(),
                                   machine_info(), force=args.force)

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from scheduler import SamplingParams
+from sim.cli_common import add_gpu_args, gpu_layers
 from sim.metrics import percentiles
 from sim.progress import Progress, progress_enabled
 
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="slots: requests decoded together (16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="KV cells of the context (4096)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (2)")
+    add_gpu_args(parser)
     parser.add_argument("--policy", default="continuous", help="scheduling policy (continuous)")
     parser.add_argument("--json", action="store_true", help="print a one-object summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -89,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{name}: duplicate 'id' values; ids must be unique")
-    llm = LLM(args.model, args.policy, n_ctx=args.n_ctx, max_num_seqs=args.max_num_seqs, n_threads=args.threads)
+    llm = LLM(args.model, args.policy, n_ctx=args.n_ctx, max_num_seqs=args.max_num_seqs, n_threads=args.threads,
+              n_gpu_layers=gpu_layers(args) or 0)
     try:
         with Progress("generate", enabled=progress_enabled(args.quiet)) as bar:
             completions = llm.generate(prompts, progress=bar)

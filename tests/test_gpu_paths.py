@@ -174,3 +174,39 @@ def test_model_loads_after_every_cli_module_is_imported():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("loaded")
+
+
+class _Stop(Exception):
+    """Raised by a spy once it has seen what the command passes on."""
+
+
+def test_generate_validate_and_calibrate_pass_the_layers_on(monkeypatch, tmp_path):
+    import calib.calibrate
+    import serve.engine
+    import sim.real
+    from sim.cli import build_parser
+
+    seen: dict[str, object] = {}
+
+    def spy(name):
+        def record(*args, **kwargs):
+            seen[name] = (args, kwargs)
+            raise _Stop
+        return record
+
+    monkeypatch.setattr(serve.engine, "LLM", spy("generate"))
+    monkeypatch.setattr(sim.real, "make_llama_instances", spy("validate"))
+    monkeypatch.setattr(calib.calibrate, "calibrate", spy("calibrate"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    for argv in (["generate", "--input", str(prompts), "--n-gpu-layers", "12"],
+                 ["validate", "--device", "cuda", "--quiet"],
+                 ["calibrate", "--device", "cuda", "--out", str(tmp_path / "p.json")]):
+        parser, _ = build_parser(argv[0])
+        args = parser.parse_args(argv)
+        with pytest.raises(_Stop):
+            args._run(args)
+    assert seen["generate"][1]["n_gpu_layers"] == 12
+    assert seen["validate"][0][2]["n_gpu_layers"] == 99
+    options = seen["calibrate"][0][1]
+    assert options["n_gpu_layers"] == 99 and options["n_seq_max"] == 256 and options["kv_unified"] is True
