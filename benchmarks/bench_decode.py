@@ -78,20 +78,20 @@ class BareLoop:
         b, n = self.batch, len(prompts)
         L.llama_memory_clear(self.mem, True)
         t0 = time.perf_counter()
-        k, tokens = 0, []
+        k, n_out, tokens = 0, 0, []
         flat = [(s, j, tok, j == len(p) - 1) for s, p in enumerate(prompts) for j, tok in enumerate(p)]
         for i, (s, j, tok, last) in enumerate(flat):  # in batches of 512 tokens
             b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, j, 1, last
             b.seq_id[k][0] = s
             k += 1
+            n_out += last
             if k == 512 or i == len(flat) - 1:
                 b.n_tokens = k
                 L.llama_decode(self.ctx, b)
-                n_out = sum(1 for x in range(k) if b.logits[x])
                 if n_out:
                     rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
                     tokens += rows.argmax(axis=1).tolist()
-                k = 0
+                k = n_out = 0
         t1 = time.perf_counter()
         pos = len(prompts[0])
         for s in range(n):
