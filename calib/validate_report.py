@@ -125,7 +125,8 @@ def _diagnostics(load: dict) -> list[str]:
                      f"drift shared by each {jitter['block_s']:g} s of steps, sigma "
                      f"{jitter['slow_sigma'] * 100:.1f}%): how far the order of events alone moves a run of this "
                      "workload (two real runs can land further apart: the machine's speed moves too)"
-                     + (f"; {len(inside)} of {len(bad)} misses lie inside it ({', '.join(inside)})" if bad else ""))
+                     + (f"; {len(inside)} of {len(bad)} misses lie inside it" if bad else "")
+                     + (f" ({', '.join(inside)})" if inside else ""))
     probe = load.get("speed_probe")
     if probe:
         b, a = probe["before"], probe["after"]

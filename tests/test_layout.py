@@ -48,3 +48,14 @@ def test_the_layout_check_sees_a_function_level_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def run():\n    from calib.validate import rel_errors\n    return rel_errors\n")
     assert "calib.validate" in _imports(f)
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_of_the_product_or_the_lab_is_over_500_lines():
+    # a module that grows past this is split by what its parts decide
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for package in PRODUCT + ("calib",)
+            for p in sorted((ROOT / package).rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES]
+    assert long == []
