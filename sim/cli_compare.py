@@ -206,7 +206,8 @@ def prediction_report(summaries: list[dict], probes: list[dict | None], profile)
             cells.append(f"{'n/a' if v is None else f'{v * 100:+.1f} %':>10}")
         lines.append(f"{s['policy']:<{width}} | " + " | ".join(cells))
     lines.append("one run per strategy: near saturation its TTFT and tails turn on which step each prompt lands in; "
-                 "`tokenstep validate` runs loads from light to saturated, with step-noise ranges and targets")
+                 "`tokenstep validate` repeats loads from light to saturated and judges each error against the "
+                 "repeats' spread")
     return "\n".join(lines)
 
 
