@@ -176,6 +176,8 @@ def run_line(server: str, workload: str, rnd: int, r: dict) -> str:
 
 def main() -> int:
     """Alternate the servers over the workloads; print every run and the ratio table."""
+    # SIGTERM unwinds like Ctrl-C, so the server in use is stopped by its finally: block
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=None, help="rounds of (llama-server, tokenstep serve); default 2")
     ap.add_argument("--quick", action="store_true", help="a few requests per workload, one round (a check only)")
