@@ -18,7 +18,7 @@ from pathlib import Path
 from sim.cli_runs import Context
 from sim.records import RunResult
 from sim.report import _plain as plain  # the strict-JSON conversion write_results uses
-from sim.report import run_warnings, write_results
+from sim.report import run_warnings, write_results, write_summary
 from sim.workload import Workload
 
 
@@ -95,12 +95,18 @@ def write_plots(args: argparse.Namespace, out: Path, jobs: Sequence[tuple[str, C
     return [fn(out / name) for name, fn in jobs]
 
 
-def finish(ctx: Context, out: Path, runs: list[RunResult], summaries: list[dict], config: dict,
+def finish(ctx: Context, out: Path, runs: list[RunResult] | None, summaries: list[dict], config: dict,
            report: str, plot_jobs: Sequence[tuple[str, Callable[[Path], Path]]] = (),
-           extra_json: dict | None = None, extra_files: dict | None = None) -> int:
-    """Write results and plots, print the report and where files went, or the --json object."""
+           extra_json: dict | None = None, extra_files: dict | None = None,
+           run_files: dict[str, Path] | None = None) -> int:
+    """Write results and plots, print the report and where files went, or the --json object.
+
+    runs=None: the runs' CSVs are already written (by the tasks of a study, in run_files); only the
+    study-level files are written here.
+    """
     args = ctx.args
-    paths = write_results(out, runs, summaries, config)
+    paths = write_summary(out, summaries, config) if runs is None else write_results(out, runs, summaries, config)
+    paths.update(run_files or {})
     for name, data in (extra_files or {}).items():
         path = out / name
         path.write_text(json.dumps(plain(data), indent=2, allow_nan=False) + "\n")

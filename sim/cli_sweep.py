@@ -18,7 +18,7 @@ from sim.cli_output import finish, log, out_dir, resolved_config
 from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import RunSpec, close, execute, parse_run_spec, prepare, run_config, split_specs
 from sim.executor import Task, add_executor_arg
-from sim.report import format_time
+from sim.report import format_time, unique_stems, write_run_files
 from sim.study import Study, context, register, report_failures, run_study, start_executor
 
 DEFAULT_RATES = "0.5,1,1.5,2,2.5,3"
@@ -55,13 +55,25 @@ def parse_params(items: list[str] | None) -> list[dict[str, str]]:
     return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
-def sweep_point(study: Study, spec: RunSpec, rate: float) -> tuple:
-    """One task: this spec at this rate (run, summary), in whatever process the executor chose."""
+def point_name(spec: RunSpec, rate: float) -> str:
+    """A sweep point's run name (its files are requests_/steps_<safe name>.csv)."""
+    return f"{spec.label} @ {rate:g}"
+
+
+def sweep_point(study: Study, spec: RunSpec, rate: float, dest: tuple[str, str] | None = None) -> tuple:
+    """One task: this spec at this rate, in whatever process the executor chose: (run, summary).
+
+    dest=(out folder, stem): the task writes its run's CSVs there itself and returns (None, summary),
+    so only the summary travels back and the parent's serial part stays small.
+    """
     sc = context(study)
     real = sc.ctx.llama is not None  # real runs are long: a bar per run instead of one over the grid
     run_, summary = execute(sc.ctx, spec, sc.rates.at(rate), extra={"rate": rate}, progress=real)
-    run_.policy = f"{spec.label} @ {rate:g}"
-    return run_, summary
+    run_.policy = point_name(spec, rate)
+    if dest is None:
+        return run_, summary
+    write_run_files(dest[0], run_, dest[1])
+    return None, summary
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,24 +93,32 @@ def run(args: argparse.Namespace) -> int:
             run_config(ctx, spec)  # a bad swept value fails now, not halfway through the grid
         register(study, ctx, rates=workloads)
         out = out_dir(args, "sweep")
-        tasks = [Task(f"{spec.label} @ {rate:g} req/s", (study, spec, rate)) for rate in rates for spec in specs]
+        grid = [(spec, rate) for rate in rates for spec in specs]
+        # each task writes its own run's CSVs where the workers see this machine's files
+        stems = unique_stems([point_name(spec, rate) for spec, rate in grid]) if executor.shares_files else None
+        tasks = [Task(f"{spec.label} @ {rate:g} req/s",
+                      (study, spec, rate, (str(out), stems[i]) if stems else None))
+                 for i, (spec, rate) in enumerate(grid)]
         log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {len(tasks)} runs, backend {ctx.backend}")
         outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep",
                              bar=ctx.llama is None)
-        runs, summaries, points, lines = [], [], [], []
+        runs, summaries, points, lines, run_files = [], [], [], [], {}
         slo = ctx.slo is not None
         width = max(len("policy"), *(len(spec.label) for spec in specs))
         for outcome, task in zip(outcomes, tasks, strict=True):
             if not outcome.ok:
                 continue
-            spec, rate = task.args[1], task.args[2]
+            spec, rate, dest = task.args[1:]
             run_, summary = outcome.value
             runs.append(run_)
+            if dest is not None:
+                names = (f"{kind}_{dest[1]}.csv" for kind in ("requests", "steps"))
+                run_files.update({name: out / name for name in names})
             summaries.append(summary)
             points.append({"policy": spec.label, "rate": rate, "summary": summary})
             lines.append(rate_row(spec.label, rate, summary, slo, format_time, width))
         status = report_failures(args, "sweep", outcomes)
-        if not runs:
+        if not summaries:
             return status
         rank = {spec.label: i for i, spec in enumerate(specs)}
         order = sorted(range(len(points)), key=lambda i: (rank[points[i]["policy"]], points[i]["rate"]))
@@ -110,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
         from sim.plots import plot_rate_curves
 
         jobs = [("rate_curves.png", lambda p: plot_rate_curves(points, p))]
-        return finish(ctx, out, runs, summaries, config, report, jobs) or status
+        written = stems is not None
+        return finish(ctx, out, None if written else runs, summaries, config, report, jobs,
+                      run_files=run_files) or status
     finally:
         executor.close()
         if ctx is not None:

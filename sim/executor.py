@@ -111,6 +111,7 @@ class SerialExecutor:
 
     name = "serial"
     workers = 1
+    shares_files = True  # tasks may write the study's output folder themselves
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -156,6 +157,7 @@ class LocalExecutor:
     """
 
     name = "local"
+    shares_files = True  # workers on this machine: tasks may write the study's output folder themselves
 
     def __init__(self, workers: int | None = None, seed: int = 0) -> None:
         self.workers = workers or available_cpus()
@@ -262,6 +264,8 @@ class RayExecutor:
             raise ExecutorError(RAY_HINT) from None
         self.ray = ray
         self.address = address
+        # a local Ray's workers see this machine's files; a cluster's may not, so its runs come back whole
+        self.shares_files = not address
         self.seed = seed
         self._owns = False
         self._warming: list = []

@@ -12,6 +12,7 @@ import math
 import platform
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -333,10 +334,11 @@ def _request_row(record: RequestRecord) -> dict:
     return row
 
 
-def _unique_stems(runs: list[RunResult]) -> list[str]:
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """File stems of these run names, made safe and unique in order (a repeat gets _2, _3, ...)."""
     stems: list[str] = []
-    for run in runs:
-        base = safe_name(run.policy)
+    for name in names:
+        base = safe_name(name)
         stem, n = base, 2
         while stem in stems:
             stem, n = f"{base}_{n}", n + 1
@@ -344,10 +346,20 @@ def _unique_stems(runs: list[RunResult]) -> list[str]:
     return stems
 
 
-def write_results(out_dir, runs: list[RunResult], summaries: list[dict], config: dict) -> dict[str, Path]:
-    """Write summary.json, summary.csv, requests_<policy>.csv and steps_<policy>.csv; return paths by file name."""
-    if len(runs) != len(summaries):
-        raise ValueError(f"got {len(runs)} runs but {len(summaries)} summaries; pass one summary per run")
+def write_run_files(out_dir, run: RunResult, stem: str) -> dict[str, Path]:
+    """Write one run's requests_<stem>.csv and steps_<stem>.csv; return paths by file name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    path = _write_csv(out / f"requests_{stem}.csv", REQUEST_COLUMNS, [_request_row(r) for r in run.records])
+    paths[path.name] = path
+    path = write_steps_csv(out / f"steps_{stem}.csv", run.steps)
+    paths[path.name] = path
+    return paths
+
+
+def write_summary(out_dir, summaries: list[dict], config: dict) -> dict[str, Path]:
+    """Write summary.json and summary.csv (the study-level files); return paths by file name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -366,9 +378,14 @@ def write_results(out_dir, runs: list[RunResult], summaries: list[dict], config:
         columns += [k for k in row if k not in columns]
     path = _write_csv(out / "summary.csv", columns, flat)
     paths[path.name] = path
-    for run, stem in zip(runs, _unique_stems(runs), strict=True):
-        path = _write_csv(out / f"requests_{stem}.csv", REQUEST_COLUMNS, [_request_row(r) for r in run.records])
-        paths[path.name] = path
-        path = write_steps_csv(out / f"steps_{stem}.csv", run.steps)
-        paths[path.name] = path
+    return paths
+
+
+def write_results(out_dir, runs: list[RunResult], summaries: list[dict], config: dict) -> dict[str, Path]:
+    """Write summary.json, summary.csv, requests_<policy>.csv and steps_<policy>.csv; return paths by file name."""
+    if len(runs) != len(summaries):
+        raise ValueError(f"got {len(runs)} runs but {len(summaries)} summaries; pass one summary per run")
+    paths = write_summary(out_dir, summaries, config)
+    for run, stem in zip(runs, unique_stems([r.policy for r in runs]), strict=True):
+        paths.update(write_run_files(out_dir, run, stem))
     return paths
