@@ -26,6 +26,9 @@ Configurations (--policies x each --param key=v1,v2) are searched in parallel on
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+from pathlib import Path
 
 from sim.capacity import capacity_task
 from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, positive_float
@@ -34,10 +37,30 @@ from sim.cli_rates import RateWorkloads, rate_row, rate_row_header
 from sim.cli_runs import close, parse_run_spec, prepare, run_config, split_specs
 from sim.cli_sweep import parse_params
 from sim.executor import Task, add_executor_arg
-from sim.report import format_table, format_time
+from sim.report import format_table, format_time, safe_name, unique_stems, write_run_files
 from sim.study import register, report_failures, run_study, start_executor
 
 DEFAULT_POLICIES = "static,continuous,chunked"
+RUNS_DIR = ".runs"  # <out>/.runs/<task index>/: each task's best run's CSVs, moved into <out> at the end
+
+
+def best_name(best: dict) -> str:
+    """The best run's name: its policy at its rate (its files are requests_/steps_<safe name>.csv)."""
+    return f"{best['summary']['policy']} @ {best['rate']:.3g}"
+
+
+def capacity_point(study, spec, start: float, run_dir: str | None = None) -> dict:
+    """One task: capacity_task, then (run_dir given) the best run's CSVs written there by the task itself.
+
+    Only the summaries then travel back (best["run"] is None): the parent does not write 12 full-trace
+    runs one after another at the end.
+    """
+    result = capacity_task(study, spec, start)
+    best = result["best"]
+    if run_dir is not None and best is not None:
+        write_run_files(run_dir, best["run"], safe_name(best_name(best)))
+        result["best"] = {**best, "run": None}
+    return result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +140,10 @@ def run(args: argparse.Namespace) -> int:
         emit(args, ctx.header() + "\nworkload: " + workloads.describe(start))
         emit(args, f"SLO: {slo_text}; a rate passes when >= {100 * args.attainment:g} % of requests meet it\n")
         width = max(len("policy"), *(len(spec.label) for spec in specs))
-        tasks = [Task(spec.label, (study, spec, start)) for spec in specs]
+        # each task writes its best run's CSVs where the workers share this machine's files
+        runs_dir = out / RUNS_DIR if executor.shares_files else None
+        tasks = [Task(spec.label, (study, spec, start, str(runs_dir / str(i)) if runs_dir else None))
+                 for i, spec in enumerate(specs)]
         shown = 0
         done: dict[int, object] = {}
 
@@ -129,29 +155,49 @@ def run(args: argparse.Namespace) -> int:
                 emit(args, _steps(o.value, width) if o.ok else f"{o.label}: FAILED ({o.error})")
                 shown += 1
 
-        outcomes = run_study(args, executor, capacity_task, tasks, out, _capacity_entry, "capacity", show,
+        outcomes = run_study(args, executor, capacity_point, tasks, out, _capacity_entry, "capacity", show,
                              bar=ctx.llama is None)
-        results = [o.value for o in outcomes if o.ok]
+        done_tasks = [(o.value, t.args[3]) for o, t in zip(outcomes, tasks, strict=True) if o.ok]
+        results = [value for value, _ in done_tasks]
         status = report_failures(args, "capacity", outcomes)
         if not results:
             return status
-        return _finish(ctx, out, results, workloads, start) or status
+        run_files = _place_runs(out, [(r["best"], d) for r, d in done_tasks if r["best"] is not None], runs_dir)
+        return _finish(ctx, out, results, workloads, start, run_files) or status
     finally:
         executor.close()
         if ctx is not None:
             close(ctx)
 
 
-def _finish(ctx, out, results: list[dict], workloads: RateWorkloads, start: float) -> int:
-    """Answers, the table at capacity, capacity.json and the probe plot."""
+def _place_runs(out: Path, bests: list[tuple[dict, str | None]], runs_dir: Path | None) -> dict[str, Path] | None:
+    """Move each task's best-run CSVs from its folder into out under the run's unique stem; None: none written."""
+    if runs_dir is None:
+        return None
+    paths: dict[str, Path] = {}
+    for (best, run_dir), stem in zip(bests, unique_stems([best_name(b) for b, _ in bests]), strict=True):
+        for kind in ("requests", "steps"):
+            name = f"{kind}_{stem}.csv"
+            os.replace(Path(run_dir) / f"{kind}_{safe_name(best_name(best))}.csv", out / name)
+            paths[name] = out / name
+    shutil.rmtree(runs_dir, ignore_errors=True)
+    return paths
+
+
+def _finish(ctx, out, results: list[dict], workloads: RateWorkloads, start: float,
+            run_files: dict[str, Path] | None = None) -> int:
+    """Answers, the table at capacity, capacity.json and the probe plot (run_files: the CSVs tasks wrote)."""
     args = ctx.args
     answers = "\n".join("  " + _answer(r) for r in results)
     best_runs = [r["best"] for r in results if r["best"] is not None]
-    runs = [p["run"] for p in best_runs]
     summaries = [p["summary"] for p in best_runs]
-    for run_, p in zip(runs, best_runs, strict=True):
-        run_.policy = f"{p['summary']['policy']} @ {p['rate']:.3g}"
-    table = format_table(summaries, columns=[r.policy for r in runs]) if summaries else "(no passing run)"
+    names = [best_name(p) for p in best_runs]
+    runs = None
+    if run_files is None:  # the runs came back whole: written here
+        runs = [p["run"] for p in best_runs]
+        for run_, name in zip(runs, names, strict=True):
+            run_.policy = name
+    table = format_table(summaries, columns=names) if summaries else "(no passing run)"
     report = f"capacity (highest passing rate):\n{answers}\n\nat capacity:\n{table}"
     capacity = [_capacity_entry(r) for r in results]
     config = resolved_config(ctx, None, {"workload": workloads.config(start), "attainment": args.attainment,
@@ -163,4 +209,4 @@ def _finish(ctx, out, results: list[dict], workloads: RateWorkloads, start: floa
     jobs = [("capacity_probes.png", lambda p: plot_rate_curves(points, p))]
     log(args, f"capacity: {sum(len(r['probes']) for r in results)} runs")
     return finish(ctx, out, runs, summaries, config, report, jobs, extra_json={"capacity": capacity},
-                  extra_files={"capacity.json": capacity})
+                  extra_files={"capacity.json": capacity}, run_files=run_files)
