@@ -167,56 +167,39 @@ class RooflineCostModel:
             "slot_choice": "adjacent",  # paged KV on a GPU: the slot layout costs nothing, so no compaction moves
         }
 
+    def rates(self) -> tuple[float, float, float, float, int, float, float]:
+        """The constants every price is made of: (2 x params, attention FLOPs per query-key pair, FLOP/s at mfu,
+        weight bytes, KV bytes per token, bytes/s at mbu, overhead_s)."""
+        return (2 * self.num_params, 4 * self.num_layers * self.num_heads * self.head_dim,
+                self.num_gpus * self.peak_tflops * 1e12 * self.mfu, self.weight_bytes, self.kv_bytes_per_token,
+                self.num_gpus * self.hbm_tb_s * 1e12 * self.mbu, self.overhead_s)
+
     def compute_s(self, feats: StepFeatures) -> float:
         """Time the step's FLOPs take at mfu of peak."""
-        tokens = feats.num_prefill_tokens + feats.num_decode_seqs
-        pairs = feats.sum_sq_prefill_tokens + feats.num_context_tokens
-        flops = (
-            2 * self.num_params * tokens
-            + 4 * self.num_layers * self.num_heads * self.head_dim * pairs
-        )
-        return flops / (self.num_gpus * self.peak_tflops * 1e12 * self.mfu)
+        tokens, pairs, _ = _counts(feats)
+        return _compute_s(self.rates(), tokens, pairs)
 
     def memory_s(self, feats: StepFeatures) -> float:
         """Time the step's HBM traffic takes at mbu of bandwidth."""
-        tokens = feats.num_prefill_tokens + feats.num_decode_seqs
-        kv_cells = feats.num_context_tokens + tokens + 2 * feats.num_copied_tokens
-        nbytes = (
-            self.weight_bytes * feats.has_batch + self.kv_bytes_per_token * kv_cells
-        )
-        return nbytes / (self.num_gpus * self.hbm_tb_s * 1e12 * self.mbu)
+        _, _, kv_cells = _counts(feats)
+        return _memory_s(self.rates(), kv_cells, feats.has_batch)
 
     def predict_s(self, feats: StepFeatures) -> float:
         """Seconds for a step with these features."""
-        raw = (
-            max(self.compute_s(feats), self.memory_s(feats))
-            + self.overhead_s * feats.has_batch
-        )
-        return floor_time(feats, raw)
+        return floor_time(feats, _step_s(self.rates(), *_counts(feats), feats.has_batch))
 
     def step_time_s(self, plan: StepPlan) -> float:
         """Seconds the plan's step takes (0 for an empty plan)."""
         return self.predict_s(features(plan))
 
     def decode_pricer(self, slots: Sequence[int]) -> Callable[[int], float]:
-        """price(num_context_tokens): predict_s of a pure-decode step over these slots, bit for bit, faster."""
+        """price(num_context_tokens): predict_s of a pure-decode step over these slots, through the same
+        _step_s with the model's constants computed once."""
         n = len(slots)
         if n == 0:
             return lambda ctx: 0.0
-        # the same operations in the same order as compute_s and memory_s, with the fixed parts hoisted
-        flops_fixed = 2 * self.num_params * n
-        flops_per_ctx = 4 * self.num_layers * self.num_heads * self.head_dim
-        compute_rate = self.num_gpus * self.peak_tflops * 1e12 * self.mfu
-        weights, per_cell = self.weight_bytes * 1, self.kv_bytes_per_token
-        memory_rate = self.num_gpus * self.hbm_tb_s * 1e12 * self.mbu
-        overhead = self.overhead_s * 1
-
-        def price(ctx: int) -> float:
-            compute = (flops_fixed + flops_per_ctx * ctx) / compute_rate
-            memory = (weights + per_cell * (ctx + n)) / memory_rate
-            return max(max(compute, memory) + overhead, MIN_STEP_S)
-
-        return price
+        rates = self.rates()
+        return lambda ctx: max(_step_s(rates, n, ctx, ctx + n, 1), MIN_STEP_S)
 
     def to_dict(self) -> dict:
         """{"kind": "roofline", "params", "meta"}."""
@@ -318,3 +301,23 @@ ROOFLINE_PRESETS: dict[str, RooflineCostModel] = {
         ("h200-llama3-70b", _H200, {**_LLAMA3_70B, "num_gpus": 2, "overhead_s": 0.003}),
     )
 }
+
+
+def _counts(feats: StepFeatures) -> tuple[int, int, int]:
+    """(tokens, query-key pairs, KV cells read or written) of a step."""
+    tokens = feats.num_prefill_tokens + feats.num_decode_seqs
+    pairs = feats.sum_sq_prefill_tokens + feats.num_context_tokens
+    return tokens, pairs, feats.num_context_tokens + tokens + 2 * feats.num_copied_tokens
+
+
+def _compute_s(rates: tuple, tokens: int, pairs: int) -> float:
+    return (rates[0] * tokens + rates[1] * pairs) / rates[2]
+
+
+def _memory_s(rates: tuple, kv_cells: int, has_batch: int) -> float:
+    return (rates[3] * has_batch + rates[4] * kv_cells) / rates[5]
+
+
+def _step_s(rates: tuple, tokens: int, pairs: int, kv_cells: int, has_batch: int) -> float:
+    """max(compute, memory) + overhead of a step with these counts: the one formula every roofline price uses."""
+    return max(_compute_s(rates, tokens, pairs), _memory_s(rates, kv_cells, has_batch)) + rates[6] * has_batch
