@@ -140,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
         emit(args, ctx.header() + "\nworkload: " + workloads.describe(start))
         emit(args, f"SLO: {slo_text}; a rate passes when >= {100 * args.attainment:g} % of requests meet it\n")
         width = max(len("policy"), *(len(spec.label) for spec in specs))
-        # each task writes its best run's CSVs where the workers share this machine's files
-        runs_dir = out / RUNS_DIR if executor.shares_files else None
+        # each task writes its best run's CSVs where the workers share this machine's files (by full path:
+        # a Ray worker runs in another folder)
+        runs_dir = Path(os.path.abspath(out)) / RUNS_DIR if executor.shares_files else None
         tasks = [Task(spec.label, (study, spec, start, str(runs_dir / str(i)) if runs_dir else None))
                  for i, spec in enumerate(specs)]
         shown = 0

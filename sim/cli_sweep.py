@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 
 from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, float_list
 from sim.cli_output import finish, log, out_dir, resolved_config
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         # each task writes its own run's CSVs where the workers see this machine's files
         stems = unique_stems([point_name(spec, rate) for spec, rate in grid]) if executor.shares_files else None
         tasks = [Task(f"{spec.label} @ {rate:g} req/s",
-                      (study, spec, rate, (str(out), stems[i]) if stems else None))
+                      (study, spec, rate, (os.path.abspath(out), stems[i]) if stems else None))
                  for i, (spec, rate) in enumerate(grid)]
         log(args, f"sweep: {len(specs)} strategies x {len(rates)} rates = {len(tasks)} runs, backend {ctx.backend}")
         outcomes = run_study(args, executor, sweep_point, tasks, out, lambda value: value[1], "sweep",
