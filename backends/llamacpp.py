@@ -4,15 +4,14 @@ One llama.cpp sequence id is one slot. A step runs the plan's KV removals, then
 its prefix copies, then every chunk's tokens in one llama_batch (several
 llama_decode calls only when the batch exceeds n_batch), then samples one token
 per sampling chunk. docs/llamacpp-notes.md records the llama.cpp behaviour this
-relies on and the numbers measured on it.
+relies on and the numbers measured on it. Filling the llama_batch lives in
+llamacpp_batch.py; choosing the sampled tokens (and their logprobs) in llamacpp_sampling.py.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from operator import attrgetter
 
 import llama_cpp as L
@@ -20,8 +19,9 @@ import numpy as np
 
 from scheduler.config import SchedulerConfig
 from scheduler.messages import KVCopy, ScheduledChunk, StepPlan, StepResult
-from scheduler.request import SamplingParams
 
+from .llamacpp_batch import FlatBatch
+from .llamacpp_sampling import SamplingMixin
 from .models import DEFAULT_MODEL, LlamaModel, llama_log_mark, llama_log_tail
 
 DECODE_ERRORS: dict[int, str] = {
@@ -35,25 +35,7 @@ DECODE_ERRORS: dict[int, str] = {
 _by_slot = attrgetter("slot")
 
 
-def row_logprobs(row: np.ndarray, token_id: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
-    """The log-softmax of one logits row at token_id, and its k most likely (token_id, logprob), best first."""
-    x = row.astype(np.float64)
-    top = x.max()
-    lse = top + np.log(np.exp(x - top).sum())
-    best: tuple[tuple[int, float], ...] = ()
-    if k:
-        idx = np.argpartition(-x, k)[:k]
-        idx = idx[np.argsort(-x[idx], kind="stable")]
-        best = tuple((int(i), float(x[i] - lse)) for i in idx)
-    return float(x[token_id] - lse), best
-
-
-# Host argmax over the logits matrix: split the rows across threads past this many floats (numpy releases the GIL);
-# 128 rows of a 128k vocabulary are 65 MB, ~4 ms on one core, a third of a GPU decode step at that batch size.
-_PARALLEL_ARGMAX_FLOATS = 4_000_000
-
-
-class LlamaCppBackend:
+class LlamaCppBackend(SamplingMixin):
     """Executes StepPlans on one llama.cpp context; owns per-request sampler chains."""
 
     def __init__(
@@ -87,12 +69,8 @@ class LlamaCppBackend:
         self.kv_unified = kv_unified
         self.swa_full = swa_full
         self.ctx = None
-        self._batch = None
-        self._samplers: dict[str, int] = {}
-        self._slot_chains: list[int] = []  # per-slot greedy chains run inside llama_decode (device_sampling)
-        self._host_slots: set[int] = set()  # slots whose chain is detached: their request samples from host logits
-        self._argmax_pool: ThreadPoolExecutor | None = None
-        self._last_logits: dict[str, np.ndarray] = {}
+        self._flat: FlatBatch | None = None
+        self._init_sampling()
         self._tokenizer = None
         n_batch = n_batch or 512
         params = L.llama_context_default_params()
@@ -127,57 +105,12 @@ class LlamaCppBackend:
         self.max_model_len: int = min(self.slot_capacity_tokens, self.model.n_ctx_train)
         self.vocab_size: int = self.model.vocab_size
         self.eog_token_ids: tuple[int, ...] = self.model.eog_token_ids
-        self._pad_token = self.model.pad_token_id if self.model.pad_token_id >= 0 else 0
+        pad_token = self.model.pad_token_id if self.model.pad_token_id >= 0 else 0
         self.device_sampling: bool = bool(device_sampling) and self._attach_device_samplers()
-        self._init_batch()
+        self._flat = FlatBatch(self.n_batch, max(self.slot_capacity_tokens, self.n_ctx), pad_token)
         self._reset_counters()
 
     # -- setup and teardown -------------------------------------------------
-
-    def _init_batch(self) -> None:
-        nb = self.n_batch
-        self._batch = L.llama_batch_init(nb, 0, 1)
-        b = self._batch
-        self._b_token = np.ctypeslib.as_array(b.token, shape=(nb,))
-        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(nb,))
-        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(nb,))
-        np.ctypeslib.as_array(b.n_seq_id, shape=(nb,))[:] = 1
-        self._b_seq = [b.seq_id[i] for i in range(nb)]  # one int32 per token, written only when it changes
-        self._b_seq_now = np.full(nb, -1, dtype=np.int32)
-        for p in self._b_seq:
-            p[0] = -1
-        # Flat per-step arrays for the whole plan, grown on demand; the llama_batch gets n_batch slices.
-        self._grow(nb)
-        self._arange = np.arange(max(self.slot_capacity_tokens, self.n_ctx) + nb, dtype=np.int32)
-
-    def _attach_device_samplers(self) -> bool:
-        """Give every slot a greedy chain that llama_decode runs on the device; False if llama.cpp refuses."""
-        for slot in range(self.num_slots):
-            chain = self._greedy_chain()
-            self._slot_chains.append(chain)
-            if not L.llama_set_sampler(self.ctx, slot, chain):
-                for s in range(slot + 1):
-                    L.llama_set_sampler(self.ctx, s, None)
-                self._free_slot_chains()
-                return False
-        return True
-
-    @staticmethod
-    def _greedy_chain() -> int:
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-        return chain
-
-    def _free_slot_chains(self) -> None:
-        for chain in self._slot_chains:
-            L.llama_sampler_free(chain)
-        self._slot_chains.clear()
-
-    def _grow(self, n: int) -> None:
-        self._tok = np.zeros(n, dtype=np.int32)
-        self._pos = np.zeros(n, dtype=np.int32)
-        self._seq = np.zeros(n, dtype=np.int32)
-        self._out = np.zeros(n, dtype=np.int8)
 
     def _reset_counters(self) -> None:
         self.num_decode_calls = 0  # llama_decode calls so far (tests count them)
@@ -185,21 +118,15 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         """Free the batch, samplers, context and (if this backend loaded it) the model."""
-        for chain in self._samplers.values():
-            L.llama_sampler_free(chain)
-        self._samplers.clear()
-        if self._batch is not None:
-            # llama_batch_free walks seq_id until a NULL, then frees each pointer: we kept them intact.
-            L.llama_batch_free(self._batch)
-            self._batch = None
+        self._free_request_samplers()
+        if self._flat is not None:
+            self._flat.free()
         if self.ctx:
             L.llama_free(self.ctx)
             self.ctx = None
             self.model._num_contexts -= 1
         self._free_slot_chains()  # after the context, which held them
-        if self._argmax_pool is not None:
-            self._argmax_pool.shutdown(wait=False)
-            self._argmax_pool = None
+        self._stop_argmax_pool()
         self._release_model()
 
     def _release_model(self) -> None:
@@ -266,13 +193,10 @@ class LlamaCppBackend:
     def step(self, plan: StepPlan) -> StepResult:
         """Run the plan's removes, copies and chunks; sample; return tokens, wall time and failures."""
         t0 = time.perf_counter()
-        for request_id in plan.finished_request_ids:
-            chain = self._samplers.pop(request_id, None)
-            if chain is not None:
-                L.llama_sampler_free(chain)
+        self._free_request_samplers(plan.finished_request_ids)
         if self.return_logits:
             self._last_logits = {}
-        self._step_logprobs: dict | None = None  # filled by _sample for requests that ask for logprobs
+        self._step_logprobs = None  # filled by _sample for requests that ask for logprobs
         mem = self._mem
         for rm in plan.removes:
             L.llama_memory_seq_rm(mem, rm.slot, rm.start_pos, -1)
@@ -361,38 +285,8 @@ class LlamaCppBackend:
         ok.sort(key=_by_slot)  # split_equal batches only runs of consecutive slot ids
         return ok
 
-    def _fill(self, chunks: list[ScheduledChunk]) -> tuple[int, list[tuple[int, ScheduledChunk]]]:
-        """Write every chunk's tokens into the flat arrays; return the token count and sample rows."""
-        total = sum(len(c.token_ids) + c.num_pad_tokens for c in chunks)
-        if total > len(self._tok):
-            self._grow(total)
-        tok, pos, seq, out, ar = self._tok, self._pos, self._seq, self._out, self._arange
-        samples: list[tuple[int, ScheduledChunk]] = []
-        n = 0
-        for c in chunks:
-            k, p, start = len(c.token_ids), c.num_pad_tokens, c.start_pos
-            if k == 1 and not p:
-                tok[n] = c.token_ids[0]
-                pos[n] = start
-                seq[n] = c.slot
-                out[n] = 0
-                n += 1
-            else:
-                end = n + k + p
-                tok[n : n + k] = c.token_ids
-                tok[n + k : end] = self._pad_token
-                pos[n:end] = ar[start : start + k + p]
-                seq[n:end] = c.slot
-                out[n:end] = 0
-                n = end
-            if c.sample:
-                last = n - p - 1
-                out[last] = 1
-                samples.append((last, c))
-        return n, samples
-
     def _run_chunks(self, chunks: list[ScheduledChunk], sampled: dict[str, int], failed: dict[str, str]) -> None:
-        total, samples = self._fill(chunks)
+        total, samples = self._flat.fill(chunks)
         nb = self.n_batch
         si = 0
         for a in range(0, total, nb):
@@ -416,22 +310,11 @@ class LlamaCppBackend:
                 L.llama_memory_seq_rm(self._mem, c.slot, c.start_pos + len(c.token_ids), -1)
 
     def _decode(self, a: int, b: int) -> int:
-        """Copy flat rows [a, b) into the llama_batch and decode it."""
-        m = b - a
-        self._b_token[:m] = self._tok[a:b]
-        self._b_pos[:m] = self._pos[a:b]
-        self._b_logits[:m] = self._out[a:b]
-        seq_new, seq_now = self._seq[a:b], self._b_seq_now[:m]
-        changed = np.flatnonzero(seq_new != seq_now)
-        if len(changed):
-            ptrs = self._b_seq
-            for i in changed.tolist():
-                ptrs[i][0] = int(seq_new[i])
-            seq_now[:] = seq_new
-        self._batch.n_tokens = m
+        """Decode flat rows [a, b) of the filled plan in one llama_decode call."""
+        batch = self._flat.load(a, b)
         self.num_decode_calls += 1
-        self.num_decoded_tokens += m
-        return L.llama_decode(self.ctx, self._batch)
+        self.num_decoded_tokens += b - a
+        return L.llama_decode(self.ctx, batch)
 
     def _fail_from(self, a: int, chunks: list[ScheduledChunk], rc: int, failed: dict[str, str], log: list[str]) -> None:
         """Decode call starting at flat row a failed: fail every chunk with rows at or after a."""
@@ -444,108 +327,3 @@ class LlamaCppBackend:
                 failed[c.request_id] = f"llama_decode returned {rc}: {meaning}" + (f" [{detail}]" if detail else "")
                 # llama.cpp keeps ubatches that finished before the failure: cut back to the chunk's start.
                 L.llama_memory_seq_rm(self._mem, c.slot, c.start_pos, -1)
-
-    def _route_sampling(self, chunks: list[ScheduledChunk]) -> None:
-        """Detach the device chain of slots whose request samples on the host; reattach it for greedy ones.
-
-        A change makes llama.cpp re-reserve its graph once, so slots switch only when their request changes kind.
-        """
-        for c in chunks:
-            if not c.sample:
-                continue
-            host = self._samples_on_host(c)
-            if host and c.slot not in self._host_slots:
-                L.llama_set_sampler(self.ctx, c.slot, None)
-                self._host_slots.add(c.slot)
-            elif not host and c.slot in self._host_slots:
-                # a chain is initialised for the device once: attach a fresh one; the old one left the graph
-                # when the decode after its detach rebuilt it
-                L.llama_sampler_free(self._slot_chains[c.slot])
-                self._slot_chains[c.slot] = self._greedy_chain()
-                L.llama_set_sampler(self.ctx, c.slot, self._slot_chains[c.slot])
-                self._host_slots.discard(c.slot)
-
-    @staticmethod
-    def _samples_on_host(c: ScheduledChunk) -> bool:
-        """Whether this chunk's token needs the host's logits row (not greedy, or asks for logprobs)."""
-        sp = c.sampling
-        return sp is not None and (sp.temperature != 0.0 or getattr(sp, "logprobs", None) is not None)
-
-    def _argmax_rows(self, logits: np.ndarray) -> list[int]:
-        """Row-wise argmax; large matrices are split across threads (numpy releases the GIL)."""
-        n = logits.shape[0]
-        workers = min(8, (os.cpu_count() or 1) // 2, n)
-        if logits.size < _PARALLEL_ARGMAX_FLOATS or workers < 2:
-            return logits.argmax(axis=1).tolist()
-        if self._argmax_pool is None:
-            self._argmax_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argmax")
-        step = -(-n // workers)
-        parts = self._argmax_pool.map(lambda i: logits[i : i + step].argmax(axis=1), range(0, n, step))
-        return np.concatenate(list(parts)).tolist()
-
-    def _sample(self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int]) -> None:
-        """Sample one token per row of the decode call that started at flat row a."""
-        if self.device_sampling:
-            self._sample_on_device(rows, a, sampled)
-            self._record_logprobs(rows, a, sampled)
-            return
-        n_vocab = self.vocab_size
-        logits = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(len(rows), n_vocab))
-        greedy = [i for i, (_, c) in enumerate(rows) if c.sampling is None or c.sampling.temperature == 0.0]
-        if len(greedy) == len(rows):
-            for (_, c), t in zip(rows, self._argmax_rows(logits), strict=True):
-                sampled[c.request_id] = t
-        else:
-            for i in greedy:
-                sampled[rows[i][1].request_id] = int(logits[i].argmax())
-            for row, c in rows:
-                if c.request_id not in sampled:
-                    chain = self._samplers.get(c.request_id) or self._new_sampler(c.request_id, c.sampling)
-                    sampled[c.request_id] = L.llama_sampler_sample(chain, self.ctx, row - a)
-        if self.return_logits:
-            for i, (_, c) in enumerate(rows):
-                self._last_logits[c.request_id] = logits[i].copy()
-        self._record_logprobs(rows, a, sampled)
-
-    def _record_logprobs(self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int]) -> None:
-        """Log-probabilities of the sampled tokens, for the rows whose request asks for them (numpy, host logits)."""
-        for row, c in rows:
-            sp = c.sampling
-            if sp is None or sp.logprobs is None or c.request_id not in sampled:
-                continue
-            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, row - a), shape=(self.vocab_size,))
-            if self._step_logprobs is None:
-                self._step_logprobs = {}
-            self._step_logprobs[c.request_id] = row_logprobs(logits, sampled[c.request_id], sp.logprobs)
-
-    def _new_sampler(self, request_id: str, sp: SamplingParams) -> int:
-        seed = sp.seed if sp.seed is not None else zlib.crc32(f"{self.seed}:{request_id}".encode())
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        if sp.top_k > 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(sp.top_k))
-        if sp.top_p < 1.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(sp.top_p, 1))
-        if sp.min_p > 0.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(sp.min_p, 1))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(sp.temperature))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        self._samplers[request_id] = chain
-        return chain
-
-    def _sample_on_device(self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int]) -> None:
-        """Read the tokens the slots' greedy chains chose; rows of host-sampled requests use their logits row."""
-        n_vocab, ctx = self.vocab_size, self.ctx
-        for row, c in rows:
-            i = row - a
-            if c.slot not in self._host_slots:
-                token = L.llama_get_sampled_token_ith(ctx, i)
-                if token < 0:  # LLAMA_TOKEN_NULL: the slot had no device chain in this decode
-                    raise RuntimeError(f"llama.cpp sampled no token for slot {c.slot} (request {c.request_id!r})")
-                sampled[c.request_id] = token
-                continue
-            logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
-            if c.sampling is None or c.sampling.temperature == 0.0:
-                sampled[c.request_id] = int(logits.argmax())
-            else:
-                chain = self._samplers.get(c.request_id) or self._new_sampler(c.request_id, c.sampling)
-                sampled[c.request_id] = L.llama_sampler_sample(chain, ctx, i)

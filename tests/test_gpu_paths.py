@@ -12,7 +12,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from backends.llamacpp import _PARALLEL_ARGMAX_FLOATS, LlamaCppBackend
+from backends.llamacpp import LlamaCppBackend
+from backends.llamacpp_sampling import _PARALLEL_ARGMAX_FLOATS
 from backends.models import LlamaModel
 from scheduler.messages import ScheduledChunk, StepPlan
 from scheduler.request import SamplingParams
