@@ -19,7 +19,9 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
+import threading
 import traceback
 from types import ModuleType
 
@@ -150,9 +152,17 @@ def _parse(argv: list[str]) -> argparse.Namespace | int:
     return args
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tokenstep` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds as Ctrl-C does, so a study stops its workers instead of leaving them running;
+        # tokenstep serve installs its own graceful handler once it listens
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         args = _parse(argv)
         if isinstance(args, int):
