@@ -19,13 +19,11 @@ import threading
 import time
 
 import pytest
+from aiohttp import web
 
-pytest.importorskip("aiohttp")
-from aiohttp import web  # noqa: E402
-
-from serve.bench_client import BenchRun, RequestResult  # noqa: E402
-from serve.bench_metrics import calculate_metrics, check_lengths, parse_goodput  # noqa: E402
-from sim.cli import main  # noqa: E402
+from serve.bench_client import BenchRun, RequestResult
+from serve.bench_metrics import calculate_metrics, check_lengths, parse_goodput
+from sim.cli import main
 
 TOL_S = 0.040
 TTFT_S = 0.50  # first token, after a role-only chunk at ROLE_S (chat)

@@ -10,15 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+from serve_proc import wait_ready
 
-pytest.importorskip("aiohttp")
-pytest.importorskip("fastapi")
-
-from sim.cli import main  # noqa: E402
+from sim.cli import main
 
 VLLM_FIELDS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
                "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "std_ttft_ms",
@@ -35,18 +31,7 @@ def _free_port() -> int:
 
 
 def _ready(url: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tokenstep serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"tokenstep serve did not become ready within {READY_TIMEOUT_S} s")
+    wait_ready(url, proc, READY_TIMEOUT_S)
 
 
 def _serve(*flags: str):

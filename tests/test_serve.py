@@ -19,6 +19,7 @@ import urllib.request
 
 import openai
 import pytest
+from serve_proc import wait_ready
 
 READY_TIMEOUT_S = 240  # loads in seconds; far slower while other work shares the cores
 MODEL = "gemma3-270m"
@@ -39,19 +40,12 @@ def start_server(*flags: str, stderr_path: str | None = None) -> tuple[subproces
     proc = subprocess.Popen([sys.executable, "-m", "sim.cli", "serve", "--port", str(port), *flags],
                             stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tokenstep serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError(f"tokenstep serve was not ready within {READY_TIMEOUT_S} s")
+    try:
+        wait_ready(url, proc, READY_TIMEOUT_S)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> int:
