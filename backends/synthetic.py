@@ -6,6 +6,7 @@ import math
 import zlib
 from collections.abc import Mapping
 
+from backends.cost.base import PricesStepAfter, WakesAfterIdle
 from backends.cost.wakeup import wakeup_cost
 from scheduler.messages import StepPlan, StepResult
 
@@ -36,11 +37,12 @@ class SyntheticBackend:
         # the compute-graph key the last step left, for cost models that price llama.cpp's graph reuse
         # (step_after; see backends.cost.graph): None on a fresh context
         self.graph: tuple | None = None
-        self._step_after = getattr(cost_model, "step_after", None)
+        self._step_after = cost_model.step_after if isinstance(cost_model, PricesStepAfter) else None
         # the virtual time the last step ended (the engine's decode fast-forward moves it too): a step whose
         # plan starts later follows an idle engine and pays the cost model's wake-up for its wait
         self.end_s: float | None = None
-        self._wakes = bool(getattr(cost_model, "idle_wakeup_s", 0.0) or getattr(cost_model, "idle_wakeup_curve", ()))
+        self._wakes = isinstance(cost_model, WakesAfterIdle) and bool(cost_model.idle_wakeup_s
+                                                                     or cost_model.idle_wakeup_curve)
         self._build_cycle()
 
     def _seed(self, request_id: str) -> int:

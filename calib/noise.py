@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.cost.base import PricesGraphReuse
+from backends.cost.base import PricesGraphReuse, WakesAfterIdle
 from calib.judge import METRICS, STATS, rel_errors
 from calib.measure import predict, price_samples
 from scheduler import SchedulerConfig
@@ -175,8 +175,9 @@ class NoisyModel:
     def __init__(self, inner: Any, noise: StepNoise, seed: int) -> None:
         self.inner = inner
         self.noise = noise
-        self.idle_wakeup_s = getattr(inner, "idle_wakeup_s", 0.0)
-        self.idle_wakeup_curve = getattr(inner, "idle_wakeup_curve", ())
+        wakes = isinstance(inner, WakesAfterIdle)
+        self.idle_wakeup_s = inner.idle_wakeup_s if wakes else 0.0
+        self.idle_wakeup_curve = inner.idle_wakeup_curve if wakes else ()
         self._seed = seed
         self._rng = np.random.default_rng(seed)
         self._blocks: dict[int, float] = {}

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from backends.cost.base import WakesAfterIdle
 from backends.cost.table import TableCostModel
 from calib.measure import price_samples
 from scheduler.messages import StepPlan
@@ -62,8 +63,9 @@ def bracket_factors(profile: Any, before: dict | None, after: dict | None,
         # the wake-up by idle wait: each knot the mean of the two probes' (see calib.probes.probe_wakeup)
         curve = tuple((float(i), (b + a) / 2) for (i, b), (_, a) in zip(wb["knots"], wa["knots"], strict=True))
         speed["idle_wakeup_curve"] = [list(k) for k in curve]
-        speed["profile_idle_wakeup_s"] = float(getattr(profile, "idle_wakeup_s", 0.0))
-        speed["profile_idle_wakeup_curve"] = [list(k) for k in getattr(profile, "idle_wakeup_curve", ())]
+        wakes = isinstance(profile, WakesAfterIdle)
+        speed["profile_idle_wakeup_s"] = float(profile.idle_wakeup_s) if wakes else 0.0
+        speed["profile_idle_wakeup_curve"] = [list(k) for k in profile.idle_wakeup_curve] if wakes else []
         changes["idle_wakeup_curve"] = curve
     return speed, dataclasses.replace(profile, **changes)
 

@@ -20,6 +20,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from backends.cost.base import SizesScheduler
 from scheduler import ROUTERS, SchedulerConfig
 from scheduler.config import SLOT_CHOICES, VICTIM_RULES
 from sim.arrivals import ARRIVALS
@@ -355,8 +356,7 @@ _LIMITS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_siz
 def build_config(args: argparse.Namespace, cost_model=None, base: SchedulerConfig | None = None) -> SchedulerConfig:
     """The SchedulerConfig: base (else the cost model's capacity, else defaults) with the flags given on top."""
     if base is None:
-        capacity = getattr(cost_model, "capacity", None)
-        base = SchedulerConfig(**capacity()) if callable(capacity) else SchedulerConfig()
+        base = SchedulerConfig(**cost_model.capacity()) if isinstance(cost_model, SizesScheduler) else SchedulerConfig()
     overrides = {name: getattr(args, name) for name in _LIMITS if getattr(args, name, None) is not None}
     if args.kv_blocks is not None and args.kv_tokens is not None:
         raise UsageError("give --kv-blocks or --kv-tokens, not both")

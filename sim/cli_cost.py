@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from backends.cost.base import SizesScheduler
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """cost's flags."""
@@ -52,9 +54,8 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
-    capacity = getattr(model, "capacity", None)
-    if callable(capacity):
-        print("scheduler capacity: " + ", ".join(f"{k}={v}" for k, v in capacity().items()))
+    if isinstance(model, SizesScheduler):
+        print("scheduler capacity: " + ", ".join(f"{k}={v}" for k, v in model.capacity().items()))
     source = (data.get("meta") or {}).get("source") or (data.get("meta") or {}).get("note")
     if source:
         print(f"source: {source}")

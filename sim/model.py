@@ -21,7 +21,7 @@ from typing import Any
 import simpy
 import simpy.rt
 
-from backends.cost.base import StepFeatures
+from backends.cost.base import PricesDecodeRuns, PricesGraphReuse, StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.backend import Backend, ClearsKV, KnowsTokens
 from scheduler.loop import plan_step, release_kv
@@ -109,12 +109,10 @@ class Engine:
         cost = self.backend.cost_model
         ordered = sorted(running, key=lambda r: r.slot)
         slots = [r.slot for r in ordered]
-        stretch = getattr(cost, "decode_stretch", None)  # cost models that price llama.cpp's graph reuse
-        if stretch is not None:
-            return stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
-        fast = getattr(cost, "decode_pricer", None)  # cost models that hoist the fixed part (and slot layout)
-        if fast is not None:
-            return _Stateless(fast(slots), graph)
+        if isinstance(cost, PricesGraphReuse):  # cost models that price llama.cpp's graph reuse
+            return cost.decode_stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
+        if isinstance(cost, PricesDecodeRuns):  # cost models that hoist the fixed part (and slot layout)
+            return _Stateless(cost.decode_pricer(slots), graph)
         n = len(slots)
         return _Stateless(lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0)), graph)
 

@@ -93,7 +93,8 @@ class CostModel(Protocol):
     Every cost model has these members. Some add optional capabilities, each declared below as its own
     Protocol so a driver checks isinstance(model, Capability) instead of probing for attributes:
     PricesDecodeRuns (the fast-forward's decode_pricer), PricesGraphReuse (llama.cpp's compute graph carried
-    from step to step), WakesAfterIdle (a step after idle costs extra) and SizesScheduler (the capacity a
+    from step to step; PricesStepAfter for a model with its step_after only), PricesAfterIdle (time_s of a
+    step after idle), WakesAfterIdle (a step after idle costs extra) and SizesScheduler (the capacity a
     GPU preset implies).
     """
 
@@ -136,6 +137,24 @@ class PricesGraphReuse(Protocol):
 
     def decode_stretch(self, slots: Sequence[int], ends: Sequence[int], prev_graph: Any) -> Any:
         """A pricer of consecutive pure-decode steps (price(i, ctx), graph_after(i)), as step_after gives them."""
+        ...
+
+
+@runtime_checkable
+class PricesStepAfter(Protocol):
+    """Optional: prices a step after the graph key of the step before it (a graph-reuse model's step_after alone)."""
+
+    def step_after(self, plan: StepPlan, prev_graph: Any, after_idle: bool = False) -> tuple[float, Any]:
+        """(seconds, graph key after it) of the step following a ubatch of graph key prev_graph."""
+        ...
+
+
+@runtime_checkable
+class PricesAfterIdle(Protocol):
+    """Optional: prices a step that follows an idle engine differently from one that does not."""
+
+    def time_s(self, plan: StepPlan, after_idle: bool = False) -> float:
+        """Seconds of the step, after_idle: the engine idled before it."""
         ...
 
 

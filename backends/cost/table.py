@@ -14,7 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from backends.cost.base import MIN_STEP_S, CostModelError, StepFeatures, floor_time
+from backends.cost.base import (
+    MIN_STEP_S,
+    CostModelError,
+    PricesAfterIdle,
+    PricesStepAfter,
+    StepFeatures,
+    floor_time,
+)
 from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
 from backends.cost.knots import default_knots, interp, interp_clamped, interp_free, knot_value, output_knots
 from backends.cost.table_params import check_model, from_params, to_params
@@ -324,8 +331,8 @@ def describe_batch_factors(knots: Sequence[Sequence[float]]) -> str:
 def price_run(model, steps: Sequence[tuple[StepPlan, bool]]) -> list[float]:
     """Each step's seconds, the steps run in this order on one fresh context: a table model carries
     llama.cpp's graph from step to step; another prices each step alone."""
-    if not hasattr(model, "step_after"):
-        price = model.time_s if hasattr(model, "time_s") else (lambda p, _idle: model.step_time_s(p))
+    if not isinstance(model, PricesStepAfter):
+        price = model.time_s if isinstance(model, PricesAfterIdle) else (lambda p, _idle: model.step_time_s(p))
         return [price(plan, idle) for plan, idle in steps]
     out, graph = [], None
     for plan, idle in steps:

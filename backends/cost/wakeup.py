@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from backends.cost.base import WakesAfterIdle
 from backends.cost.knots import knot_value
 
 
@@ -26,7 +27,9 @@ def wakeup_from_curve(curve: Sequence[tuple[float, float]], idle_s: float) -> fl
 def wakeup_cost(model, idle_s: float | None) -> float:
     """A cost model's wake-up price for a step after idle_s seconds of idling (None: not known): from its
     idle_wakeup_curve when it has one and the wait is known, else its flat idle_wakeup_s."""
-    curve = getattr(model, "idle_wakeup_curve", ())
+    if not isinstance(model, WakesAfterIdle):
+        return 0.0
+    curve = model.idle_wakeup_curve
     if curve and idle_s is not None:
         return wakeup_from_curve(curve, idle_s)
-    return float(getattr(model, "idle_wakeup_s", 0.0))
+    return float(model.idle_wakeup_s)
