@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from scheduler.loop import run_step
 from scheduler.messages import StepPlan
 
 VOCAB_HI = 32000  # token ids drawn from [10, 32000): valid in every supported vocabulary
@@ -123,18 +124,17 @@ def drive(backend, config: SchedulerConfig, scenario: Scenario, tag: str,
         if scenario.idle_s:
             time.sleep(scenario.idle_s)
         t0 = time.perf_counter()
-        plan = sched.schedule(now)
-        if plan.is_empty:
+        # the step is planned and committed at the virtual time now: the clock does not move within it
+        done = run_step(sched, backend, lambda t=now: t)
+        if done.result is None:
             if not pending:
                 break
             step = pending[0][0]
             continue
-        result = backend.step(plan)
-        sched.commit(plan, result, now)
         elapsed = time.perf_counter() - t0
-        if result.failed:
-            raise RuntimeError(f"calibration scenario {scenario.label!r}: the backend failed: {result.failed}")
-        out.append((plan, elapsed))
+        if done.result.failed:
+            raise RuntimeError(f"calibration scenario {scenario.label!r}: the backend failed: {done.result.failed}")
+        out.append((done.plan, elapsed))
         now += elapsed
         step += 1
     backend.clear_kv()

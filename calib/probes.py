@@ -17,6 +17,7 @@ import numpy as np
 from backends.cost.table import TableCostModel
 from backends.cost.wakeup import describe_wakeup, wakeup_curve
 from scheduler import Request, SamplingParams, Scheduler, SchedulerConfig
+from scheduler.loop import run_step
 from sim.model import run_workload
 
 # -- the real-time run factor ---------------------------------------------------------------
@@ -154,6 +155,27 @@ WAKEUP = {"idles_s": (0.1, 0.3, 1.0, 2.5), "repeats": 3, "prompt": 16}
 WAKEUP_QUICK = {"idles_s": (0.1, 1.0), "repeats": 2}  # calibrate --quick: about 2.5 s
 
 
+def _timed_step(sched: Scheduler, backend, wait_s: float) -> float:
+    """Run one step through the loop, waiting wait_s between planning it and running it; its seconds."""
+    marks: list[float] = []
+
+    def clock() -> float:  # read before planning and right after the step; the scheduler's time stays 0
+        marks.append(time.perf_counter())
+        return 0.0
+
+    def wait_then_start(_plan) -> None:  # the plan is made: the idle wait, then the step starts
+        if wait_s:
+            time.sleep(wait_s)
+        marks.append(time.perf_counter())
+
+    done = run_step(sched, backend, clock, check=wait_then_start)
+    if done.result is None:
+        raise RuntimeError("the wake-up probe planned no prefill")
+    if done.result.failed:
+        raise RuntimeError(f"the wake-up probe's prefill failed: {done.result.failed}")
+    return marks[2] - marks[1]
+
+
 def prefill_after_idle(backend, config: SchedulerConfig, prompt_len: int, idle_s: float,
                        rng: np.random.Generator) -> tuple[float, float]:
     """Seconds of one prompt's prefill step after the engine waited idle_s with nothing to do (time.sleep, as
@@ -164,15 +186,7 @@ def prefill_after_idle(backend, config: SchedulerConfig, prompt_len: int, idle_s
     for k, wait in enumerate((idle_s, 0.0)):
         tokens = tuple(int(t) for t in rng.integers(100, 20000, prompt_len))
         sched.add_request(Request(f"wake-{k}", tokens, SamplingParams(max_tokens=1)), 0.0)
-        plan = sched.schedule(0.0)
-        if wait:
-            time.sleep(wait)
-        t0 = time.perf_counter()
-        result = backend.step(plan)
-        times.append(time.perf_counter() - t0)
-        if result.failed:
-            raise RuntimeError(f"the wake-up probe's prefill failed: {result.failed}")
-        sched.commit(plan, result, 0.0)
+        times.append(_timed_step(sched, backend, wait))
     backend.clear_kv()
     return times[0], times[1]
 

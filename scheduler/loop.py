@@ -51,7 +51,7 @@ def run_step(scheduler: Scheduler, backend: Backend, now_s: float | Callable[[],
 
     now_s is the start time (virtual time: the commit lands at now_s + elapsed_s), or a clock
     read before planning and again after the step (real time: the commit lands when it ends).
-    check, if given, sees every plan before the backend does (the testing kit's invariants).
+    check, if given, sees every plan before the backend does (the testing kit's invariants, a probe's idle wait).
     """
     clock = now_s if callable(now_s) else None
     start = clock() if clock is not None else now_s
