@@ -258,8 +258,7 @@ class AsyncEngine:
         self.num_running = len(sched.running)
         m.num_requests_running.set(self.num_running)
         m.num_requests_waiting.set(len(sched.waiting))
-        pool = sched.pool
-        m.kv_cache_usage_perc.set((pool.num_used_blocks - pool.num_evictable) / pool.num_blocks)
+        self._report_kv_usage()
         if sched.stats.num_preemptions != self._num_preemptions:
             m.num_preemptions.inc(sched.stats.num_preemptions - self._num_preemptions)
             self._num_preemptions = sched.stats.num_preemptions
@@ -292,8 +291,12 @@ class AsyncEngine:
             m.num_requests_running.set(0)
             m.num_requests_waiting.set(0)
             self.num_running = 0
-            pool = self.core.scheduler.pool
-            m.kv_cache_usage_perc.set((pool.num_used_blocks - pool.num_evictable) / pool.num_blocks)
+            self._report_kv_usage()
+
+    def _report_kv_usage(self) -> None:
+        """KV blocks held by live requests (cached blocks nobody uses count as free), as vLLM reports it."""
+        pool = self.core.scheduler.pool
+        self.metrics.kv_cache_usage_perc.set((pool.num_used_blocks - pool.num_evictable) / pool.num_blocks)
 
     def _flush(self) -> None:
         if self._pending:
