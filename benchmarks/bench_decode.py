@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import re
 import statistics
@@ -73,8 +74,13 @@ class BareLoop:
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(512, 0, 1)
         self.n_vocab = model.vocab_size
+        self._pool = None
+        self.argmax_threads = max(2, min(16, os.cpu_count() or 2))
 
-    def run(self, prompts, gen_tokens: int) -> tuple[float, float]:
+    def run(self, prompts, gen_tokens: int, read: str = "argmax") -> tuple[float, float]:
+        """read: how each decode step ends. "argmax": host argmax of the logits, fed back; "argmax-mt": the same
+        split over threads; "sync": wait for the GPU, tokens not read (fixed); "none": no wait at all, the next
+        llama_decode queues behind this one, as llama-batched-bench runs."""
         b, n = self.batch, len(prompts)
         L.llama_memory_clear(self.mem, True)
         t0 = time.perf_counter()
@@ -101,12 +107,27 @@ class BareLoop:
             for s in range(n):
                 b.token[s], b.pos[s] = tokens[s], pos
             L.llama_decode(self.ctx, b)
-            rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
-            tokens = rows.argmax(axis=1).tolist()
+            if read == "sync":
+                L.llama_synchronize(self.ctx)
+            elif read != "none":
+                rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(n, self.n_vocab))
+                tokens = self._argmax_mt(rows) if read == "argmax-mt" else rows.argmax(axis=1).tolist()
             pos += 1
+        L.llama_synchronize(self.ctx)
         return t1 - t0, time.perf_counter() - t1
 
+    def _argmax_mt(self, rows: np.ndarray) -> list[int]:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.argmax_threads)
+        step = -(-len(rows) // self.argmax_threads)
+        parts = self._pool.map(lambda i: rows[i : i + step].argmax(axis=1), range(0, len(rows), step))
+        return np.concatenate(list(parts)).tolist()
+
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
 
@@ -167,6 +188,9 @@ def _parse(argv):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batched-bench", metavar="PATH", help="llama-batched-bench binary to run side by side")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare low-level loop")
+    ap.add_argument("--split", action="store_true",
+                    help="also time the bare loop ending each step without reading (as llama-batched-bench), with "
+                         "a GPU wait only, and with a threaded argmax: where a step's host time goes")
     ap.add_argument("--engine", action="store_true", help="also time LLM.generate (whole run vs batched-bench's T)")
     ap.add_argument("--profile", action="store_true", help="cProfile one decode run at the largest B")
     ap.add_argument("--json-out", metavar="FILE", help="also write every figure as JSON")
@@ -206,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
                 t_pp, t_tg = bench_backend(be, prompts, args.gen_tokens, steps.setdefault((name, B), []))
                 res.setdefault((name, B), []).append((B * args.prompt_tokens / t_pp, B * args.gen_tokens / t_tg,
                                                       t_pp + t_tg))
-            if bare:
-                t_pp, t_tg = bare.run(prompts, args.gen_tokens)
-                res.setdefault(("bare loop", B), []).append((B * args.prompt_tokens / t_pp,
-                                                             B * args.gen_tokens / t_tg, t_pp + t_tg))
+            for read in (["argmax", "none", "sync", "argmax-mt"] if args.split else ["argmax"]) if bare else []:
+                t_pp, t_tg = bare.run(prompts, args.gen_tokens, read)
+                name = "bare loop" + ("" if read == "argmax" else f", {read}")
+                res.setdefault((name, B), []).append((B * args.prompt_tokens / t_pp,
+                                                      B * args.gen_tokens / t_tg, t_pp + t_tg))
             if args.engine:
                 t = run_engine(next(iter(steppers.values())), prompts, args.gen_tokens)
                 res.setdefault(("LLM.generate", B), []).append((float("nan"), float("nan"), t))
@@ -236,7 +261,8 @@ def report(args, model: LlamaModel, res: dict, steps: dict, names: list[str]) ->
     rows = []
     for B in args.batch_sizes:
         ref = med.get(("llama-batched-bench", B))
-        for name in names + ["bare loop", "LLM.generate", "llama-batched-bench"]:
+        for name in names + ["bare loop", "bare loop, none", "bare loop, sync", "bare loop, argmax-mt",
+                             "LLM.generate", "llama-batched-bench"]:
             if (name, B) not in med:
                 continue
             pp, tg, total = med[(name, B)]

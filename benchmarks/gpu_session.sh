@@ -4,9 +4,15 @@
 #   bash benchmarks/gpu_session.sh engine      # build, load-order probe, engine vs llama-batched-bench (~8 min)
 #   bash benchmarks/gpu_session.sh calibrate   # on the same machine afterwards: the GPU profile (~8 min)
 #   bash benchmarks/gpu_session.sh validate    # build if needed, validate the profile at three loads
+#   bash benchmarks/gpu_session.sh split       # where a decode step's host time goes (bare-loop variants)
+#   bash benchmarks/gpu_session.sh repro       # the medium-load CUDA error with llama.cpp's log, launches blocking
+#   bash benchmarks/gpu_session.sh pack        # the CUDA build as <=15 MiB parts under $OUT (carry it next time)
 set -uo pipefail
 OUT=${OUT:-results/gpu}; mkdir -p "$OUT"; W=/tmp/w; T=8
 export PYTHONUNBUFFERED=1
+if [ -d .gpubuild ] && [ ! -f $W/build/bin/libllama.so ]; then  # a build packed by an earlier lease
+  mkdir -p $W && cat .gpubuild/build.tzst.part-* | zstd -dc | tar xf - -C $W && echo "unpacked the carried build"
+fi
 SHAPES=${SHAPES:-llama3-8b} bash .gpu/build.sh 2>&1 | tail -8 || exit 1
 source $W/env.sh
 M8=$W/llama3-8b.gguf; M1=$W/llama3.2-1b.gguf; BB=$W/build/bin/llama-batched-bench
@@ -30,6 +36,25 @@ calibrate)
   timeout ${CAL_S:-330} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --quick --repeats 3 \
     --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/h200-samples.jsonl" 2>&1 | grep -v '^llama\|^load' \
     | tail -40 | tee "$OUT/calibrate.txt"
+  ;;
+split)
+  timeout ${SPLIT_S:-240} python3 -m benchmarks.bench_decode --model "$M8" --n-gpu-layers 99 --threads $T \
+    --batch-sizes 1,16,64,128 --prompt-tokens 128 --gen-tokens 128 --sampling host --split --repeats 2 \
+    --batched-bench "$BB" --json-out "$OUT/split_8b.json" 2>&1 | grep -v '^llama\|^load\|^print_info' \
+    | tee "$OUT/split_8b.txt"
+  ;;
+repro)
+  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  TOKENSTEP_LLAMA_LOG=1 CUDA_LAUNCH_BLOCKING=1 timeout ${REPRO_S:-150} python3 -m sim.cli validate --profile "$P" \
+    --model "$M8" --policy chunked --rates ${REPRO_RATE:-55.8} --repeats 1 --probe-requests 0 --no-plots \
+    --out $W/repro > $W/repro.log 2>&1; echo "repro exit $?"
+  grep -v '^llama_model_loader\|^print_info\|^load_tensors\|^llama_context\|^llama_kv\|^graph_\|^sched_' $W/repro.log \
+    | grep -i -B3 -A12 'error\|fail\|abort' | head -80 | tee "$OUT/repro.txt"
+  tail -60 $W/repro.log >> "$OUT/repro.txt"
+  ;;
+pack)
+  tar cf - -C $W build/bin | zstd -T0 -10 | split -b 15M - "$OUT/build.tzst.part-"
+  du -ch "$OUT"/build.tzst.part-* | tail -1
   ;;
 validate)
   P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
