@@ -35,6 +35,26 @@ DECODE_ERRORS: dict[int, str] = {
 _by_slot = attrgetter("slot")
 
 
+def _cuda_graphs(wanted: bool | None, n_gpu_layers: int, kv_unified: bool) -> bool:
+    """Whether llama.cpp's CUDA backend may replay CUDA graphs; sets GGML_CUDA_DISABLE_GRAPHS when not.
+
+    None (the default) turns them off for an offloaded context with one unified KV stream: there, on an H200 with
+    llama.cpp from llama-cpp-python 0.3.36, a graph relaunched after a shape change died with "CUDA error: an
+    illegal instruction was encountered" (cudaGraphLaunch) at a few dozen requests per second, and the same run
+    without graphs finished (docs/GPU.md). llama.cpp reads the variable once per process, at the first graph
+    it computes, so the first context decides; a variable the user set wins.
+    """
+    if n_gpu_layers <= 0:
+        return False
+    if "GGML_CUDA_DISABLE_GRAPHS" in os.environ:
+        return False
+    if wanted is None:
+        wanted = not kv_unified
+    if not wanted:
+        os.environ["GGML_CUDA_DISABLE_GRAPHS"] = "1"
+    return wanted
+
+
 class LlamaCppBackend(SamplingMixin):
     """Executes StepPlans on one llama.cpp context; owns per-request sampler chains."""
 
@@ -53,6 +73,7 @@ class LlamaCppBackend(SamplingMixin):
         seed: int = 0,
         return_logits: bool = False,
         device_sampling: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_seq_max", n_seq_max), ("n_threads", n_threads)):
             if not isinstance(value, int) or value < 1:
@@ -91,6 +112,7 @@ class LlamaCppBackend(SamplingMixin):
             raise ValueError("device_sampling=True keeps the logits on the device; it cannot return_logits")
         if device_sampling:
             params.n_outputs_max_per_seq = 1  # one sampled token per slot per step
+        self.cuda_graphs = _cuda_graphs(cuda_graphs, self.model.n_gpu_layers, kv_unified)
         self.ctx = L.llama_init_from_model(self.model.ptr, params)
         if not self.ctx:
             self._release_model()

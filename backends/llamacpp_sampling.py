@@ -31,9 +31,18 @@ def row_logprobs(row: np.ndarray, token_id: int, k: int) -> tuple[float, tuple[t
     return float(x[token_id] - lse), best
 
 
-# Host argmax over the logits matrix: split the rows across threads past this many floats (numpy releases the GIL);
-# 128 rows of a 128k vocabulary are 65 MB, ~4 ms on one core, a third of a GPU decode step at that batch size.
+# Host argmax over the logits matrix: split the rows across threads past this many floats (numpy releases the GIL).
+# On an H200's host (16 cores), 128 rows of a 128k vocabulary (65 MB) took 7.1 ms on one core and 2.5 ms on 16
+# (bench_decode --split); below ~4M floats the threads' start costs more than they save.
 _PARALLEL_ARGMAX_FLOATS = 4_000_000
+_ARGMAX_THREADS = 16
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class SamplingMixin:
@@ -113,7 +122,10 @@ class SamplingMixin:
     def _argmax_rows(self, logits: np.ndarray) -> list[int]:
         """Row-wise argmax; large matrices are split across threads (numpy releases the GIL)."""
         n = logits.shape[0]
-        workers = min(8, (os.cpu_count() or 1) // 2, n)
+        # offloaded, llama.cpp's CPU threads sit idle while the host reads the logits: take every core; on the CPU
+        # leave half to them (their workers spin a while after each graph)
+        cpus = _usable_cpus() if self.model.n_gpu_layers > 0 else _usable_cpus() // 2
+        workers = min(_ARGMAX_THREADS, cpus, n)
         if logits.size < _PARALLEL_ARGMAX_FLOATS or workers < 2:
             return logits.argmax(axis=1).tolist()
         if self._argmax_pool is None:

@@ -5,6 +5,7 @@ every CLI module is imported (numpy.linalg and matplotlib first)."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import textwrap
@@ -146,7 +147,7 @@ def test_device_sampling_is_refused_with_return_logits(model):
 
 
 def test_threaded_host_argmax_matches_numpy(model, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("backends.llamacpp_sampling._usable_cpus", lambda: 16)
     with LlamaCppBackend(model, n_ctx=512, n_seq_max=2, device_sampling=False) as be:
         rng = np.random.default_rng(3)
         rows = -(-_PARALLEL_ARGMAX_FLOATS // 1000) + 37
@@ -211,3 +212,22 @@ def test_generate_validate_and_calibrate_pass_the_layers_on(monkeypatch, tmp_pat
     assert seen["validate"][0][2]["n_gpu_layers"] == 99
     options = seen["calibrate"][0][1]
     assert options["n_gpu_layers"] == 99 and options["n_seq_max"] == 256 and options["kv_unified"] is True
+
+
+def test_cuda_graphs_off_for_offloaded_unified_kv(monkeypatch):
+    """An offloaded context with one unified KV stream turns llama.cpp's CUDA graphs off (they crashed there on an
+    H200); a split KV keeps them; the CPU never touches the variable; a user's own setting and cuda_graphs win."""
+    from backends.llamacpp import _cuda_graphs
+
+    monkeypatch.delenv("GGML_CUDA_DISABLE_GRAPHS", raising=False)
+    assert _cuda_graphs(None, 0, True) is False
+    assert "GGML_CUDA_DISABLE_GRAPHS" not in os.environ
+    assert _cuda_graphs(None, 99, False) is True
+    assert "GGML_CUDA_DISABLE_GRAPHS" not in os.environ
+    assert _cuda_graphs(True, 99, True) is True
+    assert "GGML_CUDA_DISABLE_GRAPHS" not in os.environ
+    assert _cuda_graphs(None, 99, True) is False
+    assert os.environ["GGML_CUDA_DISABLE_GRAPHS"] == "1"
+    monkeypatch.setenv("GGML_CUDA_DISABLE_GRAPHS", "")  # set by the user: llama.cpp sees it, we leave it
+    assert _cuda_graphs(True, 99, False) is False
+    assert os.environ["GGML_CUDA_DISABLE_GRAPHS"] == ""
