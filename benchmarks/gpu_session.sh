@@ -59,7 +59,8 @@ pack)
 validate)
   P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
   for pol in continuous chunked; do
-    timeout ${VAL_S:-200} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --no-plots \
+    timeout ${VAL_S:-200} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --probe-requests 0 \
+      --no-wakeup-probe --repeats 3 --no-plots \
       --out "$W/validate-$pol" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/validate-$pol.txt"
   done
   tar czf "$OUT/validate.tgz" -C $W validate-continuous validate-chunked
