@@ -38,6 +38,12 @@ _PARALLEL_ARGMAX_FLOATS = 4_000_000
 _ARGMAX_THREADS = 16
 
 
+def _argmax_each(rows: np.ndarray) -> list[int]:
+    """Row-wise argmax one contiguous row at a time: numpy's argmax(axis=1) took up to 1.33x as long on 64-128
+    rows of a 131k-262k vocabulary (numpy 2.4, this project's CPU machine), never less."""
+    return [int(r.argmax()) for r in rows]
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -127,12 +133,12 @@ class SamplingMixin:
         cpus = _usable_cpus() if self.model.n_gpu_layers > 0 else _usable_cpus() // 2
         workers = min(_ARGMAX_THREADS, cpus, n)
         if logits.size < _PARALLEL_ARGMAX_FLOATS or workers < 2:
-            return logits.argmax(axis=1).tolist()
+            return _argmax_each(logits)
         if self._argmax_pool is None:
             self._argmax_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argmax")
         step = -(-n // workers)
-        parts = self._argmax_pool.map(lambda i: logits[i : i + step].argmax(axis=1), range(0, n, step))
-        return np.concatenate(list(parts)).tolist()
+        parts = self._argmax_pool.map(lambda i: _argmax_each(logits[i : i + step]), range(0, n, step))
+        return [t for part in parts for t in part]
 
     def _sample(self, rows: list[tuple[int, ScheduledChunk]], a: int, sampled: dict[str, int]) -> None:
         """Sample one token per row of the decode call that started at flat row a."""
