@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME|PATH", help="GGUF model of the real run (default gemma3-270m)")
     parser.add_argument("--policy", default="continuous", metavar="SPEC", help="policy spec (default continuous)")
     add_gpu_args(parser)  # default: the layers the profile was calibrated with
+    parser.add_argument("--recorded", metavar="DIR",
+                        help="judge --profile against the real runs of an earlier validate (its result folder), "
+                             "without running the model: only the prediction reruns; give the workload flags "
+                             "that run used")
     parser.add_argument("--rates", type=float_list, metavar="R1,R2,...",
                         help="arrival rates, req/s (default: 0.3x, 0.7x, 1.2x of the profile's estimated capacity)")
     parser.add_argument("--force", action="store_true", help="compare even with a profile of another model or build")
@@ -145,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     from sim.real import close_instances, make_llama_instances
 
     profile, profile_name = _profile(args)
+    if args.recorded:
+        return _rejudge(args, profile, profile_name)
     policy = make_policy(args.policy).describe()  # a bad spec fails before the model loads
     workload = _workload(args)
     warnings = check_instances(profile, profile_name, args.instances, force=args.force)
@@ -200,6 +206,21 @@ def run(args: argparse.Namespace) -> int:
              + (f"\ninstances: {args.instances} on both sides, router {args.router}; the real ones step at the same "
                 "time, each on its own thread" if args.instances > 1 else ""))
     return _finish(args, out, profile, profile_name, policy, loads, warnings, setup)
+
+
+def _rejudge(args: argparse.Namespace, profile, profile_name: str) -> int:
+    """--recorded: the recorded loads against a new prediction; exit 0, or 1 when a cell misses."""
+    from calib.recorded import format_rejudged, rejudge
+
+    root = Path(args.recorded)
+    loads = rejudge(root, _workload(args), profile, args.instances, args.router)
+    if args.json:
+        doc = {"profile": profile_name, "recorded": str(root),
+               "loads": [{k: v for k, v in ld.items()} for ld in loads]}
+        sys.stdout.write(json.dumps(plain(doc), allow_nan=False) + "\n")
+    else:
+        print(format_rejudged(loads, profile_name, root), flush=True)
+    return 1 if any(ld["misses"] for ld in loads) else 0
 
 
 def _measure_repeats(args: argparse.Namespace, backends, workload, rate: float, config) -> dict:

@@ -42,7 +42,7 @@ def _profile_wakeup(probe: dict) -> str:
     return f"+{probe['profile_idle_wakeup_s'] * 1e3:.1f} ms whatever the wait"
 
 
-def _table(load: dict) -> list[str]:
+def measured_vs_predicted(load: dict) -> list[str]:
     """The measured-vs-predicted table: each statistic's error, the repeats' spread, what is allowed, the verdict."""
     m, p, r, verdict = load["measured"], load["predicted"], load["rel_error"], load["verdict"]
     noise = load.get("sampling_noise") or {}
@@ -56,16 +56,18 @@ def _table(load: dict) -> list[str]:
         return span((d.get(k) or {}).get(s))
 
     extra = [("step noise", jitter["rel_error_range"])] if jitter else []
+    intervals = bool(noise or paired)  # a recorded load judged again has no bootstrap intervals
     rows = [("metric", f"measured (mean of {load['repeats']})", "predicted", "error", "repeat spread", "allowed",
-             "pass", "error 95%", "sampling 95%") + tuple(head for head, _ in extra)]
+             "pass") + (("error 95%", "sampling 95%") if intervals else ()) + tuple(head for head, _ in extra)]
     for k, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for s in STATS:
             rows.append((f"{label} {s}", _fmt_time(m[k][s]), _fmt_time(p[k][s]), _fmt_rel(r[k][s]))
-                        + _fmt_cell(verdict[k].get(s)) + (ci(paired, k, s), ci(noise, k, s))
+                        + _fmt_cell(verdict[k].get(s)) + ((ci(paired, k, s), ci(noise, k, s)) if intervals else ())
                         + tuple(ci(d, k, s) for _, d in extra))
     rows.append(("throughput", f"{m['throughput_rps']:.3f} req/s" if m["throughput_rps"] else "-",
                  f"{p['throughput_rps']:.3f} req/s" if p["throughput_rps"] else "-", _fmt_rel(r["throughput_rps"]))
-                + _fmt_cell(verdict["throughput_rps"]) + ("", "") + tuple(span(d["throughput_rps"]) for _, d in extra))
+                + _fmt_cell(verdict["throughput_rps"]) + (("", "") if intervals else ())
+                + tuple(span(d["throughput_rps"]) for _, d in extra))
     rows.append(("finished", str(m["num_finished"]), str(p["num_finished"])) + ("",) * (len(rows[0]) - 3))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
@@ -81,7 +83,7 @@ def format_load(load: dict, policy: str) -> str:
     """The measured-vs-predicted table of one load, its verdict, and the diagnostics that explain its errors."""
     m, r = load["measured"], load["rel_error"]
     lines = [f"load: {load['rate']:.3g} req/s ({load.get('factor_label', 'given')}), policy {policy}, "
-             f"{m['num_requests']} requests, {load['repeats']} real run(s)"] + _table(load)
+             f"{m['num_requests']} requests, {load['repeats']} real run(s)"] + measured_vs_predicted(load)
     bad = misses(r, load["repeat_spread"], load["repeats"])
     rule = ("a cell passes when |error| <= max(target, the real repeats' spread); targets: means and throughput "
             "5%, p90/p99 10%")
