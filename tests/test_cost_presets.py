@@ -121,3 +121,23 @@ def test_calibrate_from_log_writes_a_fitted_roofline(tmp_path, capsys):
     assert fitted.mfu == pytest.approx(0.4, rel=0.05) and doc["params"]["mbu"] == pytest.approx(0.7, rel=0.05)
     assert abs(doc["predictions"][str(other)]["e2e_s mean"]) < 3
     assert main(["calibrate", "--from-log", str(fit_path), "--cost", "cpu-gemma3-270m"]) == 2
+
+
+def test_quantized_weights_and_a_separate_kv_dtype():
+    """dtype_bytes may be fractional (llama.cpp's Q4_K_M is about 0.56 bytes per weight); the KV keeps its own
+    element size, and a file without kv_dtype_bytes reads as before (KV at dtype_bytes)."""
+    from backends.cost import load_cost_model
+    from backends.cost.roofline import RooflineCostModel
+
+    base = load_cost_model("h200-llama3-8b").to_dict()["params"]
+    old = {k: v for k, v in base.items() if k != "kv_dtype_bytes"}
+    same = RooflineCostModel.from_dict(old, {}, "old", "old.json")
+    assert same.kv_dtype_bytes == same.dtype_bytes == 2
+    q4 = RooflineCostModel.from_dict({**old, "dtype_bytes": 0.5625, "kv_dtype_bytes": 2}, {}, "q4", "q4.json")
+    assert q4.weight_bytes == pytest.approx(same.weight_bytes * 0.5625 / 2)
+    assert q4.kv_bytes_per_token == same.kv_bytes_per_token
+    assert q4.kv_capacity_tokens > same.kv_capacity_tokens  # smaller weights leave more room for KV
+    fp8_kv = RooflineCostModel.from_dict({**old, "kv_dtype_bytes": 1}, {}, "kv8", "kv8.json")
+    assert fp8_kv.kv_bytes_per_token == same.kv_bytes_per_token / 2
+    with pytest.raises(CostModelError, match="dtype_bytes"):
+        RooflineCostModel.from_dict({**old, "dtype_bytes": 0}, {}, "bad", "bad.json")

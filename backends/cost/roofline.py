@@ -50,6 +50,7 @@ ROOFLINE_NUMBER_PARAMS = (
     "num_kv_heads",
     "head_dim",
     "dtype_bytes",
+    "kv_dtype_bytes",
     "mfu",
     "mbu",
     "overhead_s",
@@ -66,7 +67,6 @@ _INT_PARAMS = (
     "num_heads",
     "num_kv_heads",
     "head_dim",
-    "dtype_bytes",
     "block_size",
     "max_num_seqs",
     "max_num_batched_tokens",
@@ -90,7 +90,8 @@ class RooflineCostModel:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    dtype_bytes: int = 2
+    dtype_bytes: float = 2  # bytes per weight: 2 for f16/bf16, 1 for fp8/int8, about 0.56 for llama.cpp's Q4_K_M
+    kv_dtype_bytes: float | None = None  # bytes per K or V element (None: dtype_bytes)
     mfu: float = 0.5  # vLLM-class prefill reaches 40-60% of dense peak
     mbu: float = 0.8  # decode kernels reach 70-85% of HBM bandwidth
     overhead_s: float = 0.002
@@ -103,6 +104,8 @@ class RooflineCostModel:
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if self.kv_dtype_bytes is None:
+            object.__setattr__(self, "kv_dtype_bytes", self.dtype_bytes)
         src = f"roofline cost model {self.name!r}"
         nums = check_params(
             "roofline",
@@ -140,10 +143,10 @@ class RooflineCostModel:
         return self.num_params * self.dtype_bytes
 
     @property
-    def kv_bytes_per_token(self) -> int:
+    def kv_bytes_per_token(self) -> float:
         """K and V bytes of one token over all layers."""
         return (
-            2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+            2 * self.num_layers * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
         )
 
     @property
@@ -167,7 +170,7 @@ class RooflineCostModel:
             "slot_choice": "adjacent",  # paged KV on a GPU: the slot layout costs nothing, so no compaction moves
         }
 
-    def rates(self) -> tuple[float, float, float, float, int, float, float]:
+    def rates(self) -> tuple[float, float, float, float, float, float, float]:
         """The constants every price is made of: (2 x params, attention FLOPs per query-key pair, FLOP/s at mfu,
         weight bytes, KV bytes per token, bytes/s at mbu, overhead_s)."""
         return (2 * self.num_params, 4 * self.num_layers * self.num_heads * self.head_dim,
@@ -213,6 +216,8 @@ class RooflineCostModel:
         cls, params: object, meta: dict, name: str, source: str
     ) -> RooflineCostModel:
         """Build from a JSON params object; source names the file in errors."""
+        if isinstance(params, dict) and "kv_dtype_bytes" not in params and "dtype_bytes" in params:
+            params = {**params, "kv_dtype_bytes": params["dtype_bytes"]}  # files before kv_dtype_bytes existed
         params = require_params("roofline", params, ROOFLINE_TEXT_PARAMS + ROOFLINE_NUMBER_PARAMS, source)
         text = {n: params[n] for n in ROOFLINE_TEXT_PARAMS}
         for n, value in text.items():
@@ -242,7 +247,7 @@ class RooflineCostModel:
         return (
             f"roofline '{self.name}': {self.model} ({self.num_params:.3g} params, {self.num_layers} layers, "
             f"hidden {self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} KV heads x {self.head_dim}, "
-            f"{8 * self.dtype_bytes}-bit) on {self.num_gpus}x {self.gpu} ({self.peak_tflops:g} TFLOP/s dense, "
+            f"{8 * self.dtype_bytes:g}-bit weights, {8 * self.kv_dtype_bytes:g}-bit KV) on {self.num_gpus}x {self.gpu} ({self.peak_tflops:g} TFLOP/s dense, "
             f"{self.hbm_tb_s:g} TB/s, {self.hbm_gib:g} GiB each); t = max(FLOPs/(peak*{self.mfu:g}), "
             f"bytes/(BW*{self.mbu:g})) + {self.overhead_s * 1e3:g} ms; KV {self.kv_capacity_tokens} tokens at "
             f"{self.memory_fraction:g} of HBM, block {self.block_size}; TP all-reduce bandwidth not modelled"
