@@ -247,7 +247,8 @@ class RooflineCostModel:
         return (
             f"roofline '{self.name}': {self.model} ({self.num_params:.3g} params, {self.num_layers} layers, "
             f"hidden {self.hidden_size}, {self.num_heads} heads / {self.num_kv_heads} KV heads x {self.head_dim}, "
-            f"{8 * self.dtype_bytes:g}-bit weights, {8 * self.kv_dtype_bytes:g}-bit KV) on {self.num_gpus}x {self.gpu} ({self.peak_tflops:g} TFLOP/s dense, "
+            f"{8 * self.dtype_bytes:g}-bit weights, {8 * self.kv_dtype_bytes:g}-bit KV) on {self.num_gpus}x {self.gpu} "
+            f"({self.peak_tflops:g} TFLOP/s dense, "
             f"{self.hbm_tb_s:g} TB/s, {self.hbm_gib:g} GiB each); t = max(FLOPs/(peak*{self.mfu:g}), "
             f"bytes/(BW*{self.mbu:g})) + {self.overhead_s * 1e3:g} ms; KV {self.kv_capacity_tokens} tokens at "
             f"{self.memory_fraction:g} of HBM, block {self.block_size}; TP all-reduce bandwidth not modelled"
