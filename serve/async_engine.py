@@ -10,20 +10,17 @@ hop whatever the batch size, and the engine never waits on a client.
 from __future__ import annotations
 
 import asyncio
-import queue
 import sys
-import threading
 import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from scheduler import SamplingParams
-from serve.engine import Completion, EngineCore
+from serve.engine import Completion, EngineCore, EngineLoop
 from serve.metrics import ServerMetrics
 from serve.protocol import ProtocolError
 
 SHUTDOWN_DETAIL = "server shutting down"
-IDLE_RECHECK_S = 0.005  # work exists but the plan ran nothing and named no wake-up time: look again after this
 
 
 class ChoiceSink:
@@ -57,13 +54,13 @@ class ChoiceSink:
             self.engine._finished.append((self, item))
 
 
-class AsyncEngine:
-    """Runs an EngineCore in its own thread; submit() and abort() are called from the event loop."""
+class AsyncEngine(EngineLoop):
+    """Runs an EngineCore in its own thread (EngineLoop); submit() and abort() are called from the event loop."""
 
     def __init__(self, core: EngineCore, metrics: ServerMetrics, loop: asyncio.AbstractEventLoop,
                  max_queue: int | None = None) -> None:
-        self.core, self.metrics, self.loop, self.max_queue = core, metrics, loop, max_queue
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(core)
+        self.metrics, self.loop, self.max_queue = metrics, loop, max_queue
         self._pending: list[tuple[ChoiceSink, Any, Any]] = []  # engine thread: this step's events
         self._finished: list[tuple[ChoiceSink, Completion]] = []  # engine thread: finishes to account
         self._sinks: dict[str, ChoiceSink] = {}  # engine thread: live requests
@@ -74,11 +71,9 @@ class AsyncEngine:
         self.num_running = 0  # engine thread writes after each step; the loop reads it for the queue bound
         self.accepting = True
         self.error: str | None = None
-        self._wake_s: float | None = None
         self._num_preemptions = 0
         self._counter = 0
-        self._thread = threading.Thread(target=self._run, name="tokenstep-engine", daemon=True)
-        self._thread.start()
+        self.start()
 
     # ---- event loop side ----------------------------------------------------------------
     def submit(self, prompt_token_ids: Sequence[int], samplings: Sequence[SamplingParams], priority: int = 0,
@@ -100,22 +95,21 @@ class AsyncEngine:
         arrival = self.core.now()
         sinks = [ChoiceSink(self, q, i, base if n == 1 else f"{base}-{i}", arrival) for i in range(n)]
         self.num_in_flight += n
-        self._inbox.put(("add", tuple(prompt_token_ids), tuple(samplings), priority, sinks))
+        self.post(("add", tuple(prompt_token_ids), tuple(samplings), priority, sinks))
         return q, sinks
 
     def abort(self, request_ids: Sequence[str], detail: str | None = None) -> None:
         """Abort requests (a client went away); applied before the next step."""
-        self._inbox.put(("abort", tuple(request_ids), detail))
+        self.post(("abort", tuple(request_ids), detail))
 
     def abort_all(self, detail: str) -> None:
         """Abort every live request with a stated reason (shutdown past its grace period)."""
-        self._inbox.put(("abort_all", detail))
+        self.post(("abort_all", detail))
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Abort what is left, stop the engine thread and wait for it."""
         self.accepting = False
-        self._inbox.put(("stop",))
-        self._thread.join(timeout_s)
+        self.stop(timeout_s)
 
     def _dispatch(self, batch: list[tuple[ChoiceSink, Any, Any]]) -> None:
         """Event loop: hand a step's events to their requests' queues."""
@@ -124,62 +118,49 @@ class AsyncEngine:
             if isinstance(item, Completion):
                 self.num_in_flight -= 1
 
-    # ---- engine thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            while self._apply(self._take_ops()):
-                if self.core.has_work():
-                    self.core.step()
-                    self._observe()
-                self._account_finished()
-                self._flush()
-        except Exception as exc:  # a bug or a backend failure: fail every request with the reason, stop
-            self.error = f"{type(exc).__name__}: {exc}"
-            print(f"tokenstep serve: engine error: {self.error}", file=sys.stderr)
-            traceback.print_exc()
-            self._fail_all(f"engine error: {self.error}")
+    # ---- engine thread (EngineLoop's hooks) ------------------------------------------------
+    def after_step(self, finished: list[Completion]) -> None:
+        """Metrics and first tokens of the step just run."""
+        self._observe()
+
+    def after_round(self) -> None:
+        """Account finished requests and hand the round's events to the event loop."""
+        self._account_finished()
+        self._flush()
+
+    def on_error(self, exc: Exception) -> None:
+        """A bug or a backend failure: fail every request with the reason; the loop has stopped."""
+        self.error = f"{type(exc).__name__}: {exc}"
+        print(f"tokenstep serve: engine error: {self.error}", file=sys.stderr)
+        traceback.print_exception(exc)
+        self._fail_all(f"engine error: {self.error}")
+
+    def on_exit(self) -> None:
+        """Shutdown drain: what is still live ends with the shutdown reason, and every event goes out."""
         self._abort_live(SHUTDOWN_DETAIL)
         self._account_finished()
         self._flush()
 
-    def _take_ops(self) -> list[tuple]:
-        """The inbox's operations: block while idle, wait until the policy's wake-up time, else don't wait."""
-        inbox, ops = self._inbox, []
-        try:
-            if not self.core.has_work():
-                ops.append(inbox.get())
-            elif self._wake_s is not None:
-                ops.append(inbox.get(timeout=max(0.0, self._wake_s - self.core.now())))
-        except queue.Empty:
-            pass
-        while True:
-            try:
-                ops.append(inbox.get_nowait())
-            except queue.Empty:
-                return ops
-
-    def _apply(self, ops: list[tuple]) -> bool:
-        """Run adds and aborts; False once asked to stop."""
+    def apply_op(self, op: tuple) -> None:
+        """Run an add, an abort or an abort of everything."""
         core = self.core
-        for op in ops:
-            kind = op[0]
-            if kind == "add":
-                _, tokens, samplings, priority, sinks = op
-                choices = list(zip(sinks, samplings, strict=True))
-                cfg = core.scheduler.config
-                if len(choices) > 1 and cfg.enable_prefix_caching and len(tokens) > cfg.block_size:
-                    self._deferred[sinks[0].request_id] = (tokens, priority, choices[1:])
-                    choices = choices[:1]
-                self._add(tokens, priority, choices)
-            elif kind == "abort":
-                for rid in op[1]:
-                    self._cancel_deferred(rid, op[2])
-                    core.abort(rid, op[2])
-            elif kind == "abort_all":
-                self._abort_live(op[1])
-            elif kind == "stop":
-                return False
-        return True
+        kind = op[0]
+        if kind == "add":
+            _, tokens, samplings, priority, sinks = op
+            choices = list(zip(sinks, samplings, strict=True))
+            cfg = core.scheduler.config
+            if len(choices) > 1 and cfg.enable_prefix_caching and len(tokens) > cfg.block_size:
+                self._deferred[sinks[0].request_id] = (tokens, priority, choices[1:])
+                choices = choices[:1]
+            self._add(tokens, priority, choices)
+        elif kind == "abort":
+            for rid in op[1]:
+                self._cancel_deferred(rid, op[2])
+                core.abort(rid, op[2])
+        elif kind == "abort_all":
+            self._abort_live(op[1])
+        else:
+            super().apply_op(op)
 
     def _add(self, tokens: tuple[int, ...], priority: int, choices: list[tuple[ChoiceSink, SamplingParams]]) -> None:
         for sink, sp in choices:
@@ -225,10 +206,7 @@ class AsyncEngine:
         core, m = self.core, self.metrics
         ran = core.last_step
         sched = core.scheduler
-        self._wake_s = None
-        if ran.result is None:
-            self._wake_s = ran.plan.wake_at_s if ran.plan.wake_at_s is not None else core.now() + IDLE_RECHECK_S
-        else:
+        if ran.result is not None:
             plan, now = ran.plan, ran.now_s
             if plan.chunks:  # a step that only ran KV removals is not a batch
                 m.step_time.observe(ran.result.elapsed_s)

@@ -80,6 +80,7 @@ class EngineCore:
         self._clock0 = time.perf_counter()
         self._counter = 0
         self.last_step: Any = None  # the last step's scheduler.loop.StepDone (plan, result, outputs, time)
+        self._changed = False  # a request was added or ended outside a step since the last step
 
     def now(self) -> float:
         """Seconds since the engine started."""
@@ -113,6 +114,7 @@ class EngineCore:
         tracked = _Tracked(req, self._detok_cls(self.tokenizer), self._stop_cls(sampling.stop) if sampling.stop
                            else None, sink)
         self._live[request_id] = tracked
+        self._changed = True
         bind = getattr(sink, "bind", None)
         if bind is not None:
             bind(tracked)
@@ -124,6 +126,7 @@ class EngineCore:
     def abort(self, request_id: str, detail: str | None = None) -> None:
         """Abort a live request (no-op if it already finished); detail states why."""
         if request_id in self._live:
+            self._changed = True
             out = self.scheduler.abort(request_id, self.now(), FinishReason.ABORT, detail)
             if out is not None:
                 self._ended.append(self._deliver(self._live[request_id], out, self.now()))
@@ -132,9 +135,24 @@ class EngineCore:
         """True while requests are live or KV clean-up is pending."""
         return self.scheduler.has_unfinished() or self.scheduler.has_pending_kv_ops()
 
+    def idle_until(self) -> float | None:
+        """When stepping can next change anything, for a loop that waits for requests between steps.
+
+        0.0: step now. A time (engine clock): the last step ran nothing and its policy holds requests until then.
+        None: nothing changes until a request is added or aborted (no work, or the last step ran nothing and its
+        plan named no wake-up time: the scheduler's contract is that such a plan changes only with a request).
+        """
+        if not self.has_work():
+            return None
+        ran = self.last_step
+        if self._changed or ran is None or ran.result is not None:
+            return 0.0
+        return ran.plan.wake_at_s
+
     def step(self) -> list[Completion]:
         """Run one step; return the requests that finished in it (and any rejected or aborted since the last)."""
         finished, self._ended = self._ended, []
+        self._changed = False
         ran = self.last_step = run_step(self.scheduler, self.backend, self.now)
         now = ran.now_s
         if ran.result is not None and ran.result.logprobs:
@@ -270,15 +288,97 @@ class RequestStream:
         return self.completion
 
 
-class OnlineEngine:
+class EngineLoop:
+    """The engine thread every online driver runs: take operations, apply them, step, after-step hooks.
+
+    Other threads post operations to the inbox (post); the thread applies them between steps (apply_op)
+    and steps the core while it has work. It waits on the inbox when stepping would change nothing: while
+    the core has no work, while the last plan ran nothing and named no wake-up time (only a request changes
+    it), or until the plan's wake-up time. ("stop",) ends the loop. Subclasses override the hooks.
+    """
+
+    def __init__(self, core: EngineCore, name: str = "tokenstep-engine") -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        self._thread.start()
+
+    def post(self, op: tuple) -> None:
+        """Queue an operation for the engine thread (any thread)."""
+        self._inbox.put(op)
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Ask the thread to stop after the current step and wait for it."""
+        self._inbox.put(("stop",))
+        self._thread.join(timeout_s)
+
+    # ---- hooks (engine thread) ------------------------------------------------------------
+    def apply_op(self, op: tuple) -> None:
+        """Apply one operation other than stop."""
+        raise ValueError(f"unknown engine operation {op[0]!r}")
+
+    def after_step(self, finished: list[Completion]) -> None:
+        """Right after each core.step(), with the requests that finished in it."""
+
+    def after_round(self) -> None:
+        """After each round of the loop, whether or not it stepped."""
+
+    def on_error(self, exc: Exception) -> None:
+        """An operation, a step or a hook raised; the loop has stopped. Re-raises by default."""
+        raise exc
+
+    def on_exit(self) -> None:
+        """The loop has ended (stop, or an error that on_error handled)."""
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            core = self.core
+            while self._apply(self._take_ops()):
+                if core.has_work():
+                    self.after_step(core.step())
+                self.after_round()
+        except Exception as exc:  # noqa: BLE001 - handed to the hook, which re-raises unless it handles it
+            self.on_error(exc)
+        self.on_exit()
+
+    def _take_ops(self) -> list[tuple]:
+        """The inbox's operations, after waiting as long as stepping would change nothing."""
+        inbox, ops = self._inbox, []
+        until = self.core.idle_until()
+        try:
+            if until is None:
+                ops.append(inbox.get())
+            elif until > 0.0:
+                timeout = until - self.core.now()
+                if timeout > 0.0:
+                    ops.append(inbox.get(timeout=timeout))
+        except queue.Empty:
+            pass
+        while True:
+            try:
+                ops.append(inbox.get_nowait())
+            except queue.Empty:
+                return ops
+
+    def _apply(self, ops: list[tuple]) -> bool:
+        """Apply operations in order; False once asked to stop."""
+        for op in ops:
+            if op[0] == "stop":
+                return False
+            self.apply_op(op)
+        return True
+
+
+class OnlineEngine(EngineLoop):
     """Accepts requests from any thread while a background thread steps the engine."""
 
     def __init__(self, core: EngineCore) -> None:
-        self.core = core
-        self._inbox: queue.Queue = queue.Queue()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="tokenstep-engine", daemon=True)
-        self._thread.start()
+        super().__init__(core)
+        self.start()
 
     def submit(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
                messages: Sequence[Mapping[str, str]] | None = None, prompt_token_ids: Sequence[int] | None = None,
@@ -287,39 +387,25 @@ class OnlineEngine:
         tokens = self.core.encode(prompt, messages, prompt_token_ids)
         request_id = request_id or f"online-{id(tokens)}-{time.perf_counter_ns()}"
         stream = RequestStream(request_id)
-        self._inbox.put(("add", tokens, sampling, request_id, priority, stream))
+        self.post(("add", tokens, sampling, request_id, priority, stream))
         return stream
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; applied between steps."""
-        self._inbox.put(("abort", request_id))
+        self.post(("abort", request_id))
 
-    def _loop(self) -> None:
-        core = self.core
-        while not self._stop:
-            block = not core.has_work()
-            try:
-                op = self._inbox.get(block=block, timeout=None if block else 0)
-            except queue.Empty:
-                op = None
-            while op is not None:
-                if op[0] == "add":
-                    _, tokens, sampling, rid, priority, stream = op
-                    core.add(tokens, sampling, rid, priority, sink=stream._put)
-                elif op[0] == "abort":
-                    core.abort(op[1])
-                elif op[0] == "stop":
-                    self._stop = True
-                try:
-                    op = self._inbox.get_nowait()
-                except queue.Empty:
-                    op = None
-            if not self._stop:
-                core.step()
+    def apply_op(self, op: tuple) -> None:
+        """Add or abort a request."""
+        if op[0] == "add":
+            _, tokens, sampling, rid, priority, stream = op
+            self.core.add(tokens, sampling, rid, priority, sink=stream._put)
+        elif op[0] == "abort":
+            self.core.abort(op[1])
+        else:
+            super().apply_op(op)
 
     def shutdown(self) -> None:
         """Stop the engine thread after the current step; live requests are aborted."""
-        self._inbox.put(("stop",))
-        self._thread.join()
+        self.stop()
         for rid in list(self.core._live):
             self.core.abort(rid)
