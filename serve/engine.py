@@ -378,12 +378,15 @@ class OnlineEngine(EngineLoop):
 
     def __init__(self, core: EngineCore) -> None:
         super().__init__(core)
+        self._closed = False
         self.start()
 
     def submit(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
                messages: Sequence[Mapping[str, str]] | None = None, prompt_token_ids: Sequence[int] | None = None,
                request_id: str | None = None, priority: int = 0) -> RequestStream:
         """Queue a request; returns its stream at once."""
+        if self._closed:
+            raise RuntimeError("the engine is shut down; create a new OnlineEngine")
         tokens = self.core.encode(prompt, messages, prompt_token_ids)
         request_id = request_id or f"online-{id(tokens)}-{time.perf_counter_ns()}"
         stream = RequestStream(request_id)
@@ -405,7 +408,16 @@ class OnlineEngine(EngineLoop):
             super().apply_op(op)
 
     def shutdown(self) -> None:
-        """Stop the engine thread after the current step; live requests are aborted."""
+        """Stop the engine thread after the current step; live requests, and requests submitted while it
+        stopped, end with finish reason abort."""
+        self._closed = True
         self.stop()
+        while True:  # submitted behind the stop: add them so that their streams end with a stated reason
+            try:
+                op = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if op[0] == "add":
+                self.apply_op(op)
         for rid in list(self.core._live):
-            self.core.abort(rid)
+            self.core.abort(rid, "the engine was shut down")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from backends.cost import load_cost_model
 from scheduler import SamplingParams, SchedulerConfig
 from scheduler.policies import FunctionPolicy, make_policy
@@ -93,3 +95,17 @@ def test_async_engine_blocks_while_a_plan_names_no_wake_up_and_still_serves():
     finally:
         engine.close()
         loop.close()
+
+
+def test_online_engine_ends_requests_submitted_behind_shutdown():
+    """A request that reaches the inbox after the stop still ends, with finish reason abort; submit afterwards
+    is refused."""
+    core, _ = counted_core("continuous")
+    engine = OnlineEngine(core)
+    engine.stop()  # the thread has stopped, as if shutdown's stop landed first
+    late = engine.submit(prompt_token_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.shutdown()
+    comp = late.result(timeout=5)
+    assert comp is not None and comp.finish_reason == "abort"
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit(prompt_token_ids=[1, 2, 3])
