@@ -34,6 +34,7 @@ from sim.cli_common import (
     DEFAULT_COST_MODELS,
     UsageError,
     add_gpu_args,
+    add_output_args,
     add_scheduler_args,
     add_workload_args,
     build_config,
@@ -90,11 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{NOISE_RUNS} is a useful N)")
     add_workload_args(parser)
     add_scheduler_args(parser)
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help="result folder (default results/validate-<timestamp>)")
-    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    g.add_argument("--quiet", action="store_true", help="no progress or log lines on stderr")
+    add_output_args(parser, slo=False, config=False)
     add_executor_arg(parser)
 
 

@@ -32,6 +32,7 @@ from serve.bench_metrics import (
 from sim.cli_common import (
     SYNTHETIC_DEFAULTS,
     UsageError,
+    add_output_args,
     add_scheduler_args,
     add_workload_args,
     build_workload,
@@ -83,11 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cost", metavar="NAME|FILE", help="--predict: cost model (default: as the server reports, "
                                                        "else the bundled profile)")
     add_scheduler_args(parser)
-    g = parser.add_argument_group("output")
-    g.add_argument("--out", metavar="DIR", help="result folder (default results/bench-<timestamp>)")
-    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
-    g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    g.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    add_output_args(parser, slo=False, config=False)
 
 
 PREDICT_ONLY = ("policy", "cost", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_blocks", "kv_tokens",

@@ -200,15 +200,17 @@ def gpu_layers(args: argparse.Namespace) -> int | None:
     return n if n is not None else (DEVICE_GPU_LAYERS[device] if device is not None else None)
 
 
-def add_output_args(parser: argparse.ArgumentParser) -> None:
-    """Output, SLO and config-file flags."""
+def add_output_args(parser: argparse.ArgumentParser, slo: bool = True, config: bool = True) -> None:
+    """Output flags (--out, --json, --no-plots, --quiet), with the SLO and config-file flags unless told not to."""
     g = parser.add_argument_group("output")
     g.add_argument("--out", metavar="DIR", help="result folder (default results/<command>-<timestamp>)")
-    g.add_argument("--slo", metavar="SPEC", help="latency targets, e.g. ttft=0.5,tpot=50ms,e2e=10 (adds goodput)")
+    if slo:
+        g.add_argument("--slo", metavar="SPEC", help="latency targets, e.g. ttft=0.5,tpot=50ms,e2e=10 (adds goodput)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     g.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     g.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
-    g.add_argument("--config", metavar="FILE.toml", help="read flag values from a TOML file (flags win)")
+    if config:
+        g.add_argument("--config", metavar="FILE.toml", help="read flag values from a TOML file (flags win)")
 
 
 def workload_kind(args: argparse.Namespace) -> str:
