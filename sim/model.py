@@ -52,6 +52,7 @@ class Engine:
         self.idle = False
         self.closed = False
         self.threaded = isinstance(env, ThreadedRealtimeEnvironment)
+        self._priced: tuple[Any, int] | None = None  # (cost model, its stretch kind): isinstance on a Protocol is slow
 
     def submit(self, request: Request) -> None:
         """Hand a request to this instance's scheduler; wake the engine if it sleeps."""
@@ -109,12 +110,20 @@ class Engine:
         cost = self.backend.cost_model
         ordered = sorted(running, key=lambda r: r.slot)
         slots = [r.slot for r in ordered]
-        if isinstance(cost, PricesGraphReuse):  # cost models that price llama.cpp's graph reuse
+        kind = self._stretch_kind(cost)
+        if kind == 1:  # cost models that price llama.cpp's graph reuse
             return cost.decode_stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
-        if isinstance(cost, PricesDecodeRuns):  # cost models that hoist the fixed part (and slot layout)
+        if kind == 2:  # cost models that hoist the fixed part (and slot layout)
             return _Stateless(cost.decode_pricer(slots), graph)
         n = len(slots)
         return _Stateless(lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0)), graph)
+
+    def _stretch_kind(self, cost) -> int:
+        """1: PricesGraphReuse, 2: PricesDecodeRuns, 0: neither (checked once per cost model)."""
+        if self._priced is None or self._priced[0] is not cost:
+            kind = 1 if isinstance(cost, PricesGraphReuse) else 2 if isinstance(cost, PricesDecodeRuns) else 0
+            self._priced = (cost, kind)
+        return self._priced[1]
 
     def _timeline(self, running: list[Request], horizon: int, t: float, graph, limit: float, straddle: bool):
         """The skipped steps of one run: their ends and batch sizes, priced per stretch between finishes (the
