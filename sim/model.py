@@ -25,7 +25,7 @@ from backends.cost.base import PricesDecodeRuns, PricesGraphReuse, StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.backend import Backend, ClearsKV, KnowsTokens
 from scheduler.loop import plan_step, release_kv
-from sim.records import RequestRecord, RunResult, StepLog, StepSample
+from sim.records import RequestRecord, RunResult, StepLog
 from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
 
@@ -95,10 +95,9 @@ class Engine:
             for out in sched.commit(plan, result, now):
                 rec.output(out, sched.requests[out.request_id], now)
             pool = sched.pool
-            rec.steps.append(StepSample(self.index, start, now, len(plan.chunks), plan.num_prefill_tokens,
-                                        plan.num_decode_seqs, len(sched.waiting), len(sched.running),
-                                        pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens,
-                                        plan.num_copied_tokens))
+            rec.steps.add_row((self.index, start, now, len(plan.chunks), plan.num_prefill_tokens,  # a StepSample
+                               plan.num_decode_seqs, len(sched.waiting), len(sched.running),
+                               pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens, plan.num_copied_tokens))
             if self.fast_forward:
                 k = sched.fast_forward.decode_horizon()
                 if k > 0:
@@ -167,7 +166,7 @@ class Engine:
     def _sample_steps(self, run_start: float, ends: list[float], sizes: list[int], done, adds: list[int],
                       used: int, waiting: int) -> None:
         """Step samples of a run's skipped steps, as their plain commits would have taken them."""
-        sched, pool, steps = self.scheduler, self.scheduler.pool, self.recorder.steps
+        sched, pool, add = self.scheduler, self.scheduler.pool, self.recorder.steps.add_row
         index, total, m = self.index, pool.num_blocks, len(ends)
         finished_at = [0] * m
         for step, _ in done:
@@ -176,12 +175,11 @@ class Engine:
         s0 = run_start
         for j in range(m - 1):
             u += adds[j]
-            steps.append(StepSample(index, s0, ends[j], sizes[j], 0, sizes[j], waiting,
-                                    sizes[j] - finished_at[j], u, total))
+            add((index, s0, ends[j], sizes[j], 0, sizes[j], waiting, sizes[j] - finished_at[j], u, total, 0, 0))
             s0 = ends[j]
         # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
-        steps.append(StepSample(index, s0, ends[-1], sizes[-1], 0, sizes[-1], len(sched.waiting),
-                                len(sched.running), pool.num_used_blocks, total))
+        add((index, s0, ends[-1], sizes[-1], 0, sizes[-1], len(sched.waiting), len(sched.running),
+             pool.num_used_blocks, total, 0, 0))
 
     def _jump(self, k: int):
         """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.
