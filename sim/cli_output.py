@@ -147,7 +147,7 @@ class Plots:
                 print(text, end="", file=sys.stderr)
             raise exc
         if status != 0:
-            raise RuntimeError(f"the process drawing the plots ended with wait status {status}")
+            raise RuntimeError(f"the process drawing the plots ended with exit status {os.waitstatus_to_exitcode(status)}")
         return [self.out / name for name, _ in self.jobs]
 
     def cancel(self) -> None:
