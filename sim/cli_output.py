@@ -147,7 +147,8 @@ class Plots:
                 print(text, end="", file=sys.stderr)
             raise exc
         if status != 0:
-            raise RuntimeError(f"the process drawing the plots ended with exit status {os.waitstatus_to_exitcode(status)}")
+            code = os.waitstatus_to_exitcode(status)
+            raise RuntimeError(f"the process drawing the plots ended with exit status {code}")
         return [self.out / name for name, _ in self.jobs]
 
     def cancel(self) -> None:

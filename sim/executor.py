@@ -40,7 +40,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-
 RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
 RAY_CONNECT_TIMEOUT_S = 5.0
 POOL_BROKE = "a worker process of the pool died (killed, or out of memory) before this task could finish"
