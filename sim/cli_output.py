@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sim.cli_runs import Context
+from sim.executor import held_signals, release_signals
 from sim.records import RunResult
 from sim.report import _plain as plain  # the strict-JSON conversion write_results uses
 from sim.report import run_warnings, write_results, write_summary
@@ -115,11 +116,17 @@ class Plots:
         sys.stdout.flush()
         sys.stderr.flush()
         read, write = os.pipe()
+        held = held_signals()  # entered by hand: the child must not leave it (and take a signal) before its try
+        held.__enter__()
         pid = os.fork()
-        if pid == 0:  # the child: draw, report an exception through the pipe, never return into the command
-            os.close(read)
-            status = 0
+        if pid != 0:
+            held.__exit__(None, None, None)
+        else:  # the child: draw, report an exception through the pipe, never return into the command
+            status = 1
             try:
+                os.close(read)
+                release_signals()  # Ctrl-C and SIGTERM now unwind to the os._exit below
+                status = 0
                 for name, fn in self.jobs:
                     fn(self.out / name)
             except BaseException as exc:

@@ -24,6 +24,7 @@ the workers and re-raises KeyboardInterrupt, leaving no process behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -136,11 +137,36 @@ class SerialExecutor:
         """Nothing to release."""
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back (delivered on leaving) while this thread forks: a child forked with the
+    command's handlers must not unwind into the command's code before it has set its own (it unblocks them
+    once it has: _ignore_sigint, or the plot process)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release_signals() -> None:
+    """In a child forked under held_signals(), once its own handlers are set: let the signals in."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole foreground process group: the parent alone decides and stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # a forked worker inherits the command's SIGTERM handler (which unwinds as Ctrl-C): terminate() ends it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    release_signals()
 
 
 def _pool_context():
@@ -209,8 +235,9 @@ class LocalExecutor:
             return
         pool = self._ensure_pool()
         # a pool starts a worker per submitted task while none is idle: one warm-up each starts them all
-        self._warming = [pool.submit(run_task, fn or _nothing, "warm-up", self.seed, args)
-                         for _ in range(self.workers)]
+        with held_signals():
+            self._warming = [pool.submit(run_task, fn or _nothing, "warm-up", self.seed, args)
+                             for _ in range(self.workers)]
 
     def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
         """Run the tasks on up to self.workers processes; results in task order."""
@@ -219,7 +246,8 @@ class LocalExecutor:
         results: list[Outcome | None] = [None] * len(tasks)
         pool = self._ensure_pool()
         try:
-            pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
+            with held_signals():  # the first submit may start (fork) the workers
+                pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
