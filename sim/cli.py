@@ -16,6 +16,7 @@ builders and workload/config builders in sim.cli_common.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import importlib.util
 import os
@@ -58,10 +59,15 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-def available_commands(selected: str | None = None) -> dict[str, ModuleType]:
-    """Importable subcommand modules by name; a broken module is skipped with a warning unless selected."""
+def available_commands(selected: str | None = None, only: bool = False) -> dict[str, ModuleType]:
+    """Importable subcommand modules by name; a broken module is skipped with a warning unless selected.
+
+    only=True: just the selected command's module (a command line that names one needs no other).
+    """
     out: dict[str, ModuleType] = {}
     for name, (module_name, _, _) in SUBCOMMANDS.items():
+        if only and name != selected:
+            continue
         if not _module_exists(module_name):
             continue
         try:
@@ -108,10 +114,13 @@ def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, 
         prog=PROG, formatter_class=formatter, epilog=epilog,
         description="One continuous-batching LLM scheduler for real llama.cpp serving and SimPy simulation.\n"
                     "Run `tokenstep compare` with no flags for a quick static-vs-continuous comparison.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     sub = parser.add_subparsers(dest="_command", metavar="COMMAND")
     subparsers: dict[str, argparse.ArgumentParser] = {}
-    for name, module in available_commands(selected).items():
+    # a command line naming a command parses with that command's parser alone: the others' modules (the
+    # calibration lab, the server) are not imported
+    only = selected in SUBCOMMANDS and _module_exists(SUBCOMMANDS[selected][0])
+    for name, module in available_commands(selected, only).items():
         _, add_name, run_name = SUBCOMMANDS[name]
         p = sub.add_parser(name, help=_summary(module), description=module.__doc__, epilog=epilog,
                            formatter_class=formatter)
@@ -119,6 +128,17 @@ def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, 
         p.set_defaults(_run=getattr(module, run_name))
         subparsers[name] = p
     return parser, subparsers
+
+
+class _VersionAction(argparse.Action):
+    """--version, looked up only when asked for (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{PROG} {_version()}")
+        parser.exit()
 
 
 def _version() -> str:
@@ -132,6 +152,32 @@ def _version() -> str:
 
 def _selected(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
+
+
+# commands whose simulations run on --executor (a local process pool by default)
+STUDY_COMMANDS = frozenset({"compare", "sweep", "capacity"})
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _start_pool_early(argv: list[str]) -> None:
+    """For a study command on a local pool, start the pool's server before parsing and imports (it then
+    loads the simulator on another core meanwhile). A --config file may name the executor: then the command
+    starts its pool itself, as does any command line this reading does not cover."""
+    if _selected(argv) not in STUDY_COMMANDS or "--config" in argv or any(a in ("-h", "--help") for a in argv):
+        return
+    if _flag_value(argv, "--backend") == "llama":
+        return
+    from sim.executor import start_early
+
+    start_early(_flag_value(argv, "--executor"))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace | int:
@@ -157,13 +203,36 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tokenstep` console script; returns the exit status."""
+    """Entry point of the `tokenstep` console script; returns the exit status.
+
+    Called as the program (argv None, no other thread left), it ends the process itself once the command is
+    done and its output flushed, after the exit handlers: the interpreter would otherwise free a large
+    run's objects one by one (a tenth of a second or more) before the system reclaims the memory at once.
+    """
+    status = _main(argv)
+    if argv is None and threading.current_thread() is threading.main_thread() and threading.active_count() == 1:
+        _exit_now(status)
+    return status
+
+
+def _exit_now(status: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed or broken stream: let the interpreter's own exit deal with it
+        return
+    atexit._run_exitfuncs()
+    os._exit(status)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds as Ctrl-C does, so a study stops its workers instead of leaving them running;
         # tokenstep serve installs its own graceful handler once it listens
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        _start_pool_early(argv)
         args = _parse(argv)
         if isinstance(args, int):
             return args

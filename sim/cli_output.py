@@ -8,14 +8,21 @@ JSON object; everything else (logs, progress, and the report itself under
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import json
+import os
+import pickle
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sim.cli_runs import Context
+from sim.executor import held_signals, release_signals
 from sim.records import RunResult
 from sim.report import _plain as plain  # the strict-JSON conversion write_results uses
 from sim.report import run_warnings, write_results, write_summary
@@ -89,29 +96,125 @@ def baseline_index(summaries: Sequence[dict]) -> int | None:
 
 def write_plots(args: argparse.Namespace, out: Path, jobs: Sequence[tuple[str, Callable[[Path], Path]]]) -> list[Path]:
     """Run plot jobs (file name, fn(path)) into out unless --no-plots."""
+    return start_plots(args, out, jobs).wait()
+
+
+class Plots:
+    """Plot jobs under way: drawn in a forked child process while this one writes its other files, or, where
+    forking is not safe (no fork, or other threads running), drawn here when wait() is called."""
+
+    def __init__(self, out: Path, jobs: Sequence[tuple[str, Callable[[Path], Path]]]) -> None:
+        self.out, self.jobs = out, list(jobs)
+        self.pid: int | None = None
+        self._read = -1
+
+    def start(self) -> Plots:
+        """Fork the child that draws the plots, when that is safe here."""
+        if not self.jobs or not hasattr(os, "fork") or not sys.platform.startswith("linux") \
+                or threading.active_count() > 1:
+            return self
+        sys.stdout.flush()
+        sys.stderr.flush()
+        read, write = os.pipe()
+        held = held_signals()  # entered by hand: the child must not leave it (and take a signal) before its try
+        held.__enter__()
+        pid = os.fork()
+        if pid != 0:
+            held.__exit__(None, None, None)
+        else:  # the child: draw, report an exception through the pipe, never return into the command
+            status = 1
+            try:
+                os.close(read)
+                release_signals()  # Ctrl-C and SIGTERM now unwind to the os._exit below
+                status = 0
+                for name, fn in self.jobs:
+                    fn(self.out / name)
+            except BaseException as exc:
+                status = 1
+                _send_error(write, exc)
+            finally:
+                os._exit(status)
+        os.close(write)
+        self.pid, self._read = pid, read
+        return self
+
+    def wait(self) -> list[Path]:
+        """The plots' paths once drawn; the child's exception, if it failed, is raised here."""
+        if self.pid is None:
+            return [fn(self.out / name) for name, fn in self.jobs]
+        pid, self.pid = self.pid, None
+        try:
+            with os.fdopen(self._read, "rb") as fh:
+                data = fh.read()
+        finally:
+            _, status = os.waitpid(pid, 0)
+        if data:
+            exc, text = pickle.loads(data)
+            if text:
+                print(text, end="", file=sys.stderr)
+            raise exc
+        if status != 0:
+            code = os.waitstatus_to_exitcode(status)
+            raise RuntimeError(f"the process drawing the plots ended with exit status {code}")
+        return [self.out / name for name, _ in self.jobs]
+
+    def cancel(self) -> None:
+        """Stop the child (the command failed before it waited for the plots)."""
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            with contextlib.suppress(OSError):
+                os.close(self._read)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+
+
+def _send_error(fd: int, exc: BaseException) -> None:
+    """The child's exception (and, for an internal failure, its traceback) pickled into the pipe."""
+    expected = isinstance(exc, (ValueError, OSError, ImportError, KeyboardInterrupt))
+    text = "" if expected else traceback.format_exc()
+    try:
+        data = pickle.dumps((exc, text))
+    except Exception:
+        data = pickle.dumps((RuntimeError(f"{type(exc).__name__}: {exc}"), text))
+    with contextlib.suppress(OSError), os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def start_plots(args: argparse.Namespace, out: Path, jobs: Sequence[tuple[str, Callable[[Path], Path]]]) -> Plots:
+    """Start plot jobs (file name, fn(path)) into out unless --no-plots; Plots.wait() gives their paths."""
     if getattr(args, "no_plots", False) or not jobs:
-        return []
+        return Plots(out, [])
     log(args, f"writing {len(jobs)} plot(s) ...")
-    return [fn(out / name) for name, fn in jobs]
+    out.mkdir(parents=True, exist_ok=True)
+    return Plots(out, jobs).start()
 
 
 def finish(ctx: Context, out: Path, runs: list[RunResult] | None, summaries: list[dict], config: dict,
            report: str, plot_jobs: Sequence[tuple[str, Callable[[Path], Path]]] = (),
            extra_json: dict | None = None, extra_files: dict | None = None,
-           run_files: dict[str, Path] | None = None) -> int:
+           run_files: dict[str, Path] | None = None, plots: Plots | None = None) -> int:
     """Write results and plots, print the report and where files went, or the --json object.
 
     runs=None: the runs' CSVs are already written (by the tasks of a study, in run_files); only the
-    study-level files are written here.
+    study-level files are written here. plots: plot jobs already started (start_plots), else plot_jobs are
+    started here, drawing while the results are written.
     """
     args = ctx.args
-    paths = write_summary(out, summaries, config) if runs is None else write_results(out, runs, summaries, config)
-    paths.update(run_files or {})
-    for name, data in (extra_files or {}).items():
-        path = out / name
-        path.write_text(json.dumps(plain(data), indent=2, allow_nan=False) + "\n")
-        paths[name] = path
-    pngs = write_plots(args, out, plot_jobs)
+    if plots is None:
+        plots = start_plots(args, out, plot_jobs)
+    try:
+        paths = write_summary(out, summaries, config) if runs is None else write_results(out, runs, summaries, config)
+        paths.update(run_files or {})
+        for name, data in (extra_files or {}).items():
+            path = out / name
+            path.write_text(json.dumps(plain(data), indent=2, allow_nan=False) + "\n")
+            paths[name] = path
+    except BaseException:
+        plots.cancel()
+        raise
+    pngs = plots.wait()
     emit(args, report)
     for line in run_warnings(summaries):
         log(args, line)

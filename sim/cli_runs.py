@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -247,10 +248,12 @@ def run_config(ctx: Context, spec: RunSpec) -> SchedulerConfig:
 
 
 def execute(ctx: Context, spec: RunSpec, workload: Workload, simulate: bool = False,
-            label: str | None = None, extra: dict | None = None, progress: bool = True) -> tuple[RunResult, dict]:
+            label: str | None = None, extra: dict | None = None, progress: bool = True,
+            on_run: Callable[[RunResult], None] | None = None) -> tuple[RunResult, dict]:
     """Run one spec on the workload (the real backend unless simulate or --backend sim); return run + summary.
 
-    progress=False keeps this run's bar off (when the caller draws one over many runs).
+    progress=False keeps this run's bar off (when the caller draws one over many runs). on_run(run), if
+    given, is called once the run is complete, before it is summarized (e.g. to start drawing its plots).
     """
     from backends.synthetic import SyntheticBackend
 
@@ -264,6 +267,8 @@ def execute(ctx: Context, spec: RunSpec, workload: Workload, simulate: bool = Fa
         run = run_workload(workload, spec.policy, config, backends, router=args.router, realtime=realtime,
                            progress=bar)
     run.policy = label
+    if on_run is not None:
+        on_run(run)
     summary = summarize(run, ctx.slo)
     summary.update({"policy": label, "policy_spec": spec.policy, "backend": "llama" if real else "sim",
                     "prefix_caching": config.enable_prefix_caching, **(extra or {})})

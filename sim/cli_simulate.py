@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from sim.cli_common import add_backend_args, add_output_args, add_scheduler_args, add_workload_args, build_workload
-from sim.cli_output import finish, log, out_dir, resolved_config
+from sim.cli_output import finish, log, out_dir, resolved_config, start_plots
 from sim.cli_runs import close, execute, parse_run_specs, prepare
 from sim.report import format_table
 
@@ -36,13 +36,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = out_dir(args, "simulate")
         log(args, f"simulate: {spec.label} on {len(workload.requests)} requests, backend {ctx.backend} ...")
-        run_, summary = execute(ctx, spec, workload)
-        report = ctx.header(workload) + "\n\n" + format_table([summary])
-        config = resolved_config(ctx, workload, {"policy": spec.label})
-        from sim.plots import plot_latency_cdfs, plot_timeline
+        plots = None
 
-        jobs = [("timeline.png", lambda p: plot_timeline(run_, p)),
-                ("latency_cdfs.png", lambda p: plot_latency_cdfs([run_], p))]
-        return finish(ctx, out, [run_], [summary], config, report, jobs)
+        def draw(run_) -> None:  # the plots are drawn (in a child process) while the run is summarized and written
+            nonlocal plots
+            from sim.plots import plot_latency_cdfs, plot_timeline
+
+            plots = start_plots(args, out, [("timeline.png", lambda p: plot_timeline(run_, p)),
+                                            ("latency_cdfs.png", lambda p: plot_latency_cdfs([run_], p))])
+
+        try:
+            run_, summary = execute(ctx, spec, workload, on_run=draw)
+            report = ctx.header(workload) + "\n\n" + format_table([summary])
+            config = resolved_config(ctx, workload, {"policy": spec.label})
+        except BaseException:
+            if plots is not None:
+                plots.cancel()
+            raise
+        return finish(ctx, out, [run_], [summary], config, report, plots=plots)
     finally:
         close(ctx)

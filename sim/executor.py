@@ -6,8 +6,9 @@ order the tasks finished in, and ``on_done(index, outcome)`` is called in this
 process as each one finishes (progress bars, results streamed to disk).
 
 - ``serial``: one task after another in this process.
-- ``local[:N]`` (default): a standard-library process pool (forkserver where the
-  platform has it, else spawn) of N workers, N = the CPUs this process may use
+- ``local[:N]`` (default): a standard-library process pool of N workers (forked
+  from this process on Linux while it runs no other thread, else forkserver where
+  the platform has it, else spawn), N = the CPUs this process may use
   (``os.sched_getaffinity``). With one worker or one task it runs in this process.
 - ``ray[:ADDRESS]``: Ray tasks of one CPU each; ``ray.init(address=ADDRESS)`` for
   a running cluster (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``), else a local
@@ -23,21 +24,22 @@ the workers and re-raises KeyboardInterrupt, leaving no process behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing
 import os
 import random
 import signal
 import socket
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 RAY_HINT = "--executor ray needs the ray extra: pip install -e '.[ray]'"
 RAY_CONNECT_TIMEOUT_S = 5.0
@@ -89,6 +91,8 @@ def task_seed(seed: int, label: str) -> int:
 
 def run_task(fn: Callable, label: str, seed: int, args: tuple) -> Outcome:
     """Run fn(*args) with the global generators seeded for this task; an exception becomes a failed Outcome."""
+    import numpy as np  # here, so that importing this module (start_early) stays light
+
     s = task_seed(seed, label)
     random.seed(s)
     np.random.seed(s)
@@ -133,13 +137,44 @@ class SerialExecutor:
         """Nothing to release."""
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back (delivered on leaving) while this thread forks: a child forked with the
+    command's handlers must not unwind into the command's code before it has set its own (it unblocks them
+    once it has: _ignore_sigint, or the plot process)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release_signals() -> None:
+    """In a child forked under held_signals(), once its own handlers are set: let the signals in."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
 def _ignore_sigint() -> None:
     # Ctrl-C reaches the whole foreground process group: the parent alone decides and stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a forked worker inherits the command's SIGTERM handler (which unwinds as Ctrl-C): terminate() ends it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    release_signals()
 
 
 def _pool_context():
     methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and threading.active_count() == 1 and "fork" in methods:
+        # no other thread to leave a lock held: workers forked from this process start at once, with the
+        # simulator already imported (a forkserver would import it again before the first task)
+        return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         ctx = multiprocessing.get_context("forkserver")
         # workers fork from a server that imported the simulator once, instead of importing it each
@@ -149,8 +184,29 @@ def _pool_context():
     return multiprocessing.get_context("spawn")
 
 
+def start_early(executor_text: str | None) -> None:
+    """Start the process pool's server now, for an --executor value that will make a local pool.
+
+    The server imports the simulator (a few tenths of a second) on another core while this process reads
+    its flags and imports the same modules itself, so the workers are ready when the command submits its
+    first task. Nothing is started for serial, Ray, one CPU, or a platform without forkserver.
+    """
+    try:
+        name, workers = parse_executor(executor_text)
+    except ExecutorError:
+        return  # the command reports the bad value itself
+    if name != "local" or (workers or available_cpus()) <= 1:
+        return
+    ctx = _pool_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 class LocalExecutor:
-    """A process pool of this machine's CPUs (forkserver or spawn: workers never inherit a forked parent).
+    """A process pool of this machine's CPUs (fork from a single-threaded parent on Linux, else forkserver or
+    spawn: workers never inherit a parent's threads).
 
     The pool lives from prestart() (or the first map()) to close(), so its start-up can overlap the
     command's own preparation and several maps share it.
@@ -167,6 +223,8 @@ class LocalExecutor:
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            sys.stdout.flush()  # a forked worker must not write this process's buffered output again
+            sys.stderr.flush()
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_pool_context(),
                                              initializer=_ignore_sigint)
         return self._pool
@@ -177,8 +235,9 @@ class LocalExecutor:
             return
         pool = self._ensure_pool()
         # a pool starts a worker per submitted task while none is idle: one warm-up each starts them all
-        self._warming = [pool.submit(run_task, fn or _nothing, "warm-up", self.seed, args)
-                         for _ in range(self.workers)]
+        with held_signals():
+            self._warming = [pool.submit(run_task, fn or _nothing, "warm-up", self.seed, args)
+                             for _ in range(self.workers)]
 
     def map(self, fn: Callable, tasks: Sequence[Task], on_done: OnDone | None = None) -> list[Outcome]:
         """Run the tasks on up to self.workers processes; results in task order."""
@@ -187,7 +246,8 @@ class LocalExecutor:
         results: list[Outcome | None] = [None] * len(tasks)
         pool = self._ensure_pool()
         try:
-            pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
+            with held_signals():  # the first submit may start (fork) the workers
+                pending = {pool.submit(run_task, fn, t.label, self.seed, t.args): i for i, t in enumerate(tasks)}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:

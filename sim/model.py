@@ -25,7 +25,7 @@ from backends.cost.base import PricesDecodeRuns, PricesGraphReuse, StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.backend import Backend, ClearsKV, KnowsTokens
 from scheduler.loop import plan_step, release_kv
-from sim.records import RequestRecord, RunResult, StepLog, StepSample
+from sim.records import RequestRecord, RunResult, StepLog
 from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
 
@@ -52,6 +52,7 @@ class Engine:
         self.idle = False
         self.closed = False
         self.threaded = isinstance(env, ThreadedRealtimeEnvironment)
+        self._priced: tuple[Any, int] | None = None  # (cost model, its stretch kind): isinstance on a Protocol is slow
 
     def submit(self, request: Request) -> None:
         """Hand a request to this instance's scheduler; wake the engine if it sleeps."""
@@ -94,10 +95,9 @@ class Engine:
             for out in sched.commit(plan, result, now):
                 rec.output(out, sched.requests[out.request_id], now)
             pool = sched.pool
-            rec.steps.append(StepSample(self.index, start, now, len(plan.chunks), plan.num_prefill_tokens,
-                                        plan.num_decode_seqs, len(sched.waiting), len(sched.running),
-                                        pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens,
-                                        plan.num_copied_tokens))
+            rec.steps.add_row((self.index, start, now, len(plan.chunks), plan.num_prefill_tokens,  # a StepSample
+                               plan.num_decode_seqs, len(sched.waiting), len(sched.running),
+                               pool.num_used_blocks, pool.num_blocks, plan.num_pad_tokens, plan.num_copied_tokens))
             if self.fast_forward:
                 k = sched.fast_forward.decode_horizon()
                 if k > 0:
@@ -109,12 +109,20 @@ class Engine:
         cost = self.backend.cost_model
         ordered = sorted(running, key=lambda r: r.slot)
         slots = [r.slot for r in ordered]
-        if isinstance(cost, PricesGraphReuse):  # cost models that price llama.cpp's graph reuse
+        kind = self._stretch_kind(cost)
+        if kind == 1:  # cost models that price llama.cpp's graph reuse
             return cost.decode_stretch(slots, [r.num_computed_tokens + 1 + j for r in ordered], graph)
-        if isinstance(cost, PricesDecodeRuns):  # cost models that hoist the fixed part (and slot layout)
+        if kind == 2:  # cost models that hoist the fixed part (and slot layout)
             return _Stateless(cost.decode_pricer(slots), graph)
         n = len(slots)
         return _Stateless(lambda ctx: cost.predict_s(StepFeatures(0, n, ctx, 0, 0, 0, n, 0, 0)), graph)
+
+    def _stretch_kind(self, cost) -> int:
+        """1: PricesGraphReuse, 2: PricesDecodeRuns, 0: neither (checked once per cost model)."""
+        if self._priced is None or self._priced[0] is not cost:
+            kind = 1 if isinstance(cost, PricesGraphReuse) else 2 if isinstance(cost, PricesDecodeRuns) else 0
+            self._priced = (cost, kind)
+        return self._priced[1]
 
     def _timeline(self, running: list[Request], horizon: int, t: float, graph, limit: float, straddle: bool):
         """The skipped steps of one run: their ends and batch sizes, priced per stretch between finishes (the
@@ -158,7 +166,7 @@ class Engine:
     def _sample_steps(self, run_start: float, ends: list[float], sizes: list[int], done, adds: list[int],
                       used: int, waiting: int) -> None:
         """Step samples of a run's skipped steps, as their plain commits would have taken them."""
-        sched, pool, steps = self.scheduler, self.scheduler.pool, self.recorder.steps
+        sched, pool, add = self.scheduler, self.scheduler.pool, self.recorder.steps.add_row
         index, total, m = self.index, pool.num_blocks, len(ends)
         finished_at = [0] * m
         for step, _ in done:
@@ -167,12 +175,11 @@ class Engine:
         s0 = run_start
         for j in range(m - 1):
             u += adds[j]
-            steps.append(StepSample(index, s0, ends[j], sizes[j], 0, sizes[j], waiting,
-                                    sizes[j] - finished_at[j], u, total))
+            add((index, s0, ends[j], sizes[j], 0, sizes[j], waiting, sizes[j] - finished_at[j], u, total, 0, 0))
             s0 = ends[j]
         # the last step is sampled after its finishes (and any arrival during it), as a plain commit would
-        steps.append(StepSample(index, s0, ends[-1], sizes[-1], 0, sizes[-1], len(sched.waiting),
-                                len(sched.running), pool.num_used_blocks, total))
+        add((index, s0, ends[-1], sizes[-1], 0, sizes[-1], len(sched.waiting), len(sched.running),
+             pool.num_used_blocks, total, 0, 0))
 
     def _jump(self, k: int):
         """Run pure-decode steps at once, across finishes, until an arrival: same results as plain steps.

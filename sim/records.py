@@ -53,7 +53,8 @@ class StepSample:
 
 STEP_FIELDS = tuple(f.name for f in fields(StepSample))
 _FLOAT_FIELDS = frozenset(name for name in STEP_FIELDS if name.endswith("_s"))
-_CHUNK = 1 << 13  # samples held as objects before they are folded into the columns
+_CHUNK = 1 << 13  # samples held as tuples before they are folded into the columns
+_ROW = operator.attrgetter(*STEP_FIELDS)  # a StepSample's values as a tuple, in STEP_FIELDS order
 
 
 class StepLog:
@@ -67,21 +68,26 @@ class StepLog:
     __slots__ = ("_buffer", "_parts")
 
     def __init__(self, samples: Iterable[StepSample] = ()) -> None:
-        self._buffer: list[StepSample] = []
+        self._buffer: list[tuple] = []  # rows of STEP_FIELDS values not yet folded
         self._parts: list[dict[str, np.ndarray]] = []
         for s in samples:
             self.append(s)
 
     def append(self, sample: StepSample) -> None:
         """Record one step."""
+        self.add_row(_ROW(sample))
+
+    def add_row(self, row: tuple) -> None:
+        """Record one step given as its STEP_FIELDS values in order, every one of them (the simulator's
+        way: no StepSample is made)."""
         buffer = self._buffer
-        buffer.append(sample)
+        buffer.append(row)
         if len(buffer) >= _CHUNK:
             self._fold()
 
     def _fold(self) -> None:
         if self._buffer:
-            self._parts.append(_to_columns(self._buffer))
+            self._parts.append(_rows_to_columns(self._buffer))
             self._buffer = []
 
     def columns(self) -> dict[str, np.ndarray]:
@@ -117,9 +123,13 @@ class StepLog:
 
 
 def _to_columns(samples: list[StepSample]) -> dict[str, np.ndarray]:
+    return _rows_to_columns(list(map(_ROW, samples)))
+
+
+def _rows_to_columns(rows: list[tuple]) -> dict[str, np.ndarray]:
     # one float64 table holds every field exactly: times are floats, counts are far below 2**53
-    table = np.array(list(map(operator.attrgetter(*STEP_FIELDS), samples)), dtype=np.float64)
-    table = table.reshape(len(samples), len(STEP_FIELDS))
+    table = np.array(rows, dtype=np.float64)
+    table = table.reshape(len(rows), len(STEP_FIELDS))
     return {name: table[:, i].copy() if name in _FLOAT_FIELDS else _counts(table[:, i])
             for i, name in enumerate(STEP_FIELDS)}
 
