@@ -60,6 +60,10 @@ class SamplingMixin:
         self._slot_chains: list[int] = []  # per-slot greedy chains run inside llama_decode (device_sampling)
         self._host_slots: set[int] = set()  # slots whose chain is detached: their request samples from host logits
         self._argmax_pool: ThreadPoolExecutor | None = None
+        # threads of the host argmax. Offloaded, llama.cpp's CPU threads sit idle while the host reads the logits:
+        # take every core; on the CPU leave half to them (their workers spin a while after each graph)
+        cpus = _usable_cpus()
+        self._argmax_threads = min(_ARGMAX_THREADS, cpus if self.model.n_gpu_layers > 0 else cpus // 2)
         self._last_logits: dict[str, np.ndarray] = {}
         self._step_logprobs: dict | None = None  # filled by _sample for requests that ask for logprobs
 
@@ -128,10 +132,7 @@ class SamplingMixin:
     def _argmax_rows(self, logits: np.ndarray) -> list[int]:
         """Row-wise argmax; large matrices are split across threads (numpy releases the GIL)."""
         n = logits.shape[0]
-        # offloaded, llama.cpp's CPU threads sit idle while the host reads the logits: take every core; on the CPU
-        # leave half to them (their workers spin a while after each graph)
-        cpus = _usable_cpus() if self.model.n_gpu_layers > 0 else _usable_cpus() // 2
-        workers = min(_ARGMAX_THREADS, cpus, n)
+        workers = min(self._argmax_threads, n)
         if logits.size < _PARALLEL_ARGMAX_FLOATS or workers < 2:
             return _argmax_each(logits)
         if self._argmax_pool is None:

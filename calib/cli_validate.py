@@ -212,8 +212,7 @@ def _rejudge(args: argparse.Namespace, profile, profile_name: str) -> int:
     root = Path(args.recorded)
     loads = rejudge(root, _workload(args), profile, args.instances, args.router)
     if args.json:
-        doc = {"profile": profile_name, "recorded": str(root),
-               "loads": [{k: v for k, v in ld.items()} for ld in loads]}
+        doc = {"profile": profile_name, "recorded": str(root), "loads": loads}
         sys.stdout.write(json.dumps(plain(doc), allow_nan=False) + "\n")
     else:
         print(format_rejudged(loads, profile_name, root), flush=True)

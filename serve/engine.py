@@ -358,9 +358,14 @@ class EngineLoop:
                     ops.append(inbox.get(timeout=timeout))
         except queue.Empty:
             pass
+        return ops + self._drain()
+
+    def _drain(self) -> list[tuple]:
+        """The operations waiting in the inbox now, without waiting."""
+        ops = []
         while True:
             try:
-                ops.append(inbox.get_nowait())
+                ops.append(self._inbox.get_nowait())
             except queue.Empty:
                 return ops
 
@@ -412,11 +417,7 @@ class OnlineEngine(EngineLoop):
         stopped, end with finish reason abort."""
         self._closed = True
         self.stop()
-        while True:  # submitted behind the stop: add them so that their streams end with a stated reason
-            try:
-                op = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for op in self._drain():  # submitted behind the stop: add them so that their streams end with a reason
             if op[0] == "add":
                 self.apply_op(op)
         for rid in list(self.core._live):

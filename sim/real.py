@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from scheduler import SchedulerConfig
+from sim.executor import available_cpus
 
 # kv_unified=False (one KV stream per slot) is what the bundled profile was calibrated on. With one stream
 # llama.cpp splits a batch with split_simple (every sequence in one micro-batch); with a stream per slot it
@@ -13,7 +13,7 @@ from scheduler import SchedulerConfig
 # model prices those passes). --llama-option kv_unified=true switches; calibrate a profile for it.
 # The CPUs this process may run on: instances share them unless n_threads is given (2 CPUs and 2 instances:
 # 1 thread each).
-CPU_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+CPU_THREADS = available_cpus()
 DEFAULT_LLAMA_OPTIONS = {"n_ctx": 8192, "n_seq_max": 16, "n_threads": CPU_THREADS, "kv_unified": False}
 
 
