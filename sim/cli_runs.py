@@ -193,6 +193,9 @@ def llama_options(args: argparse.Namespace) -> dict:
         key, eq, value = str(item).partition("=")
         if not eq or not key.strip():
             raise UsageError(f"--llama-option {item!r} must look like key=value, e.g. n_ubatch=256")
+        if "=" in value:
+            raise UsageError(f"--llama-option {item!r} holds several key=value pairs; give one per flag: "
+                             "--llama-option n_ctx=8192 --llama-option n_seq_max=16")
         options[key.strip()] = _option_value(value)
     return options
 

@@ -231,3 +231,17 @@ def test_cuda_graphs_off_for_offloaded_unified_kv(monkeypatch):
     monkeypatch.setenv("GGML_CUDA_DISABLE_GRAPHS", "")  # set by the user: llama.cpp sees it, we leave it
     assert _cuda_graphs(True, 99, False) is False
     assert os.environ["GGML_CUDA_DISABLE_GRAPHS"] == ""
+
+
+def test_llama_options_take_one_pair_per_flag():
+    import sim.cli_runs as runs
+    from sim.cli import build_parser
+
+    parser, _ = build_parser("compare")
+    args = parser.parse_args(["compare", "--backend", "llama", "--llama-option", "n_ctx=262144",
+                              "--llama-option", "kv_unified=true"])
+    opts = runs.llama_options(args)
+    assert opts["n_ctx"] == 262144 and opts["kv_unified"] is True
+    args = parser.parse_args(["compare", "--backend", "llama", "--llama-option", "n_ctx=262144,n_seq_max=256"])
+    with pytest.raises(UsageError, match="one per flag"):
+        runs.llama_options(args)
