@@ -7,13 +7,18 @@
 #   bash benchmarks/gpu_session.sh split       # where a decode step's host time goes (bare-loop variants)
 #   bash benchmarks/gpu_session.sh repro       # the medium-load CUDA error with llama.cpp's log, launches blocking
 #   bash benchmarks/gpu_session.sh pack        # the CUDA build as <=15 MiB parts under $OUT (carry it next time)
+#   bash benchmarks/gpu_session.sh servecal    # full grid with its samples, then serving steps of a synthetic
+#                                              # workload (continuous, chunked) for `calibrate --refit GRID --refit ...`
+#   bash benchmarks/gpu_session.sh valsamples  # validate the Azure slice at 30/70/120 req/s, both policies, steps kept
 set -uo pipefail
 OUT=${OUT:-results/gpu}; mkdir -p "$OUT"; W=/tmp/w; T=8
 export PYTHONUNBUFFERED=1
-if [ -d .gpubuild ] && [ ! -f $W/build/bin/libllama.so ]; then  # a build packed by an earlier lease
-  mkdir -p $W && cat .gpubuild/build.tzst.part-* | zstd -dc | tar xf - -C $W && echo "unpacked the carried build"
+GPU_DIR=.gpu
+if [ -d .gpub ]; then  # a build packed by an earlier lease (pack), carried with the sources, vocab and wheels
+  GPU_DIR=.gpub
+  [ -f $W/build/bin/libllama.so ] || { mkdir -p $W && cat .gpub/build.tgz.part-* | tar xzf - -C $W && echo "unpacked the carried build"; }
 fi
-SHAPES=${SHAPES:-llama3-8b} bash .gpu/build.sh 2>&1 | tail -8 || exit 1
+SHAPES=${SHAPES:-llama3-8b} GPU_DIR=$GPU_DIR bash $GPU_DIR/build.sh 2>&1 | tail -8 || exit 1
 source $W/env.sh
 M8=$W/llama3-8b.gguf; M1=$W/llama3.2-1b.gguf; BB=$W/build/bin/llama-batched-bench
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
@@ -53,8 +58,27 @@ repro)
   tail -60 $W/repro.log >> "$OUT/repro.txt"
   ;;
 pack)
-  tar cf - -C $W build/bin | zstd -T0 -10 | split -b 15M - "$OUT/build.tzst.part-"
-  du -ch "$OUT"/build.tzst.part-* | tail -1
+  tar cf - -C $W build/bin | gzip -6 | split -b 15M - "$OUT/build.tgz.part-"
+  du -ch "$OUT"/build.tgz.part-* | tail -1
+  ;;
+servecal)
+  timeout ${CAL_S:-330} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
+    --out "$OUT/h200-grid.json" --samples "$OUT/grid.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -30 | tee "$OUT/calibrate.txt"
+  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
+  for pol in continuous chunked; do
+    timeout ${SERVE_S:-100} python3 -m sim.cli validate --profile "$OUT/h200-grid.json" --model "$M8" --policy $pol \
+      --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $SYN \
+      --samples "$OUT/serving-$pol.jsonl" --out $W/serve-$pol 2>&1 | grep -v '^llama\|^load' | grep 'steps written\|^TTFT mean\|^TPOT mean\|^load:' | tee -a "$OUT/serving.txt"
+  done
+  ;;
+valsamples)
+  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  for pol in continuous chunked; do
+    timeout ${VAL_S:-220} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 \
+      --probe-requests 0 --no-wakeup-probe --repeats 3 --no-plots --samples "$OUT/azure-$pol.jsonl" \
+      --out "$W/val-$pol" 2>&1 | grep -v '^llama\|^load' | tail -4 | tee "$OUT/validate-$pol.txt"
+  done
+  tar czf "$OUT/validate.tgz" -C $W val-continuous val-chunked
   ;;
 validate)
   P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}

@@ -220,21 +220,50 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         close_instances(backends)
 
 
-def refit(path: str | os.PathLike, name: str) -> Calibration:
-    """Fit and score again from a samples file written by write_samples (no measuring)."""
-    header, rows = read_samples(path)
-    if "meta" not in header or "split" not in header:
-        raise ValueError(f"samples file {str(path)!r} has no header line; it was not written by tokenstep calibrate")
-    meta = {**header["meta"], "note": f"{header['meta'].get('note', '')}; refitted from {os.path.basename(path)}",
-            "timing": TIMING,
+def refit(paths, name: str) -> Calibration:
+    """Fit and score again from samples files (no measuring): the first written by calibrate --samples (its
+    meta, probes and context layout), any others by validate --samples (real-time serving steps, fitted with
+    the grid's). With serving steps, the run factors are fitted again on them against the new fit."""
+    from calib.probes import PROBE_MIN_STEPS
+    from calib.speed import fit_run_factors
+
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    header, rows = read_samples(paths[0])
+    if "meta" not in header or "split" not in header or header.get("source") == "serving":
+        raise ValueError(f"samples file {str(paths[0])!r} was not written by tokenstep calibrate --samples; give "
+                         "the grid's file first, then serving steps from validate --samples")
+    serving = []
+    for extra in paths[1:]:
+        head, more = read_samples(extra)
+        layout = ("n_batch", "n_ubatch", "kv_unified")
+        if head.get("source") != "serving":
+            raise ValueError(f"samples file {str(extra)!r} is not a validate --samples file; only the first --refit "
+                             "may be a calibration grid's")
+        if any(head["split"].get(k) != header["split"].get(k) for k in layout):
+            raise ValueError(f"samples file {str(extra)!r} ran on another context layout ("
+                             + ", ".join(f"{k}={head['split'].get(k)}" for k in layout) + ") than the grid's ("
+                             + ", ".join(f"{k}={header['split'].get(k)}" for k in layout) + "); refit with matching files")
+        serving += more
+    meta = {**header["meta"], "note": f"{header['meta'].get('note', '')}; refitted from "
+            + ", ".join(os.path.basename(p) for p in paths), "timing": TIMING,
             "noise": noise_stats([r["repeats_s"] for r in rows], header["meta"].get("noise", {}).get("repeats", 1))}
-    samples = [(r["plan"], step_time(r["repeats_s"]), bool(r.get("after_idle"))) for r in rows]
+    samples = [(r["plan"], step_time(r["repeats_s"]), bool(r.get("after_idle"))) for r in rows + serving]
     cal = fit_and_score(samples, header["split"], name, meta)
-    cal.labels, cal.repeat_times = [r["scenario"] for r in rows], [r["repeats_s"] for r in rows]
+    cal.labels = [r["scenario"] for r in rows + serving]
+    cal.repeat_times = [r["repeats_s"] for r in rows + serving]
     probe = header["meta"].get("run_probe")
+    if serving:
+        steps = [(r["plan"], r["measured_s"], r.get("driver_s") or 0.0, bool(r.get("after_idle"))) for r in serving]
+        fit = fit_run_factors(steps, cal.model, PROBE_MIN_STEPS)
+        probe = {"source": "serving steps of " + ", ".join(os.path.basename(p) for p in paths[1:]),
+                 "steps": fit["steps"], "by_kind": fit["by_kind"], "overall_factor": fit["overall_factor"],
+                 "run_factor": fit["by_kind"]["decode"]["factor"],
+                 "prefill_run_factor": fit["by_kind"]["prefill"]["factor"]}
+        cal.model = replace(cal.model, meta={**cal.model.meta, "run_probe": probe})
+        cal.meta = cal.model.meta
     if isinstance(probe, dict) and "run_factor" in probe:
-        # kept: the probe's factor was fitted against the original grid fit; a refit of the same samples
-        # gives the same fit, so the factor still applies
+        # the probe's factors were fitted against the original grid fit; a refit of the same samples gives the
+        # same fit, so they still apply (with serving steps, they were fitted again just above)
         pf = probe.get("prefill_run_factor")
         cal.model = replace(cal.model, run_factor=float(probe["run_factor"]),
                             prefill_run_factor=None if pf is None else float(pf))

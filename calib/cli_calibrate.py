@@ -45,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
-    parser.add_argument("--refit", metavar="SAMPLES", help="fit again from a --samples file instead of measuring")
+    parser.add_argument("--refit", metavar="SAMPLES", action="append",
+                        help="fit again from a --samples file instead of measuring; repeat it to add real-time "
+                             "serving steps written by validate --samples (their run factors are fitted again)")
     g = parser.add_argument_group("fit a roofline to another engine's request log instead (calib.fit_log)")
     g.add_argument("--from-log", metavar="FILE", help="JSONL of finished requests (arrival_s, num_prompt_tokens, "
                    "num_output_tokens, ttft_s, e2e_s; *_ms and vLLM names accepted): fit --cost's mfu, mbu, "
@@ -117,10 +119,14 @@ def report(meta: dict, stats: dict, path: Path) -> str:
         pf = probe.get("prefill_run_factor")
         kinds = "" if pf is None else (f" (steps of decodes only x{probe['run_factor']:.4f}, steps with prompt tokens "
                                        f"x{pf:.4f})")
-        lines.append(f"run factors{kinds}: a real-time serving run of {probe['requests']} synthetic requests at "
-                     f"{probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps priced by "
-                     f"the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow steps); "
-                     "each price is multiplied by its kind's factor")
+        if "source" in probe:  # refitted on recorded serving steps
+            lines.append(f"run factors{kinds}: fitted on the {probe['steps']} {probe['source']} (measured over "
+                         "priced by the new fit); each price is multiplied by its kind's factor")
+        else:
+            lines.append(f"run factors{kinds}: a real-time serving run of {probe['requests']} synthetic requests at "
+                         f"{probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps priced by "
+                         f"the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow steps); "
+                         "each price is multiplied by its kind's factor")
     lines.append(f"profile written to {path}")
     return "\n".join(lines)
 

@@ -89,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a step-noise column: the error's range over N reruns with every step's price "
                              "scattered as much as the real run's steps scattered around theirs (default 0: none; "
                              f"{NOISE_RUNS} is a useful N)")
+    parser.add_argument("--samples", metavar="FILE",
+                        help="also write every real run's timed steps as JSON lines (shape, seconds, driver "
+                             "seconds, idle wait): serving steps that `calibrate --refit GRID --refit FILE` fits with "
+                             "the grid's")
     add_workload_args(parser)
     add_scheduler_args(parser)
     add_output_args(parser, slo=False, config=False)
@@ -176,10 +180,10 @@ def run(args: argparse.Namespace) -> int:
                    + (f"{args.instances} instances ({backends[0].n_threads} thread(s) each, stepping "
                       f"at the same time), router {args.router}; " if args.instances > 1 else "")
                    + f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
-        loads = []
+        loads, serving = [], []
         probe, noise = _speed_probe(args, backends, config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
-            measured = _measure_repeats(args, backends, workload, rate, config)
+            measured = _measure_repeats(args, backends, workload, rate, config, serving)
             after, noise_after = _speed_probe(args, backends, config, profile, workload)
             speed, load_profile = bracket_factors(profile, probe, after)
             load = compare_load(measured, load_profile, args.policy, config, args.seed, args.router,
@@ -191,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
             bad = misses(load["rel_error"], load["repeat_spread"], load["repeats"])
             _log(args, f"validate: load {i + 1}/{len(rates)} done: "
                        + ("every cell passed" if not bad else "missed " + ", ".join(bad)))
+        if args.samples:
+            _write_serving(args, serving, backends[0], options, policy, workload, profile_name)
     finally:
         close_instances(backends)
         executor.close()
@@ -219,8 +225,9 @@ def _rejudge(args: argparse.Namespace, profile, profile_name: str) -> int:
     return 1 if any(ld["misses"] for ld in loads) else 0
 
 
-def _measure_repeats(args: argparse.Namespace, backends, workload, rate: float, config) -> dict:
-    """The load's real side, --repeats times with the same arrivals (each on a cleared KV cache), merged."""
+def _measure_repeats(args: argparse.Namespace, backends, workload, rate: float, config, serving: list) -> dict:
+    """The load's real side, --repeats times with the same arrivals (each on a cleared KV cache), merged; each
+    run's (label, steps, idle waits) appended to serving."""
     from calib.measure import measure_load
     from calib.validate import merge_repeats
     from sim.progress import Progress, progress_enabled
@@ -230,7 +237,26 @@ def _measure_repeats(args: argparse.Namespace, backends, workload, rate: float, 
         label = f"validate {rate:.3g} req/s, run {k + 1}/{args.repeats} (real time)"
         with Progress(label, enabled=progress_enabled(args.quiet)) as bar:
             runs.append(measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar))
+        serving.append((f"serving {args.policy} {rate:.3g} req/s run {k + 1}", runs[-1]["samples"], runs[-1]["idle_s"]))
     return merge_repeats(runs)
+
+
+def _write_serving(args: argparse.Namespace, serving: list, backend, options: dict, policy: str, workload,
+                   profile_name: str) -> None:
+    """--samples: the real runs' steps, with what they ran on (calib.samples.write_serving_samples)."""
+    import datetime as dt
+
+    from calib.provenance import build_info, machine_info, model_fingerprint
+    from calib.samples import write_serving_samples
+
+    meta = {"note": "real-time serving steps recorded by `tokenstep validate`", "model":
+            model_fingerprint(backend.model), **build_info(), "context": options, "machine": machine_info(),
+            "policy": policy, "workload": workload.description, "profile": profile_name,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    split = {"n_batch": backend.n_batch, "n_ubatch": backend.n_ubatch, "kv_unified": backend.kv_unified,
+             "n_seq_max": backend.num_slots}
+    n = write_serving_samples(args.samples, meta, split, serving)
+    _log(args, f"validate: {n} serving steps written to {args.samples}")
 
 
 def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> tuple[dict | None, Any]:

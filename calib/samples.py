@@ -14,20 +14,42 @@ if TYPE_CHECKING:
 
 
 # -- the measured steps as a file (for audits, re-fits and tests) -------------------------
+def step_row(plan, seconds: float, after_idle: bool, scenario: str | None, held_out: bool,
+             repeats_s: list[float] | None = None, **extra) -> dict:
+    """One measured step as a samples file's JSON row: its shape, kind, scenario and seconds."""
+    return {"scenario": scenario, "kind": step_kind(plan, after_idle), "held_out": held_out, "measured_s": seconds,
+            "after_idle": after_idle, "repeats_s": repeats_s if repeats_s is not None else [seconds],
+            "chunks": [[c.slot, c.start_pos, len(c.token_ids), c.num_pad_tokens, int(c.sample), int(c.is_decode)]
+                       for c in plan.chunks],
+            "removes": [[r.slot, r.start_pos] for r in plan.removes],
+            "copies": [[c.src_slot, c.dst_slot, c.num_tokens] for c in plan.copies], **extra}
+
+
 def write_samples(cal: Calibration, path: str | os.PathLike) -> None:
     """A header line (meta, split), then one JSON line per step: shape, kind, scenario, seconds, held out or not."""
     with open(path, "w", encoding="utf-8") as fh:
         meta = {k: v for k, v in cal.meta.items() if k != "fit"}
         fh.write(json.dumps({"header": {"meta": meta, "split": cal.split}}) + "\n")
         for i, (plan, t, idle) in enumerate(cal.samples):
-            row = {"scenario": cal.labels[i] if cal.labels else None, "kind": step_kind(plan, idle),
-                   "held_out": cal.held_out[i], "measured_s": t, "after_idle": idle,
-                   "repeats_s": cal.repeat_times[i] if cal.repeat_times else [t],
-                   "chunks": [[c.slot, c.start_pos, len(c.token_ids), c.num_pad_tokens, int(c.sample),
-                               int(c.is_decode)] for c in plan.chunks],
-                   "removes": [[r.slot, r.start_pos] for r in plan.removes],
-                   "copies": [[c.src_slot, c.dst_slot, c.num_tokens] for c in plan.copies]}
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(step_row(plan, t, idle, cal.labels[i] if cal.labels else None, cal.held_out[i],
+                                         cal.repeat_times[i] if cal.repeat_times else None)) + "\n")
+
+
+def write_serving_samples(path: str | os.PathLike, meta: dict, split: dict, runs: list) -> int:
+    """Real-time serving steps (validate --samples) as a samples file that calibrate --refit can add to a grid's.
+
+    runs: (label, samples, idle_s) per real run, samples as calib.measure.TimedBackend keeps them (plan,
+    seconds with the driver's work, of which driver, after idle). The header says "source": "serving"; each row
+    keeps its driver seconds ("driver_s") and idle wait ("idle_s"). Returns the number of steps written."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps({"header": {"source": "serving", "meta": meta, "split": split}}) + "\n")
+        for label, samples, idle_s in runs:
+            for (plan, t, gap, idle), wait in zip(samples, idle_s or [None] * len(samples), strict=True):
+                if plan.chunks:
+                    fh.write(json.dumps(step_row(plan, t, bool(idle), label, False, driver_s=gap, idle_s=wait)) + "\n")
+                    n += 1
+    return n
 
 
 def plan_from_row(row: dict) -> StepPlan:

@@ -362,6 +362,34 @@ def test_refit_from_the_samples_file_needs_no_measuring(quick, tmp_path):
     assert [list(k) for k in refitted.idle_wakeup_curve] == doc["meta"]["wakeup"]["knots"]  # measured apart: kept
 
 
+def test_validate_samples_are_serving_steps_that_a_refit_adds_to_the_grid(quick, tmp_path, capsys):
+    profile, grid_samples, _ = quick
+    serving = tmp_path / "serving.jsonl"
+    assert main(["validate", "--profile", str(profile), "--num-requests", "6", "--prompt-len", "24", "--output-len", "6",
+                 "--rates", "3", "--repeats", "2", "--probe-requests", "0", "--no-plots", "--samples", str(serving),
+                 "--out", str(tmp_path / "v"), "--json", "--quiet"]) == 0
+    head, rows = read_samples(serving)
+    assert head["source"] == "serving" and head["split"]["n_ubatch"] > 0 and head["meta"]["model"]["sha256"]
+    assert {r["scenario"] for r in rows} == {"serving continuous 3 req/s run 1", "serving continuous 3 req/s run 2"}
+    assert all(r["measured_s"] > 0 and r["driver_s"] >= 0 and r["chunks"] for r in rows)
+    # every output token of the 6 requests was sampled in some step of each run
+    per_run = sum(c[4] for r in rows if r["scenario"].endswith("run 1") for c in r["chunks"])
+    assert per_run == 6 * 6
+    capsys.readouterr()
+    assert main(["calibrate", "--refit", str(grid_samples), "--refit", str(serving), "--out", str(tmp_path / "re.json"),
+                 "--json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    _, grid_rows = read_samples(grid_samples)
+    fit = doc["fit"]
+    assert fit["held_out"]["n"] + fit["train"]["n"] == len(grid_rows) + len(rows)
+    probe = doc["meta"]["run_probe"]  # the run factors now come from the serving steps
+    assert "serving.jsonl" in probe["source"] and probe["steps"] == len(rows)
+    assert load_cost_model(tmp_path / "re.json").run_factor == probe["run_factor"]
+    # a serving file alone, or first, is refused with a one-line error
+    assert main(["calibrate", "--refit", str(serving), "--out", str(tmp_path / "bad.json")]) == 2
+    assert "not written by tokenstep calibrate --samples" in capsys.readouterr().err
+
+
 def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path):
     profile, _, _ = quick
     out = io.StringIO()
