@@ -71,6 +71,31 @@ servecal)
       --samples "$OUT/serving-$pol.jsonl" --out $W/serve-$pol 2>&1 | grep -v '^llama\|^load' | grep 'steps written\|^TTFT mean\|^TPOT mean\|^load:' | tee -a "$OUT/serving.txt"
   done
   ;;
+newprofile)  # the product path: calibrate (grid + serving steps), then validate it at three loads, both policies
+  timeout ${CAL_S:-400} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
+    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
+    | tee "$OUT/calibrate.txt"
+  ;;
+valnew)
+  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  for pol in continuous chunked; do
+    d=val-$pol; budget=""; [ $pol = chunked ] && budget="--max-num-batched-tokens ${BUDGET:-256}"
+    timeout ${VAL_S:-220} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 $budget \
+      --probe-requests 0 --no-wakeup-probe --repeats 3 --no-plots --samples "$OUT/azure-$pol.jsonl" \
+      --out "$W/$d" 2>&1 | grep -v '^llama\|^load' | grep '^load\|mean\|p90\|p99\|passed\|missed' | tee "$OUT/$d.txt"
+  done
+  tar czf "$OUT/validate.tgz" -C $W val-continuous val-chunked
+  ;;
+valprobe)  # validate with speed probes around each load (64 requests drawn from the workload, before and after)
+  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  for pol in ${POLICIES:-continuous chunked}; do
+    d=valp-$pol; budget=""; [ $pol = chunked ] && budget="--max-num-batched-tokens ${BUDGET:-256}"
+    timeout ${VAL_S:-240} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 $budget \
+      --no-wakeup-probe --repeats 3 --no-plots --out "$W/$d" 2>&1 | grep -v '^llama\|^load' \
+      | grep '^load\|mean\|p90\|p99\|passed\|missed\|probe' | tee "$OUT/$d.txt"
+  done
+  tar czf "$OUT/valprobe.tgz" -C $W valp-continuous valp-chunked
+  ;;
 valsamples)
   P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
   for pol in continuous chunked; do

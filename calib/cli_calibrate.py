@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from backends.cost.wakeup import describe_wakeup
-from sim.cli_common import add_gpu_args, gpu_layers, positive_int
+from sim.cli_common import add_gpu_args, gpu_layers, nonnegative_int, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "0.1 and 1 s, about 3 s): the profile then prices every step after idle at the grid's "
                              "flat wake-up, whatever the wait")
     add_gpu_args(parser)
+    parser.add_argument("--serving-requests", type=nonnegative_int, default=None, metavar="N",
+                        help="requests of each real-time serving run (continuous, chunked; at 0.25x the fitted "
+                             "capacity) whose steps join the grid's in the fit (default 300 on a GPU context, 0 "
+                             "on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
@@ -159,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
             options.update(GPU_CONTEXT, n_gpu_layers=layers)
         cal = calibrate(args.model or DEFAULT_MODEL, options, quick=args.quick, repeats=args.repeats, seed=args.seed,
-                        name=out.stem, progress=say, instances=args.instances, wakeup=not args.no_wakeup_probe)
+                        name=out.stem, progress=say, instances=args.instances, wakeup=not args.no_wakeup_probe,
+                        serving=args.serving_requests)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_cost_model(cal.model, out)
     if args.samples:

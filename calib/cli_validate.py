@@ -181,6 +181,11 @@ def run(args: argparse.Namespace) -> int:
                       f"at the same time), router {args.router}; " if args.instances > 1 else "")
                    + f"rates {', '.join(f'{r:.3g}' for r in rates)} req/s; results in {out}/")
         loads, serving = [], []
+        if any(getattr(b.model, "n_gpu_layers", 0) for b in backends):
+            # the first real-time run on a fresh GPU context read its steps with prompt tokens 30-40 % slow even
+            # after untimed warm-up steps (new shapes); one probe's worth of the workload, discarded, absorbs it
+            _log(args, "validate: a warm-up probe on the GPU (discarded)")
+            _speed_probe(args, backends, config, profile, workload)
         probe, noise = _speed_probe(args, backends, config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
             measured = _measure_repeats(args, backends, workload, rate, config, serving)
@@ -234,6 +239,7 @@ def _measure_repeats(args: argparse.Namespace, backends, workload, rate: float, 
 
     runs = []
     for k in range(args.repeats):
+        _warm_gpu(backends, config)
         label = f"validate {rate:.3g} req/s, run {k + 1}/{args.repeats} (real time)"
         with Progress(label, enabled=progress_enabled(args.quiet)) as bar:
             runs.append(measure_load(backends, workload, rate, args.policy, config, args.seed, args.router, bar))
@@ -273,17 +279,39 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
     from calib.probes import speed_probe
 
     n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
+    if n:
+        _warm_gpu(backends, config)
     return speed_probe(backends, profile, config, args.seed, lambda text: _log(args, f"validate: {text}"), n,
                        workload, args.policy, wakeup=args.wakeup_probe)
 
 
-def _warm_up(backend, config) -> None:
-    """A few untimed steps first: the first llama_decode of a context allocates its compute graph."""
+GPU_WARM_S = 1.0  # of untimed steps before each real-time run on a GPU context
+
+
+def _warm_up(backend, config, seconds: float = 0.0) -> None:
+    """Untimed steps: a few first (the first llama_decode of a context allocates its compute graph), repeated
+    until `seconds` have passed. An idle GPU drops its clocks (an H200 read 345 MHz between runs) and a
+    real-time run that starts cold pays the climb back on its first steps: a 2 s speed probe right after a
+    pause read steps with prompt tokens 40 % slow, the load after it 5 % fast."""
+    import time
+
     import numpy as np
 
     from calib.grid import Scenario, drive
 
-    drive(backend, config, Scenario("warm-up", "continuous", ((0, 48, 4, 0),) * 4), "warm", np.random.default_rng(0))
+    t0 = time.perf_counter()
+    while True:
+        drive(backend, config, Scenario("warm-up", "continuous", ((0, 48, 4, 0),) * 4), "warm",
+              np.random.default_rng(0))
+        if time.perf_counter() - t0 >= seconds:
+            return
+
+
+def _warm_gpu(backends, config) -> None:
+    """GPU_WARM_S of untimed steps on each offloaded instance (nothing on the CPU), right before a timed run."""
+    for b in backends:
+        if getattr(b.model, "n_gpu_layers", 0):
+            _warm_up(b, config, GPU_WARM_S)
 
 
 def _write_load(args, folder: Path, load: dict, profile_name: str, config, policy: str) -> None:

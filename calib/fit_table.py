@@ -9,7 +9,7 @@ import numpy as np
 
 from backends.cost.base import CostModelError
 from backends.cost.graph import builds
-from backends.cost.knots import default_knots, output_knots
+from backends.cost.knots import default_knots, output_knots, sparse_output_knots
 from backends.cost.table import StepShape, TableCostModel
 from backends.cost.table_params import GRAPH, SCALARS
 from backends.cost.ubatch import FA_Q_TILE, fa_tiles, takes_tiled_path
@@ -111,7 +111,7 @@ GRAPH_MIN_UBATCHES = 20  # fit graph building from at least this many ubatches t
 def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
               kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
               not_fitted: Sequence[str] = NOT_FITTED, fa_heads: int | None = None,
-              fa_threads: int | None = None, graphs: bool = True) -> TableCostModel:
+              fa_threads: int | None = None, graphs: bool = True, sparse_outputs: bool = False) -> TableCostModel:
     """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
 
     samples: (plan, measured seconds[, after_idle[, graph key before the step]]) tuples, in the order
@@ -119,12 +119,14 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
     (the model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
     flash-attention tiles (see fa_tiles) when the samples have such chunks and the KV is per sequence.
     graphs: price the ubatches that build a compute graph (see backends.cost.graph), with one KV stream
-    per sequence.
+    per sequence. sparse_outputs: the output table at sparse_output_knots (a GPU context) instead of every
+    count up to 64.
     """
     if not samples:
         raise CostModelError("no samples: record at least a few measured steps first")
-    base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), output_knots(n_seq_max),
-                          (0.0,) * len(output_knots(n_seq_max)), n_batch=n_batch, n_ubatch=n_ubatch,
+    out_knots = (sparse_output_knots if sparse_outputs else output_knots)(n_seq_max)
+    base = TableCostModel(default_knots(n_ubatch), (0.0,) * len(default_knots(n_ubatch)), out_knots,
+                          (0.0,) * len(out_knots), n_batch=n_batch, n_ubatch=n_ubatch,
                           kv_unified=kv_unified)
     shapes, times, prevs = [], [], []
     prev = None

@@ -58,7 +58,7 @@ def test_cli_exit_status_and_one_line_errors(tmp_path):
     ok = _cli("--recorded", str(RECORDED), "--profile", "h200-llama3-8b-f16", "--json")
     assert ok.returncode == 1  # the medium load misses
     doc = json.loads(ok.stdout)
-    assert [round(ld["rate"]) for ld in doc["loads"]] == [30, 70, 119]
+    assert [round(ld["rate"]) for ld in doc["loads"]] == [30, 70, 120]
     wrong = _cli("--recorded", str(RECORDED), "--profile", "h200-llama3-8b-f16", "--limit", "50")
     assert wrong.returncode == 2 and "another workload" in wrong.stderr and len(wrong.stderr.splitlines()) == 1
     missing = _cli("--recorded", str(tmp_path), "--profile", "h200-llama3-8b-f16")
