@@ -34,8 +34,8 @@ class _Builder:
         end = start + n
         num_tokens = r.num_tokens
         is_decode = n == 1 and end == num_tokens and start >= len(r.prompt_token_ids)
-        chunk = new_chunk(r.request_id, r.slot, start, r.token_at(start, end) if n else (), n > 0 and end == num_tokens,
-                          pad, is_decode, r.sampling)
+        chunk = new_chunk(r.request_id, r.slot, start, r.chunk_tokens(start, end) if n else (),
+                          n > 0 and end == num_tokens, pad, is_decode, r.sampling)
         self.chunks.append(chunk)
         self.budget -= n
         self.pad += pad
@@ -222,7 +222,8 @@ class Planner:
         cached = self.hashes.get(r.request_id)
         if cached is not None and cached[0] == r.num_tokens:
             return cached[1]
-        tokens = r.token_at(0, r.num_tokens)
+        # the prompt as given while it is all there is: it may know its hashes (see KVPool.chain_hashes)
+        tokens = r.token_at(0, r.num_tokens) if r.output_token_ids else r.prompt_token_ids
         hashes = s.pool.chain_hashes(tokens, (r.num_tokens - 1) // s.pool.block_size)
         self.hashes[r.request_id] = (r.num_tokens, hashes)
         return hashes

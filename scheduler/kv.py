@@ -29,7 +29,7 @@ def one_run(slots: Sequence[int]) -> bool:
 def _running_neighbours(slot: int, running: set[int]) -> int:
     """How many of the slot's two neighbours run (llama.cpp batches runs of consecutive slot ids)."""
     return (slot - 1 in running) + (slot + 1 in running)
-_ROOT_HASH = hash(("tokenstep-prefix-root",))
+ROOT_HASH = hash(("tokenstep-prefix-root",))  # the parent of a first block in the hash chains
 
 
 class KVPool:
@@ -77,12 +77,22 @@ class KVPool:
         return bool(self.free_slots) or bool(self.cached_lru)
 
     # ---- prefix index ----------------------------------------------------------
-    def chain_hashes(self, token_ids: tuple[int, ...], max_blocks: int) -> list[int]:
-        """Chained hashes of the first max_blocks full blocks of token_ids."""
+    def chain_hashes(self, token_ids: Sequence[int], max_blocks: int) -> list[int]:
+        """Chained hashes of the first max_blocks full blocks of token_ids.
+
+        A sequence with a prefix_hashes(block_size, max_blocks) method is asked first: it gives these very
+        hashes, or None when it does not know them (sim.workload's compact prompts compute them for a whole
+        trace at once, from their arrays).
+        """
+        known = getattr(token_ids, "prefix_hashes", None)
+        if known is not None:
+            hashes = known(self.block_size, max_blocks)
+            if hashes is not None:
+                return hashes
         bs = self.block_size
         out = []
         append = out.append
-        parent = _ROOT_HASH
+        parent = ROOT_HASH
         # zip over bs references to one iterator yields the full blocks as tuples, equal to the slices
         for block in islice(zip(*[iter(token_ids)] * bs, strict=False), max(max_blocks, 0)):
             parent = hash((parent, block))
@@ -351,7 +361,7 @@ class KVPool:
         if done >= full:
             return
         bs = self.block_size
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        parent = hashes[-1] if hashes else ROOT_HASH
         if done and (len(known) < done or known[done - 1] != parent):
             known = ()  # not this slot's chain: hash from the tokens
         blocks = self.slot_blocks[slot]
@@ -387,7 +397,7 @@ class KVPool:
         full = num_tokens // bs
         if done >= full:
             return
-        parent = hashes[-1] if hashes else _ROOT_HASH
+        parent = hashes[-1] if hashes else ROOT_HASH
         blocks, index = self.slot_blocks[slot], self.index
         for j in range(done, full):
             lo = j * bs - num_prompt_tokens

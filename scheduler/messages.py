@@ -20,7 +20,7 @@ class ScheduledChunk:
     request_id: str
     slot: int
     start_pos: int
-    token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # or a Sequence equal to that tuple (a compact prompt's window: Request.chunk_tokens)
     sample: bool
     num_pad_tokens: int = 0
     is_decode: bool = False  # one generated token being fed back

@@ -124,6 +124,16 @@ class Request:
             return tuple(self.output_token_ids[start - n : stop - n])
         return self.prompt_token_ids[start:] + tuple(self.output_token_ids[: stop - n])
 
+    def chunk_tokens(self, start: int, stop: int) -> Sequence[int]:
+        """token_at(start, stop) for a plan's chunk; a range of a prompt that offers windows (window(start, stop),
+        as sim.workload's compact prompts do) comes as its window, equal to that tuple and read only if used."""
+        p = self.prompt_token_ids
+        if stop <= len(p) and not isinstance(p, tuple):
+            window = getattr(p, "window", None)
+            if window is not None:
+                return window(start, stop)
+        return self.token_at(start, stop)
+
     @property
     def is_finished(self) -> bool:
         """True once the request has a finish reason."""

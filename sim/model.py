@@ -25,6 +25,7 @@ from backends.cost.base import PricesDecodeRuns, PricesGraphReuse, StepFeatures
 from scheduler import Request, Router, SamplingParams, Scheduler, SchedulerConfig
 from scheduler.backend import Backend, ClearsKV, KnowsTokens
 from scheduler.loop import plan_step, release_kv
+from sim.prompt_arrays import forget_prefix_hashes
 from sim.records import RequestRecord, RunResult, StepLog
 from sim.rt import ThreadedRealtimeEnvironment
 from sim.workload import Workload, WorkloadRequest
@@ -404,6 +405,7 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
                 env.close()
     for s, b in zip(schedulers, backends, strict=True):  # hand the prefix cache back: nothing outlives the run
         release_kv(s, b, env.now)
+    forget_prefix_hashes(w.prompt_token_ids for w in workload.requests)  # nor the prompts' hashes made for it
     records = [recorder.records[w.request_id] for w in workload.requests if w.request_id in recorder.records]
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.finish_s for r in records if r.finish_s is not None), default=first)

@@ -146,17 +146,54 @@ def step_columns(steps: StepLog | Iterable[StepSample]) -> dict[str, np.ndarray]
 
 
 def write_steps_csv(path: str | Path, steps: StepLog | Iterable[StepSample]) -> Path:
-    """Write one CSV row per step (header: STEP_FIELDS), formatted as csv.writer formats the values."""
+    """Write one CSV row per step (header: STEP_FIELDS), formatted as csv.writer formats the values.
+
+    Written a chunk of rows at a time, each row by one format string (float repr is most of the cost: a
+    step's start_s, most often the end_s of the step before it, reuses that float's text).
+    """
     cols = step_columns(steps)
-    # %r of a float is its repr and %d of an int its str: what csv.writer writes
-    row = ",".join("%r" if name in _FLOAT_FIELDS else "%d" for name in STEP_FIELDS) + "\r\n"
     path = Path(path)
     with path.open("w", newline="") as fh:
         fh.write(",".join(STEP_FIELDS) + "\r\n")
+        last_end: tuple[float | None, str] = (None, "")
         for start in range(0, len(cols["instance"]), _CHUNK):
-            part = [cols[name][start : start + _CHUNK].tolist() for name in STEP_FIELDS]
-            fh.write("".join(row % values for values in zip(*part, strict=True)))
+            part = {name: col[start : start + _CHUNK] for name, col in cols.items()}
+            texts, last_end = _time_texts(part, last_end)
+            row, columns = _row_format(part, texts)
+            fh.write("".join(row % values for values in zip(*columns, strict=True)))
     return path
+
+
+def _time_texts(part: dict[str, np.ndarray], last_end: tuple[float | None, str]
+                ) -> tuple[dict[str, list[str]], tuple[float, str]]:
+    """The texts (repr) of a chunk's start_s and end_s, given the (end_s, text) of the step before it; also
+    the chunk's last (end_s, text)."""
+    ends = part["end_s"].tolist()
+    end_texts = list(map(repr, ends))  # repr of a float and str of an int: what csv.writer writes
+    before = [last_end, *zip(ends[:-1], end_texts[:-1], strict=True)]  # each row's step before
+    start_texts = [text if s == e and s != 0 else repr(s)  # (0.0 == -0.0, but their texts differ)
+                   for s, (e, text) in zip(part["start_s"].tolist(), before, strict=True)]
+    return {"start_s": start_texts, "end_s": end_texts}, (ends[-1], end_texts[-1])
+
+
+def _row_format(part: dict[str, np.ndarray], texts: dict[str, list[str]]) -> tuple[str, list[list]]:
+    """A format string for a chunk's rows and the columns of values it takes: texts as they are, a count that
+    is the same in every row written into the string itself."""
+    formats, columns = [], []
+    for name in STEP_FIELDS:
+        col = part[name]
+        if name in texts:
+            formats.append("%s")
+            columns.append(texts[name])
+        elif name in _FLOAT_FIELDS:
+            formats.append("%r")
+            columns.append(col.tolist())
+        elif col.min() == col.max():
+            formats.append(str(int(col[0])))
+        else:
+            formats.append("%d")
+            columns.append(col.tolist())
+    return ",".join(formats) + "\r\n", columns
 
 
 @dataclass(slots=True)

@@ -309,8 +309,9 @@ def flatten(summary: dict, prefix: str = "") -> dict:
     return flat
 
 
-REQUEST_COLUMNS = tuple(f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("token_times_s", "text"))
-REQUEST_COLUMNS += ("ttft_s", "tpot_s", "e2e_s", "queue_s")
+_RECORD_COLUMNS = tuple(f.name for f in dataclasses.fields(RequestRecord) if f.name not in ("token_times_s", "text"))
+_LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s", "queue_s")  # from request_latencies
+REQUEST_COLUMNS = _RECORD_COLUMNS + _LATENCY_COLUMNS
 STEP_COLUMNS = STEP_FIELDS
 
 
@@ -327,11 +328,24 @@ def _write_csv(path: Path, columns: list[str] | tuple[str, ...], rows: list[dict
     return path
 
 
-def _request_row(record: RequestRecord) -> dict:
-    row = {name: getattr(record, name) for name in REQUEST_COLUMNS if hasattr(record, name)}
-    row["finish_reason"] = reason(record)
-    row.update(request_latencies(record))
-    return row
+_REASON_AT = _RECORD_COLUMNS.index("finish_reason")
+
+
+def _request_cells(record: RequestRecord) -> list:
+    """One row of a requests CSV: the record's fields (its finish reason as a string) and its latencies."""
+    cells = [getattr(record, name, None) for name in _RECORD_COLUMNS]
+    cells[_REASON_AT] = reason(record)
+    latencies = request_latencies(record)
+    cells += [latencies[name] for name in _LATENCY_COLUMNS]
+    return ["" if v is None else v for v in cells]
+
+
+def _write_requests_csv(path: Path, records: list[RequestRecord]) -> Path:
+    with path.open("w", newline="") as fh:  # rows as lists: through a DictWriter the same text takes twice as long
+        writer = csv.writer(fh)
+        writer.writerow(REQUEST_COLUMNS)
+        writer.writerows(map(_request_cells, records))
+    return path
 
 
 def unique_stems(names: Sequence[str]) -> list[str]:
@@ -351,7 +365,7 @@ def write_run_files(out_dir, run: RunResult, stem: str) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    path = _write_csv(out / f"requests_{stem}.csv", REQUEST_COLUMNS, [_request_row(r) for r in run.records])
+    path = _write_requests_csv(out / f"requests_{stem}.csv", run.records)
     paths[path.name] = path
     path = write_steps_csv(out / f"steps_{stem}.csv", run.steps)
     paths[path.name] = path

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.data import data_path
+from sim.prompt_arrays import PromptArrays
 from sim.trace_jsonl import KNOWN_FIELDS, check_time_unit, describe_ignored, read_jsonl
 from sim.trace_rows import (  # noqa: F401  (TraceError and _azure_time are this module's API too)
     TraceError,
@@ -40,7 +41,6 @@ from sim.trace_rows import (  # noqa: F401  (TraceError and _azure_time are this
 )
 from sim.workload import (
     HashedTokens,
-    TokenArray,
     Workload,
     WorkloadRequest,
     check_scale,
@@ -171,13 +171,12 @@ def _build(path, rows: list[_Row], rng, length_scale: float, vocab_size: int) ->
     """Requests from selected rows: ids assigned in arrival order, lengths scaled, token ids made.
 
     Prompts the trace gives by length or by block hashes are kept compactly (sim.workload.CompactTokens):
-    views of one array of seeded random ids, or the hash ids themselves.
+    views of one array of seeded random ids (sim.prompt_arrays.PromptArrays), or the hash ids themselves.
     """
     plain = [r for r in rows if r.token_ids is None and r.hash_ids is None and r.num_prompt_tokens]
     lengths = np.array([scale_count(r.num_prompt_tokens, length_scale) for r in plain], dtype=np.int64)
-    flat = random_ids(rng, int(lengths.sum()), vocab_size)
-    ends = np.cumsum(lengths).tolist()
-    made = {id(r): TokenArray(flat[e - n : e]) for r, n, e in zip(plain, lengths.tolist(), ends, strict=True)}
+    prompts = PromptArrays(random_ids(rng, int(lengths.sum()), vocab_size), lengths.tolist())
+    made = {id(r): prompts.prompt(i) for i, r in enumerate(plain)}
     block = scale_count(MOONCAKE_BLOCK_TOKENS, length_scale)
     out: list[WorkloadRequest] = []
     seen: set[str] = set()

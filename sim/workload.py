@@ -10,11 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sim.arrivals import generate_arrivals
 from sim.lengths import as_length_model
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sim.prompt_arrays import PromptArrays
 
 MIN_TOKEN_ID = 10  # ids below this are left for special tokens (bos, eos, pad) of any vocabulary
 
@@ -24,7 +28,7 @@ class CompactTokens(Sequence):
 
     A long-context trace holds ~10^8 prompt tokens: as tuples that is 8 bytes a token for as long as the
     run lasts. A slice gives a tuple (so the scheduler, which reads prompts in slices, sees what a tuple
-    would give); it equals, and hashes like, the tuple of the same ids.
+    would give); it equals, and hashes like, the tuple of the same ids. window() gives a range lazily.
     """
 
     __slots__ = ()
@@ -32,8 +36,11 @@ class CompactTokens(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
-            if not range(start, stop, step):
+            positions = range(start, stop, step)
+            if not positions:
                 return ()
+            if step > 0 and len(positions) < len(self) and id(self) not in _cache:  # a part: only its ids, not kept
+                return tuple(self._ids(start, stop, step).tolist())
             return _materialized(self)[index]
         n = len(self)
         i = operator.index(index)
@@ -62,12 +69,33 @@ class CompactTokens(Sequence):
     def __repr__(self):
         return f"{type(self).__name__}({len(self)} tokens)"
 
+    def window(self, start: int, stop: int) -> TokenWindow:
+        """Positions [start, stop) (0 <= start <= stop <= len) as compact tokens of their own, equal to the
+        slice and read only when used: a plan's prefill chunk, which a simulated backend only counts."""
+        return TokenWindow(self, start, stop)
+
     def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
         raise NotImplementedError
 
 
-# Prompts read lately, as tuples: the scheduler reads a prompt whole at admission (prefix hashes) and
-# again in chunks as it runs; a budget of tokens, not of prompts, bounds what this cache holds.
+class TokenWindow(CompactTokens):
+    """A range of positions of compact tokens (CompactTokens.window)."""
+
+    __slots__ = ("base", "start", "_n")
+
+    def __init__(self, base: CompactTokens, start: int, stop: int) -> None:
+        self.base, self.start, self._n = base, start, stop - start
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
+        return self.base._ids(self.start + start, self.start + stop, step)
+
+
+# Prompts read whole lately, as tuples: one read whole (e.g. hashed at admission, when it cannot give its
+# prefix hashes itself) is often read again in parts as it runs; a budget of tokens, not of prompts, bounds
+# what this cache holds. A part of a prompt not held here is made on its own.
 _CACHE_TOKENS = 1 << 18
 _cache: OrderedDict[int, tuple[CompactTokens, tuple[int, ...]]] = OrderedDict()
 _cached_tokens = 0
@@ -102,16 +130,30 @@ def _as_tuple(ids: np.ndarray) -> tuple[int, ...]:
 
 class TokenArray(CompactTokens):
     """Token ids in a numpy array (often a view of one shared array): 2 bytes a token for vocabularies
-    up to 65536."""
+    up to 65536. A prompt of a sim.prompt_arrays.PromptArrays (its owner) knows its prefix hashes."""
 
-    __slots__ = ("array", "_n")
+    __slots__ = ("array", "_n", "_owner", "_index")
 
-    def __init__(self, array: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray, owner: PromptArrays | None = None, index: int = 0) -> None:
         self.array = array
         self._n = len(array)  # the scheduler asks for the length often
+        self._owner, self._index = owner, index
 
     def __len__(self) -> int:
         return self._n
+
+    def __reduce__(self):
+        # an owner's prompt pickles as a reference into it: the owner's ids are pickled once, not per prompt
+        return (self._owner.prompt, (self._index,)) if self._owner is not None else (TokenArray, (self.array,))
+
+    @property
+    def owner(self) -> PromptArrays | None:
+        """The PromptArrays this prompt belongs to, or None."""
+        return self._owner
+
+    def prefix_hashes(self, block_size: int, max_blocks: int) -> list[int] | None:
+        """scheduler.kv.KVPool.chain_hashes of these ids, when an owner computed them (else None)."""
+        return None if self._owner is None else self._owner.prefix_hashes(self._index, block_size, max_blocks)
 
     def _ids(self, start: int, stop: int, step: int) -> np.ndarray:
         return self.array[start:stop:step]

@@ -107,3 +107,111 @@ def test_step_log_reads_like_the_list_it_replaces_and_writes_the_same_csv(tmp_pa
         writer.writeheader()
         writer.writerows({k: getattr(s, k) for k in cols} for s in samples)
     assert write_steps_csv(tmp_path / "got.csv", log).read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
+def test_steps_csv_of_chained_steps_with_constant_counts(tmp_path):
+    from sim.records import StepLog, write_steps_csv
+
+    samples, t = [], 0.0
+    for i in range(20_000):  # steps back to back (start = the last end), some idle gaps, many equal counts
+        start = t + (0.25 if i % 997 == 5 else 0.0)
+        t = start + 0.001 * (1 + i % 7)
+        samples.append(StepSample(0, start, t, 1 + i // 5000, 0, 1, 0, 1, 7, 64, 0, 0 if i < 15_000 else i))
+    samples[0].end_s, samples[1].start_s = 0.0, -0.0  # equal, written differently
+    log = StepLog(samples)
+    with (tmp_path / "want.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(list(log.columns()))
+        writer.writerows([getattr(s, k) for k in log.columns()] for s in samples)
+    assert write_steps_csv(tmp_path / "got.csv", log).read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
+def shared_prefix_prompts(dtype, n: int = 40, seed: int = 5):
+    """PromptArrays of n prompts, each one of three prefixes (or none) and a tail of its own, and the
+    same prompts as tuples."""
+    from sim.prompt_arrays import PromptArrays
+
+    rng = np.random.default_rng(seed)
+    high = 1 << 16 if dtype == np.uint16 else 1 << 62
+    prefixes = [rng.integers(10, high, size=k, dtype=np.int64) for k in (0, 7, 33, 70)]
+    parts, lengths = [], []
+    for _ in range(n):
+        prompt = np.concatenate([prefixes[rng.integers(len(prefixes))],
+                                 rng.integers(10, high, size=int(rng.integers(0, 60)), dtype=np.int64)])
+        parts.append(prompt)
+        lengths.append(len(prompt))
+    prompts = PromptArrays(np.concatenate(parts).astype(dtype), lengths)
+    return prompts, [tuple(p.tolist()) for p in parts]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int64])
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_prompt_arrays_know_the_schedulers_prefix_hashes(dtype, block_size):
+    from scheduler.kv import KVPool
+
+    prompts, tuples = shared_prefix_prompts(dtype)
+    pool = KVPool(4, block_size, 2)
+    for i, ids in enumerate(tuples):
+        tokens = prompts.prompt(i)
+        assert tokens == ids
+        for max_blocks in (len(ids) // block_size, (len(ids) - 1) // block_size, 2, 0, -1, 10**9):
+            want = pool.chain_hashes(ids, max_blocks)  # a tuple: hashed block by block
+            assert tokens.prefix_hashes(block_size, max_blocks) == want
+            assert pool.chain_hashes(tokens, max_blocks) == want
+
+
+def test_int_lanes_are_python_int_hashes():
+    from sim.prompt_arrays import _int_lanes
+
+    values = [0, 1, -1, -2, 2**61 - 2, 2**61 - 1, 2**61, -(2**61) + 1, -(2**61), 2**62 + 5, 2**63 - 1, -(2**63), 123]
+    lanes = _int_lanes(np.array(values, dtype=np.int64)).view(np.int64).tolist()
+    assert lanes == [hash(v) for v in values]
+
+
+def test_prompt_windows_pickles_and_forgotten_hashes():
+    from sim.prompt_arrays import forget_prefix_hashes
+
+    prompts, tuples = shared_prefix_prompts(np.uint16, n=6)
+    tokens = prompts.prompt(3)
+    window = tokens.window(2, 9)
+    assert len(window) == 7 and window == tuples[3][2:9] and tuple(window) == tuples[3][2:9]
+    assert window[1:4] == tuples[3][3:6] and window[-1] == tuples[3][8] and hash(window) == hash(tuples[3][2:9])
+    for part in (slice(5, None, -1), slice(6, 1, -2), slice(None, None, -1), slice(1, 6, 2), slice(-3, None)):
+        assert tokens[part] == tuples[3][part] and window[part] == tuples[3][2:9][part]
+    assert Request("a", tokens).chunk_tokens(2, 9) == tuples[3][2:9]
+    assert isinstance(Request("a", tuples[3]).chunk_tokens(2, 9), tuple)
+    hashes = tokens.prefix_hashes(4, 100)
+    assert prompts._hashes and hashes
+    forget_prefix_hashes([tokens, tuples[0]])
+    assert not prompts._hashes and tokens.prefix_hashes(4, 100) == hashes
+    copies = pickle.loads(pickle.dumps([prompts.prompt(i) for i in range(6)]))
+    assert copies == [prompts.prompt(i) for i in range(6)] and copies[0].owner is copies[5].owner
+    assert copies[3].prefix_hashes(4, 100) == hashes
+
+
+@pytest.mark.parametrize("policy", ["chunked", "continuous"])
+def test_a_replay_with_compact_prompts_shares_what_tuples_share(policy, monkeypatch):
+    from dataclasses import asdict
+
+    from backends.cost import LinearCostModel
+    from backends.synthetic import SyntheticBackend
+    from scheduler import SchedulerConfig
+    from sim import prompt_arrays
+    from sim.model import run_workload
+    from sim.workload import Workload, WorkloadRequest
+
+    made = []
+    hash_all = prompt_arrays.chain_hashes
+    monkeypatch.setattr(prompt_arrays, "chain_hashes", lambda *a: made.append(a[-1]) or hash_all(*a))
+    prompts, tuples = shared_prefix_prompts(np.uint16, n=80)
+    cfg = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=64, num_kv_blocks=60, block_size=4,
+                          max_model_len=512)
+    runs = []
+    for ids in ([prompts.prompt(i) for i in range(len(tuples))], tuples):
+        w = Workload(tuple(WorkloadRequest(f"r{i}", 0.05 * i, p, 3 + i % 7) for i, p in enumerate(ids)), "w", {})
+        runs.append(run_workload(w, policy, cfg, [SyntheticBackend(LinearCostModel())]))
+    compact, plain = runs
+    assert [asdict(r) for r in compact.records] == [asdict(r) for r in plain.records]
+    assert compact.steps == plain.steps
+    assert sum(r.num_cached_tokens for r in plain.records) > 0  # prefixes were shared
+    assert made == [4] and not prompts._hashes  # made once for the run, and dropped after it

@@ -177,3 +177,29 @@ def test_parse_slo():
 def test_parse_slo_errors_name_the_item(spec, bad):
     with pytest.raises(ValueError, match=bad):
         parse_slo(spec)
+
+
+def test_itl_over_many_requests_is_each_requests_gaps_in_order():
+    import itertools
+
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    records = []
+    for i in range(2500):  # more than one group of requests joined at once
+        times = np.cumsum(rng.random(int(rng.integers(0, 6)))).tolist()
+        records.append(RequestRecord(f"r{i}", 0.0, 1, 8, token_times_s=times))
+    want = [b - a for r in records for a, b in itertools.pairwise(r.token_times_s)]
+    assert inter_token_latencies(records).tolist() == want
+    assert inter_token_latencies(records[:1] + records[2:3]).tolist() == [
+        b - a for r in (records[0], records[2]) for a, b in itertools.pairwise(r.token_times_s)]
+
+
+def test_percentiles_reordering_in_place_give_the_same_numbers():
+    import numpy as np
+
+    values = np.random.default_rng(4).random(10_001)
+    kept = values.copy()
+    assert percentiles(values) == percentiles(values.tolist())
+    assert values.tolist() == kept.tolist()  # not reordered unless allowed
+    assert percentiles(values, reorder=True) == percentiles(kept)

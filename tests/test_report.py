@@ -177,6 +177,24 @@ def test_write_results(tmp_path, runs):
         assert len(list(csv.DictReader(fh))) == len(runs[0].steps)
 
 
+def test_requests_csv_is_what_a_dict_writer_writes(tmp_path):
+    from sim.metrics import reason, request_latencies
+    from sim.report import REQUEST_COLUMNS
+
+    run = make_run("p")
+    run.records[1].detail = 'a "quoted", comma'
+    write_results(tmp_path, [run], [summarize(run)], {})
+    with (tmp_path / "want.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(REQUEST_COLUMNS))
+        writer.writeheader()
+        for r in run.records:
+            row = {name: getattr(r, name) for name in REQUEST_COLUMNS if hasattr(r, name)}
+            row["finish_reason"] = reason(r)
+            row.update(request_latencies(r))
+            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    assert (tmp_path / "requests_p.csv").read_bytes() == (tmp_path / "want.csv").read_bytes()
+
+
 def test_write_results_same_policy_twice(tmp_path):
     runs = [make_run("p"), make_run("p")]
     paths = write_results(tmp_path, runs, [summarize(r) for r in runs], {})
