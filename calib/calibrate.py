@@ -245,14 +245,17 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
     serving, labels = [], []
     for policy in ("continuous", "chunked"):
         steps: list = []
-        probe_run_factor(backends, config, cal.model, False, seed + len(labels), lambda text: say(f"calibrate: serving {text}"),
-                         requests=requests, policy=policy, samples_out=steps, load=SERVING_LOAD)
+        probe_run_factor(backends, config, cal.model, False, seed + len(labels),
+                         lambda text: say(f"calibrate: serving {text}"), requests=requests, policy=policy,
+                         samples_out=steps, load=SERVING_LOAD)
         for run, _idle in steps:
             serving += [(plan, t, idle) for plan, t, _gap, idle in run if plan.chunks]
             labels += [f"serving {policy}"] * sum(1 for plan, *_ in run if plan.chunks)
-    refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, {k: v for k, v in cal.meta.items() if k != "fit"})
+    meta = {k: v for k, v in cal.meta.items() if k != "fit"}
+    refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta)
     refitted.labels = list(cal.labels or [None] * len(cal.samples)) + labels
-    refitted.repeat_times = list(cal.repeat_times or [[t] for _p, t, _i in cal.samples]) + [[t] for _p, t, _i in serving]
+    grid_times = cal.repeat_times or [[t] for _p, t, _i in cal.samples]
+    refitted.repeat_times = list(grid_times) + [[t] for _p, t, _i in serving]
     refitted.stats["serving"] = {"requests": requests, "load": SERVING_LOAD, "steps": len(serving),
                                  "policies": ["continuous", "chunked"], "grid_held_out": cal.stats["held_out"]}
     refitted.meta = {**refitted.meta, "serving": refitted.stats["serving"]}
@@ -282,9 +285,10 @@ def refit(paths, name: str) -> Calibration:
             raise ValueError(f"samples file {str(extra)!r} is not a validate --samples file; only the first --refit "
                              "may be a calibration grid's")
         if any(head["split"].get(k) != header["split"].get(k) for k in layout):
-            raise ValueError(f"samples file {str(extra)!r} ran on another context layout ("
-                             + ", ".join(f"{k}={head['split'].get(k)}" for k in layout) + ") than the grid's ("
-                             + ", ".join(f"{k}={header['split'].get(k)}" for k in layout) + "); refit with matching files")
+            theirs = ", ".join(f"{k}={head['split'].get(k)}" for k in layout)
+            ours = ", ".join(f"{k}={header['split'].get(k)}" for k in layout)
+            raise ValueError(f"samples file {str(extra)!r} ran on another context layout ({theirs}) than the grid's "
+                             f"({ours}); refit with matching files")
         serving += more
     meta = {**header["meta"], "note": f"{header['meta'].get('note', '')}; refitted from "
             + ", ".join(os.path.basename(p) for p in paths), "timing": TIMING,

@@ -128,8 +128,8 @@ def report(meta: dict, stats: dict, path: Path) -> str:
                          "priced by the new fit); each price is multiplied by its kind's factor")
         else:
             lines.append(f"run factors{kinds}: a real-time serving run of {probe['requests']} synthetic requests at "
-                         f"{probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps priced by "
-                         f"the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow steps); "
+                         f"{probe['rate_rps']:.2f} req/s took that much longer than its {probe['steps']} steps priced "
+                         f"by the grid fit (driver {probe['driver_ms_per_step']:.2f} ms/step, occasional slow steps); "
                          "each price is multiplied by its kind's factor")
     lines.append(f"profile written to {path}")
     return "\n".join(lines)

@@ -365,9 +365,9 @@ def test_refit_from_the_samples_file_needs_no_measuring(quick, tmp_path):
 def test_validate_samples_are_serving_steps_that_a_refit_adds_to_the_grid(quick, tmp_path, capsys):
     profile, grid_samples, _ = quick
     serving = tmp_path / "serving.jsonl"
-    assert main(["validate", "--profile", str(profile), "--num-requests", "6", "--prompt-len", "24", "--output-len", "6",
-                 "--rates", "3", "--repeats", "2", "--probe-requests", "0", "--no-plots", "--samples", str(serving),
-                 "--out", str(tmp_path / "v"), "--json", "--quiet"]) == 0
+    assert main(["validate", "--profile", str(profile), "--num-requests", "6", "--prompt-len", "24",
+                 "--output-len", "6", "--rates", "3", "--repeats", "2", "--probe-requests", "0", "--no-plots",
+                 "--samples", str(serving), "--out", str(tmp_path / "v"), "--json", "--quiet"]) == 0
     head, rows = read_samples(serving)
     assert head["source"] == "serving" and head["split"]["n_ubatch"] > 0 and head["meta"]["model"]["sha256"]
     assert {r["scenario"] for r in rows} == {"serving continuous 3 req/s run 1", "serving continuous 3 req/s run 2"}
@@ -388,6 +388,22 @@ def test_validate_samples_are_serving_steps_that_a_refit_adds_to_the_grid(quick,
     # a serving file alone, or first, is refused with a one-line error
     assert main(["calibrate", "--refit", str(serving), "--out", str(tmp_path / "bad.json")]) == 2
     assert "not written by tokenstep calibrate --samples" in capsys.readouterr().err
+
+
+def test_serving_runs_join_the_grid_in_the_fit(tmp_path, capsys):
+    """--serving-requests N (a GPU calibration's default): two real-time serving runs, continuous and chunked,
+    whose steps are fitted with the grid's and kept in the samples file under their own scenario names."""
+    samples = tmp_path / "s.jsonl"
+    assert main(["calibrate", "--quick", "--serving-requests", "6", "--no-wakeup-probe", "--out",
+                 str(tmp_path / "p.json"), "--samples", str(samples), "--json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    header, rows = read_samples(samples)
+    served = [r for r in rows if r["scenario"] in ("serving continuous", "serving chunked")]
+    assert {r["scenario"] for r in served} == {"serving continuous", "serving chunked"}
+    assert doc["meta"]["serving"]["steps"] == len(served) > 0
+    assert doc["fit"]["held_out"]["n"] + doc["fit"]["train"]["n"] == len(rows) == doc["meta"]["grid"]["num_steps"] \
+        + len(served)
+    assert header["split"]["sparse_outputs"] is False  # a CPU context keeps its table at every output count
 
 
 def test_validate_runs_end_to_end_and_writes_table_csvs_and_plot(quick, tmp_path):

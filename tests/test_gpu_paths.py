@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,38 @@ def test_llama_options_take_one_pair_per_flag():
     args = parser.parse_args(["compare", "--backend", "llama", "--llama-option", "n_ctx=262144,n_seq_max=256"])
     with pytest.raises(UsageError, match="one per flag"):
         runs.llama_options(args)
+
+
+def test_gpu_profiles_read_the_output_table_at_sparse_counts():
+    from backends.cost.knots import output_knots, sparse_output_knots
+
+    assert sparse_output_knots(256) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    assert sparse_output_knots(100)[-3:] == (64, 96, 100)
+    assert output_knots(16) == tuple(range(1, 17))  # the CPU's table: every count
+
+
+def test_the_bundled_h200_profile_refits_from_its_samples(tmp_path):
+    """The H200 calibration's grid and serving steps ship with it: a refit on any machine gives the bundled
+    profile back (sparse output table, the run probe's factors and the wake-up curve kept)."""
+    import json
+
+    from backends.cost import load_cost_model
+    from calib.calibrate import refit
+    from calib.samples import read_samples
+
+    root = Path(__file__).resolve().parent.parent
+    samples = root / "calib" / "data" / "h200-llama3-8b-f16-samples.jsonl"
+    header, rows = read_samples(samples)
+    serving = [r for r in rows if (r["scenario"] or "").startswith("serving ")]
+    assert header["split"]["sparse_outputs"] is True and len(serving) > 1000
+    assert {r["scenario"] for r in serving} == {"serving continuous", "serving chunked"}
+    cal = refit(samples, "h200-llama3-8b-f16")
+    bundled = load_cost_model("h200-llama3-8b-f16")
+    assert cal.model.ubatch_outputs == bundled.ubatch_outputs == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128,
+                                                                  192, 256)
+    for name in ("ubatch_token_s", "ubatch_output_s"):
+        assert getattr(cal.model, name) == pytest.approx(getattr(bundled, name), rel=1e-9)
+    assert (cal.model.run_factor, cal.model.prefill_run_factor) == (bundled.run_factor, bundled.prefill_run_factor)
+    assert cal.stats["held_out"]["mape"] < 6.0  # 5.5 % with the serving steps in the fit
+    meta = json.loads((root / "backends" / "data" / "h200-llama3-8b-f16.json").read_text())["meta"]
+    assert meta["serving"]["steps"] == len(serving) and meta["serving"]["grid_held_out"]["mape"] > 10
