@@ -22,7 +22,7 @@ def step_row(plan, seconds: float, after_idle: bool, scenario: str | None, held_
             "chunks": [[c.slot, c.start_pos, len(c.token_ids), c.num_pad_tokens, int(c.sample), int(c.is_decode)]
                        for c in plan.chunks],
             "removes": [[r.slot, r.start_pos] for r in plan.removes],
-            "copies": [[c.src_slot, c.dst_slot, c.num_tokens] for c in plan.copies], **extra}
+            "copies": [[c.src_slot, c.dst_slot, c.num_tokens, int(c.move)] for c in plan.copies], **extra}
 
 
 def write_samples(cal: Calibration, path: str | os.PathLike) -> None:
@@ -62,7 +62,7 @@ def plan_from_row(row: dict) -> StepPlan:
             decode, context = decode + 1, context + start + 1
         elif n:
             prefill, context, sum_sq = prefill + n, context + start + n, sum_sq + n * (start + n)
-    copies = tuple(KVCopy(*c) for c in row["copies"])
+    copies = tuple(KVCopy(*c[:3], bool(c[3]) if len(c) > 3 else False) for c in row["copies"])  # older: no move
     return StepPlan(0, 0.0, tuple(chunks), tuple(KVRemove(*r) for r in row["removes"]), copies, prefill, decode,
                     context, sum_sq, pad, sum(c.num_tokens for c in copies))
 

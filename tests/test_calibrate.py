@@ -724,3 +724,14 @@ def test_probes_fit_decode_factors_by_batch_size_and_a_load_is_priced_by_them():
     _, plain = bracket_factors(prof, {k: v for k, v in probe.items() if k != "by_batch"}, dict(probe))
     assert plain.decode_batch_factors == () and plain.step_time_s(decode(4)) == pytest.approx(
         grid.step_time_s(decode(4)) * decode_factor)
+
+
+def test_a_samples_row_keeps_a_copy_that_moves_its_source():
+    from calib.samples import plan_from_row, step_row
+    from scheduler.messages import KVCopy
+
+    plan = StepPlan(0, 0.0, (ScheduledChunk("a", 1, 0, (5,) * 4, True, 0, False),), (),
+                    (KVCopy(0, 1, 4, move=True), KVCopy(2, 3, 8)), 4, 0, 4, 16, 0, 12)
+    row = json.loads(json.dumps(step_row(plan, 0.01, False, "x", False)))
+    assert plan_from_row(row).copies == plan.copies
+    assert plan_from_row({**row, "copies": [[0, 1, 4]]}).copies == (KVCopy(0, 1, 4),)  # files without the flag
