@@ -239,7 +239,7 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
 
     On an H200 the grid alone priced a light load's serving steps 10-15 % high at 2 to 32 sequences (its decode
     scenarios hold a batch steady; serving batches change every step), and the held-out error of the fit fell
-    from 11 % to 4 % with these steps in it. Heavier loads are left out on purpose: with llama.cpp's unified KV
+    from 12.4 % to 5.5 % with these steps in it. Heavier loads are left out on purpose: with llama.cpp's unified KV
     stream, a step's attention spans the cache's occupied cell range, which a long queue spreads far beyond
     the step's own sequences; no step shape the scheduler plans carries that (docs/GPU.md)."""
     serving, labels = [], []

@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             # the first real-time run on a fresh GPU context read its steps with prompt tokens 30-40 % slow even
             # after untimed warm-up steps (new shapes); one probe's worth of the workload, discarded, absorbs it
             _log(args, "validate: a warm-up probe on the GPU (discarded)")
-            _speed_probe(args, backends, config, profile, workload)
+            _speed_probe(args, backends, config, profile, workload, PROBE_REQUESTS)
         probe, noise = _speed_probe(args, backends, config, profile, workload)
         for i, (rate, label) in enumerate(zip(rates, labels, strict=True)):
             measured = _measure_repeats(args, backends, workload, rate, config, serving)
@@ -265,7 +265,8 @@ def _write_serving(args: argparse.Namespace, serving: list, backend, options: di
     _log(args, f"validate: {n} serving steps written to {args.samples}")
 
 
-def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) -> tuple[dict | None, Any]:
+def _speed_probe(args: argparse.Namespace, backends, config, profile, workload,
+                 requests: int | None = None) -> tuple[dict | None, Any]:
     """A real-time probe run that fits a table profile's two run factors to the machine's speed now, and the
     scatter of its steps around their prices (calib.noise.StepNoise); (None, None): no probe.
 
@@ -275,10 +276,11 @@ def _speed_probe(args: argparse.Namespace, backends, config, profile, workload) 
     validated workload (a fixed draw, not the run itself), re-timed at 0.7x the capacity the profile predicts
     for them, under the validated policy and scheduler limits, so its mix of step shapes is the workload's.
     With several instances it runs on all of them at once (that many requests each), as the load does.
+    requests: this many instead of --probe-requests (the GPU's discarded warm-up probe runs even without probes).
     """
     from calib.probes import speed_probe
 
-    n = PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
+    n = requests if requests is not None else PROBE_REQUESTS if args.probe_requests is None else args.probe_requests
     if n:
         _warm_gpu(backends, config)
     return speed_probe(backends, profile, config, args.seed, lambda text: _log(args, f"validate: {text}"), n,
