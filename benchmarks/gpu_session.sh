@@ -10,6 +10,11 @@
 #   bash benchmarks/gpu_session.sh servecal    # full grid with its samples, then serving steps of a synthetic
 #                                              # workload (continuous, chunked) for `calibrate --refit GRID --refit ...`
 #   bash benchmarks/gpu_session.sh valsamples  # validate the Azure slice at 30/70/120 req/s, both policies, steps kept
+#   bash benchmarks/gpu_session.sh newprofile  # the product path: calibrate (grid + serving steps) with its samples
+#   PROFILE=P bash benchmarks/gpu_session.sh valnew    # validate P at 30/70/120 req/s, no speed probes, both policies
+#   PROFILE=P bash benchmarks/gpu_session.sh valprobe  # the same with speed probes (POLICIES= to pick)
+#   bash benchmarks/gpu_session.sh mainjob     # the README's main job on the GPU with the bundled profile
+# A build packed by `pack` (and the sources, vocab and wheels beside it) carried as .gpub skips the 4-minute build.
 set -uo pipefail
 OUT=${OUT:-results/gpu}; mkdir -p "$OUT"; W=/tmp/w; T=8
 export PYTHONUNBUFFERED=1
@@ -95,6 +100,13 @@ valprobe)  # validate with speed probes around each load (64 requests drawn from
       | grep '^load\|mean\|p90\|p99\|passed\|missed\|probe' | tee "$OUT/$d.txt"
   done
   tar czf "$OUT/valprobe.tgz" -C $W valp-continuous valp-chunked
+  ;;
+mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix sharing, with predictions
+  timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" \
+    --cost ${PROFILE:-backends/data/h200-llama3-8b-f16.json} --llama-option n_ctx=262144 --llama-option n_seq_max=256 \
+    --llama-option n_batch=8192 --llama-option n_ubatch=512 --llama-option kv_unified=true --llama-option n_threads=$T \
+    --limit 200 --time-scale 0.06 --probe-requests 0 --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' \
+    | tail -40 | tee "$OUT/main.txt"
   ;;
 valsamples)
   P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
