@@ -27,6 +27,21 @@ SHAPES=${SHAPES:-llama3-8b} GPU_DIR=$GPU_DIR bash $GPU_DIR/build.sh 2>&1 | tail 
 source $W/env.sh
 M8=$W/llama3-8b.gguf; M1=$W/llama3.2-1b.gguf; BB=$W/build/bin/llama-batched-bench
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+
+validate_loads() {  # $1: result name; $2: flags of every policy's run; $3: chunked's own; $4 = samples: keep real steps
+  local profile=${PROFILE:-backends/data/h200-llama3-8b-f16.json} rates=${RATES-30,70,120} dirs="" pol flags
+  for pol in ${POLICIES:-continuous chunked}; do
+    flags="$2"
+    [ "$pol" = chunked ] && flags="$flags $3"
+    [ -n "$rates" ] && flags="$flags --rates $rates"
+    [ "${4:-}" = samples ] && flags="$flags --samples $OUT/$1-$pol.jsonl"
+    timeout ${VAL_S:-240} python3 -m sim.cli validate --profile "$profile" --model "$M8" --policy "$pol" $flags \
+      --no-wakeup-probe --repeats 3 --no-plots --out "$W/$1-$pol" 2>&1 | grep -v '^llama\|^load' \
+      | grep '^load\|mean\|p90\|p99\|passed\|missed\|probe\|steps written' | tee "$OUT/$1-$pol.txt"
+    dirs="$dirs $1-$pol"
+  done
+  tar czf "$OUT/$1.tgz" -C $W $dirs
+}
 case "${1:-engine}" in
 engine)
   python3 -c 'import numpy, sys; print("numpy", numpy.__version__, sys.version.split()[0])'
@@ -76,30 +91,10 @@ servecal)
       --samples "$OUT/serving-$pol.jsonl" --out $W/serve-$pol 2>&1 | grep -v '^llama\|^load' | grep 'steps written\|^TTFT mean\|^TPOT mean\|^load:' | tee -a "$OUT/serving.txt"
   done
   ;;
-newprofile)  # the product path: calibrate (grid + serving steps), then validate it at three loads, both policies
+newprofile)  # the product path: calibrate (grid + serving steps) with its samples
   timeout ${CAL_S:-400} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
     --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
     | tee "$OUT/calibrate.txt"
-  ;;
-valnew)
-  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
-  for pol in continuous chunked; do
-    d=val-$pol; budget=""; [ $pol = chunked ] && budget="--max-num-batched-tokens ${BUDGET:-256}"
-    timeout ${VAL_S:-220} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 $budget \
-      --probe-requests 0 --no-wakeup-probe --repeats 3 --no-plots --samples "$OUT/azure-$pol.jsonl" \
-      --out "$W/$d" 2>&1 | grep -v '^llama\|^load' | grep '^load\|mean\|p90\|p99\|passed\|missed' | tee "$OUT/$d.txt"
-  done
-  tar czf "$OUT/validate.tgz" -C $W val-continuous val-chunked
-  ;;
-valprobe)  # validate with speed probes around each load (64 requests drawn from the workload, before and after)
-  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
-  for pol in ${POLICIES:-continuous chunked}; do
-    d=valp-$pol; budget=""; [ $pol = chunked ] && budget="--max-num-batched-tokens ${BUDGET:-256}"
-    timeout ${VAL_S:-240} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 $budget \
-      --no-wakeup-probe --repeats 3 --no-plots --out "$W/$d" 2>&1 | grep -v '^llama\|^load' \
-      | grep '^load\|mean\|p90\|p99\|passed\|missed\|probe' | tee "$OUT/$d.txt"
-  done
-  tar czf "$OUT/valprobe.tgz" -C $W valp-continuous valp-chunked
   ;;
 mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix sharing, with predictions
   timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" \
@@ -108,23 +103,17 @@ mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix 
     --limit 200 --time-scale 0.06 --probe-requests 0 --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' \
     | tail -40 | tee "$OUT/main.txt"
   ;;
-valsamples)
-  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
-  for pol in continuous chunked; do
-    timeout ${VAL_S:-220} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --rates 30,70,120 \
-      --probe-requests 0 --no-wakeup-probe --repeats 3 --no-plots --samples "$OUT/azure-$pol.jsonl" \
-      --out "$W/val-$pol" 2>&1 | grep -v '^llama\|^load' | tail -4 | tee "$OUT/validate-$pol.txt"
-  done
-  tar czf "$OUT/validate.tgz" -C $W val-continuous val-chunked
+valnew)  # validate PROFILE at 30/70/120 req/s without speed probes, chunked in 256-token steps, real steps kept
+  validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
   ;;
-validate)
-  P=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
-  for pol in continuous chunked; do
-    timeout ${VAL_S:-200} python3 -m sim.cli validate --profile "$P" --model "$M8" --policy $pol --probe-requests 0 \
-      --no-wakeup-probe --repeats 3 --no-plots \
-      --out "$W/validate-$pol" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/validate-$pol.txt"
-  done
-  tar czf "$OUT/validate.tgz" -C $W validate-continuous validate-chunked
+valprobe)  # the same with speed probes around each load (64 requests drawn from the workload, before and after)
+  validate_loads valp "" "--max-num-batched-tokens ${BUDGET:-256}"
+  ;;
+valsamples)  # validate at 30/70/120 req/s, no probes, both policies at the profile's budget, real steps kept
+  validate_loads val "--probe-requests 0" "" samples
+  ;;
+validate)  # validate at the profile's 0.3x / 0.7x / 1.2x capacity, no probes
+  RATES=${RATES:-} validate_loads validate "--probe-requests 0" ""
   ;;
 esac
 ls -la "$OUT"

@@ -162,13 +162,13 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
 
     say = progress or (lambda _text: None)
     repeats = repeats or (2 if quick else 3)
-    if serving is None:
-        serving = SERVING_REQUESTS if (options or {}).get("n_gpu_layers") else 0
     before = load_snapshot()
     t0 = time.perf_counter()
     backends, config = make_llama_instances(model, instances, options)
     try:
         b = backends[0]
+        if serving is None:
+            serving = SERVING_REQUESTS if b.model.n_gpu_layers else 0
         if b.model.n_gpu_layers:
             from calib.gpu_grid import gpu_grid
 
@@ -229,6 +229,7 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
 
 SERVING_REQUESTS = 300  # of each serving run (continuous, chunked) a GPU calibration adds to its grid
 SERVING_LOAD = 0.25  # their arrival rate, as a share of the capacity the grid's fit predicts
+SERVING_POLICIES = ("continuous", "chunked")
 
 
 def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig, requests: int, seed: int,
@@ -243,21 +244,23 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
     stream, a step's attention spans the cache's occupied cell range, which a long queue spreads far beyond
     the step's own sequences; no step shape the scheduler plans carries that (docs/GPU.md)."""
     serving, labels = [], []
-    for policy in ("continuous", "chunked"):
+    for policy in SERVING_POLICIES:
         steps: list = []
-        probe_run_factor(backends, config, cal.model, False, seed + len(labels),
+        probe_run_factor(backends, config, cal.model, False, seed + len(labels),  # each run draws its own requests
                          lambda text: say(f"calibrate: serving {text}"), requests=requests, policy=policy,
                          samples_out=steps, load=SERVING_LOAD)
         for run, _idle in steps:
-            serving += [(plan, t, idle) for plan, t, _gap, idle in run if plan.chunks]
-            labels += [f"serving {policy}"] * sum(1 for plan, *_ in run if plan.chunks)
+            for plan, t, _gap, idle in run:
+                if plan.chunks:
+                    serving.append((plan, t, idle))
+                    labels.append(f"serving {policy}")
     meta = {k: v for k, v in cal.meta.items() if k != "fit"}
     refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta)
     refitted.labels = list(cal.labels or [None] * len(cal.samples)) + labels
     grid_times = cal.repeat_times or [[t] for _p, t, _i in cal.samples]
     refitted.repeat_times = list(grid_times) + [[t] for _p, t, _i in serving]
     refitted.stats["serving"] = {"requests": requests, "load": SERVING_LOAD, "steps": len(serving),
-                                 "policies": ["continuous", "chunked"], "grid_held_out": cal.stats["held_out"]}
+                                 "policies": list(SERVING_POLICIES), "grid_held_out": cal.stats["held_out"]}
     refitted.meta = {**refitted.meta, "serving": refitted.stats["serving"]}
     refitted.model = replace(refitted.model, meta=refitted.meta)
     say(f"calibrate: {len(serving)} serving steps added to the fit: held-out MAPE {cal.stats['held_out']['mape']:.1f}% "
