@@ -68,17 +68,27 @@ def plan_from_row(row: dict) -> StepPlan:
 
 
 def read_samples(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """(header, rows) of a samples file; each row gets its rebuilt "plan"."""
+    """(header, rows) of a samples file; each row gets its rebuilt "plan". A line that is not a samples row is a
+    ValueError naming the file and line."""
     header, rows = {}, []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+    try:
+        fh = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read samples file {str(path)!r}: {exc.strerror or exc}") from None
+    with fh:
+        for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if "header" in row:
-                header = row["header"]
-                continue
-            row["plan"] = plan_from_row(row)
+            try:
+                row = json.loads(line)
+                if "header" in row:
+                    header = row["header"]
+                    continue
+                row["plan"] = plan_from_row(row)
+                float(row["measured_s"])
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise ValueError(f"samples file {str(path)!r} line {lineno}: not a measured step ({exc!r}); write "
+                                 "samples with `tokenstep calibrate --samples` or `validate --samples`") from None
             rows.append(row)
     if not rows:
         raise ValueError(f"samples file {str(path)!r} holds no measured step")

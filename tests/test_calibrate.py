@@ -735,3 +735,13 @@ def test_a_samples_row_keeps_a_copy_that_moves_its_source():
     row = json.loads(json.dumps(step_row(plan, 0.01, False, "x", False)))
     assert plan_from_row(row).copies == plan.copies
     assert plan_from_row({**row, "copies": [[0, 1, 4]]}).copies == (KVCopy(0, 1, 4),)  # files without the flag
+
+
+def test_a_bad_samples_file_is_refused_naming_its_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"header": {"meta": {}, "split": {}}}\n\n{"chunks": [[1, 2]], "measured_s": 0.01}\n')
+    assert main(["calibrate", "--refit", str(bad), "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl' line 3: not a measured step" in err
+    assert main(["calibrate", "--refit", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "p.json")]) == 2
+    assert "cannot read samples file" in capsys.readouterr().err
