@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh newprofile  # the product path: calibrate (grid + serving steps) with its samples
 #   PROFILE=P bash benchmarks/gpu_session.sh valnew    # validate P at 30/70/120 req/s, no speed probes, both policies
 #   PROFILE=P bash benchmarks/gpu_session.sh valprobe  # the same with speed probes (POLICIES= to pick)
+#   bash benchmarks/gpu_session.sh kvdata      # long-queue serving steps + the Azure validation (continuous), steps kept
 #   bash benchmarks/gpu_session.sh mainjob     # the README's main job on the GPU with the bundled profile
 # A build packed by `pack` (and the sources, vocab and wheels beside it) carried as .gpub skips the 4-minute build.
 set -uo pipefail
@@ -102,6 +103,15 @@ mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix 
     --llama-option n_batch=8192 --llama-option n_ubatch=512 --llama-option kv_unified=true --llama-option n_threads=$T \
     --limit 200 --time-scale 0.06 --probe-requests 0 --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' \
     | tail -40 | tee "$OUT/main.txt"
+  ;;
+kvdata)  # long-queue synthetic serving steps (25-140 req/s) and the Azure validation, continuous, steps kept
+  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
+  timeout ${SERVE_S:-110} python3 -m sim.cli validate --profile ${PROFILE:-backends/data/h200-llama3-8b-f16.json} \
+    --model "$M8" --policy continuous --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots \
+    $SYN --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
+    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
+  tar czf "$OUT/longq.tgz" -C $W longq
+  POLICIES=${POLICIES:-continuous} validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
   ;;
 valnew)  # validate PROFILE at 30/70/120 req/s without speed probes, chunked in 256-token steps, real steps kept
   validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from backends.cost.kvcells import kv_ranges
 from backends.cost.table import TableCostModel
 from backends.cost.wakeup import wakeup_curve
 from calib.fit_table import fit_table, graph_chain, percent_errors
@@ -111,27 +112,35 @@ def noise_stats(repeat_lists: list[list[float]], repeats: int) -> dict:
             "median_kept_spread_pct": float(np.median(kept_spreads)) if kept_spreads else None}
 
 
-def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name: str, meta: dict) -> Calibration:
-    """Fit the table model on all but every HOLD_OUT_EVERY-th sample; score it on those."""
+def fit_and_score(samples: list[tuple[StepPlan, float, bool]], split: dict, name: str, meta: dict,
+                  runs: list | None = None) -> Calibration:
+    """Fit the table model on all but every HOLD_OUT_EVERY-th sample; score it on those. runs: the run (scenario
+    or serving run) of each sample; with one unified KV stream of split["kv_size"] cells, each run's steps are
+    replayed through llama.cpp's cell allocation from an empty cache (backends.cost.kvcells) for their KV ranges."""
     # the graph key before each step, from the whole sequence the steps ran in (see backends.cost.graph)
     layout = TableCostModel(**{k: split[k] for k in ("n_batch", "n_ubatch", "kv_unified") if k in split})
-    keyed = [(p, t, idle, g) for (p, t, idle), g in
-             zip(samples, graph_chain([(p, idle) for p, _, idle in samples], layout), strict=True)]
+    plans = [p for p, _, _ in samples]
+    if split.get("kv_unified") and split.get("kv_size"):
+        ranges = kv_ranges(plans, layout.n_batch, layout.n_ubatch, int(split["kv_size"]), runs)
+    else:
+        ranges = [()] * len(samples)
+    keyed = [(p, t, idle, g, r) for (p, t, idle), g, r in
+             zip(samples, graph_chain([(p, idle) for p, _, idle in samples], layout), ranges, strict=True)]
     held = [i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 for i in range(len(samples))]
     train = [s for s, h in zip(keyed, held, strict=True) if not h]
     test = [s for s, h in zip(keyed, held, strict=True) if h]
     model = fit_table(train, name=name, meta=meta, **split)
     # One trimming pass: a step that another process slowed in most of its repeats would pull the fit.
-    resid = np.array([abs(model.time_s(p, idle, g) / t - 1) for p, t, idle, g in train])
+    resid = np.array([abs(model.time_s(p, idle, g, r) / t - 1) for p, t, idle, g, r in train])
     keep = resid <= max(TRIM_MIN, TRIM_FACTOR * float(np.median(resid)))
     if not keep.all():
         model = fit_table([s for s, k in zip(train, keep, strict=True) if k], name=name, meta=meta, **split)
 
     def score(m, rows):
-        return percent_errors([m.time_s(p, idle, g) for p, _, idle, g in rows], [r[1] for r in rows])
+        return percent_errors([m.time_s(p, idle, g, r) for p, _, idle, g, r in rows], [r[1] for r in rows])
 
     by_kind = {}
-    for kind in sorted({step_kind(p, idle) for p, _, idle, _g in test}):
+    for kind in sorted({step_kind(p, idle) for p, _, idle, _g, _r in test}):
         by_kind[kind] = score(model, [s for s in test if step_kind(s[0], s[2]) == kind])
     stats = {"held_out": score(model, test), "train": score(model, train), "by_kind_held_out": by_kind,
              "trimmed_from_fit": int((~keep).sum()),
@@ -186,6 +195,8 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             samples, noise, raw = measure(b, config, scenarios, repeats, seed, progress)
         split = {"n_batch": b.n_batch, "n_ubatch": b.n_ubatch, "kv_unified": b.kv_unified, "n_seq_max": b.num_slots,
                  "fa_heads": b.model.n_head, "fa_threads": b.n_threads, "sparse_outputs": bool(b.model.n_gpu_layers)}
+        if b.kv_unified:  # the stream's cells: each step's KV range is replayed (backends.cost.kvcells)
+            split["kv_size"] = b.n_ctx
         meta = {
             "note": f"calibrated by `tokenstep calibrate{' --quick' if quick else ''}` on the real backend",
             "model": model_fingerprint(b.model),
@@ -208,8 +219,9 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         }
         meta["load"]["after"] = load_snapshot()
         meta["grid"]["wall_s"] = round(time.perf_counter() - t0, 1)
-        cal = fit_and_score(samples, split, name, meta)
-        cal.labels, cal.repeat_times = [label for label, _ in raw], [ts for _, ts in raw]
+        labels = [label for label, _ in raw]
+        cal = fit_and_score(samples, split, name, meta, labels)
+        cal.labels, cal.repeat_times = labels, [ts for _, ts in raw]
         if serving:
             cal = add_serving_steps(cal, backends, config, serving, seed, say)
         if wakeup:
@@ -249,14 +261,15 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
         probe_run_factor(backends, config, cal.model, False, seed + len(labels),  # each run draws its own requests
                          lambda text: say(f"calibrate: serving {text}"), requests=requests, policy=policy,
                          samples_out=steps, load=SERVING_LOAD)
-        for run, _idle in steps:
+        for k, (run, _idle) in enumerate(steps):
             for plan, t, _gap, idle in run:
                 if plan.chunks:
                     serving.append((plan, t, idle))
-                    labels.append(f"serving {policy}")
+                    labels.append(f"serving {policy} run {k + 1}")  # each run starts on an empty cache
     meta = {k: v for k, v in cal.meta.items() if k != "fit"}
-    refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta)
-    refitted.labels = list(cal.labels or [None] * len(cal.samples)) + labels
+    runs = list(cal.labels or [None] * len(cal.samples)) + labels
+    refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta, runs)
+    refitted.labels = runs
     grid_times = cal.repeat_times or [[t] for _p, t, _i in cal.samples]
     refitted.repeat_times = list(grid_times) + [[t] for _p, t, _i in serving]
     refitted.stats["serving"] = {"requests": requests, "load": SERVING_LOAD, "steps": len(serving),
@@ -299,8 +312,11 @@ def refit(paths, name: str) -> Calibration:
     samples = [(r["plan"], step_time(r["repeats_s"]), bool(r.get("after_idle"))) for r in rows + serving]
     split = dict(header["split"])
     split.setdefault("sparse_outputs", bool(header["meta"].get("context", {}).get("n_gpu_layers")))
-    cal = fit_and_score(samples, split, name, meta)
-    cal.labels = [r["scenario"] for r in rows + serving]
+    if split.get("kv_unified") and header["meta"].get("context", {}).get("n_ctx"):
+        split.setdefault("kv_size", int(header["meta"]["context"]["n_ctx"]))
+    runs = [r["scenario"] for r in rows + serving]
+    cal = fit_and_score(samples, split, name, meta, runs)
+    cal.labels = runs
     cal.repeat_times = [r["repeats_s"] for r in rows + serving]
     probe = header["meta"].get("run_probe")
     if serving:

@@ -11,13 +11,13 @@ from backends.cost.base import CostModelError
 from backends.cost.graph import builds
 from backends.cost.knots import default_knots, output_knots, sparse_output_knots
 from backends.cost.table import StepShape, TableCostModel
-from backends.cost.table_params import GRAPH, SCALARS
+from backends.cost.table_params import GRAPH, KV_RANGE, SCALARS
 from backends.cost.ubatch import FA_Q_TILE, fa_tiles, takes_tiled_path
 from calib.nnls import nnls
 from scheduler.messages import StepPlan
 
 # the fitted scalars, in design_row's order
-FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH
+FITTED = SCALARS + ("per_prompt_pair_s", "per_fa_tile_s") + GRAPH + KV_RANGE[:2]
 
 
 def _hats(n: int, knots: tuple[int, ...]) -> list[float]:
@@ -95,8 +95,15 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
         built = builds([u.graph for u in shape.ubatches], None if shape.resets_graph else prev_graph)
         n_builds = float(sum(built))
         seqs = float(sum(u.n_seqs for u, b in zip(shape.ubatches, built, strict=True) if b))
+    kv_cells = kv_token_cells = 0.0
+    if shape.n_kv:
+        for i, u in enumerate(shape.ubatches):
+            n = shape.n_kv[min(i, len(shape.n_kv) - 1)]
+            kv_cells += n
+            kv_token_cells += u.n_tokens * n
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
-            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, n_builds, seqs]
+            shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, n_builds, seqs,
+            kv_cells, kv_token_cells]
     return np.concatenate([np.array(head, dtype=float), tok, outs, ctx])
 
 
@@ -111,11 +118,15 @@ GRAPH_MIN_UBATCHES = 20  # fit graph building from at least this many ubatches t
 def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 512,
               kv_unified: bool = False, n_seq_max: int = 16, name: str = "table", meta: dict | None = None,
               not_fitted: Sequence[str] = NOT_FITTED, fa_heads: int | None = None,
-              fa_threads: int | None = None, graphs: bool = True, sparse_outputs: bool = False) -> TableCostModel:
+              fa_threads: int | None = None, graphs: bool = True, sparse_outputs: bool = False,
+              kv_size: int | None = None) -> TableCostModel:
     """Fit every coefficient >= 0 (not_fitted ones stay 0) by NNLS on relative error.
 
-    samples: (plan, measured seconds[, after_idle[, graph key before the step]]) tuples, in the order
-    they ran: without keys, each step follows the one before it (the first, a fresh context). fa_heads
+    samples: (plan, measured seconds[, after_idle[, graph key before the step[, n_kv]]]) tuples, in the order
+    they ran: without keys, each step follows the one before it (the first, a fresh context); n_kv, the KV
+    range of each of its ubatches in one unified stream (backends.cost.kvcells.kv_ranges). With kv_unified,
+    kv_size (the stream's cells) and samples that carry n_kv, the ubatches' work over their KV ranges is fitted
+    (per_kv_cell_s, per_kv_token_cell_s). fa_heads
     (the model's query heads) and fa_threads (the context's threads): price long prompt chunks by ggml's
     flash-attention tiles (see fa_tiles) when the samples have such chunks and the KV is per sequence.
     graphs: price the ubatches that build a compute graph (see backends.cost.graph), with one KV stream
@@ -133,9 +144,10 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
     for i, sample in enumerate(samples):
         plan, t, idle = sample[0], sample[1], bool(sample[2]) if len(sample) > 2 else False
         prev = sample[3] if len(sample) > 3 else prev
+        n_kv = tuple(sample[4]) if len(sample) > 4 and kv_unified and kv_size else ()
         if not (isinstance(t, (int, float)) and np.isfinite(t) and t > 0):
             raise CostModelError(f"sample {i}: measured time must be a finite number > 0 seconds, got {t!r}")
-        shape = base.shape(plan, idle)
+        shape = base.shape(plan, idle, n_kv)
         if shape.is_empty:
             raise CostModelError(f"sample {i} is an empty step, which costs 0 by definition; drop it")
         shapes.append(shape)
@@ -193,6 +205,10 @@ def fit_table(samples: Sequence[tuple], *, n_batch: int = 512, n_ubatch: int = 5
         scalars["per_fa_tile_s"] = None
     if not graphs:
         scalars.update(dict.fromkeys(GRAPH))
+    if kv_unified and kv_size and any(s.n_kv for s in shapes):
+        scalars["kv_size"] = int(kv_size)
+    else:
+        scalars.update(dict.fromkeys(KV_RANGE))
     return TableCostModel(tk, tuple(float(v) for v in np.cumsum(tok)), ok, tuple(float(v) for v in outs),
                           **scalars, n_batch=n_batch, n_ubatch=n_ubatch, kv_unified=kv_unified,
                           name=name, meta=dict(meta or {}))

@@ -178,6 +178,7 @@ class NoisyModel:
         wakes = isinstance(inner, WakesAfterIdle)
         self.idle_wakeup_s = inner.idle_wakeup_s if wakes else 0.0
         self.idle_wakeup_curve = inner.idle_wakeup_curve if wakes else ()
+        self.tracks_kv_cells = getattr(inner, "tracks_kv_cells", False)
         self._seed = seed
         self._rng = np.random.default_rng(seed)
         self._blocks: dict[int, float] = {}

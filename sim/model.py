@@ -366,7 +366,10 @@ def run_workload(workload: Workload, policy: Any, config: SchedulerConfig, backe
     recorder = Recorder(len(workload.requests), progress)
     configs = list(configs) if configs is not None else [config] * len(backends)
     schedulers = [Scheduler(c, policy) for c in configs]
-    can_skip = not realtime and all(isinstance(b, KnowsTokens) and b.never_eos for b in backends)
+    # a cost model that carries the unified KV stream's cells from step to step prices no stretch of steps
+    # from their slots alone, so its runs step through every decode
+    can_skip = not realtime and all(isinstance(b, KnowsTokens) and b.never_eos
+                                    and not getattr(b.cost_model, "tracks_kv_cells", False) for b in backends)
     if fast_forward and not can_skip:
         raise ValueError("fast_forward needs virtual time and backends that know their tokens (SyntheticBackend "
                          "without scripted EOS)")

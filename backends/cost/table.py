@@ -12,6 +12,7 @@ work: per step, per chunk, per KV op and copied token.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 from backends.cost.base import (
@@ -23,6 +24,7 @@ from backends.cost.base import (
     floor_time,
 )
 from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
+from backends.cost.kvcells import UnifiedKV, compact_n_kv
 from backends.cost.knots import default_knots, interp, interp_clamped, interp_free, knot_value, output_knots
 from backends.cost.table_params import check_model, from_params, to_params
 from backends.cost.ubatch import DecodeChunk, Ubatch, fa_tiles, split_ubatches, takes_tiled_path
@@ -41,6 +43,9 @@ class StepShape:
     after_idle: bool = False  # the engine waited for work before this step
     has_prefill: bool = False  # some chunk carries prompt tokens (priced with prefill_run_factor)
     resets_graph: bool = False  # a prefix copy ran first: llama.cpp reuses no graph after it
+    # one unified KV stream: the KV range (n_kv cells) each ubatch attended over (backends.cost.kvcells), in
+    # order; () when unknown (a profile with KV-range prices then assumes the step's own sequences, packed)
+    n_kv: tuple[int, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -90,6 +95,12 @@ class TableCostModel:
     # sequence in it; None (older profiles): no ubatch is priced apart for it
     per_graph_build_s: float | None = None
     per_graph_build_seq_s: float | None = None
+    # one unified KV stream (see backends.cost.kvcells): seconds per ubatch per cell of its KV range n_kv, and
+    # per token x cell (the attention and the host's KQ mask over the range), with kv_size, the stream's cells;
+    # set together, kv_unified only (None: older profiles price attention by the sequences' own positions)
+    per_kv_cell_s: float | None = None
+    per_kv_token_cell_s: float | None = None
+    kv_size: int | None = None
     n_batch: int = 512
     n_ubatch: int = 512
     kv_unified: bool = False
@@ -100,11 +111,30 @@ class TableCostModel:
         check_model(self)
 
     # -- pricing ------------------------------------------------------------------
-    def shape(self, plan: StepPlan, after_idle: bool = False) -> StepShape:
-        """The plan's ubatches (as llama.cpp splits them) and per-step counts."""
+    def shape(self, plan: StepPlan, after_idle: bool = False, n_kv: tuple[int, ...] = ()) -> StepShape:
+        """The plan's ubatches (as llama.cpp splits them) and per-step counts; n_kv: each ubatch's KV range,
+        when known (UnifiedKV.run_plan)."""
         return StepShape(split_ubatches(plan, self.n_batch, self.n_ubatch, self.kv_unified), len(plan.chunks),
                          len(plan.removes), len(plan.copies), plan.num_copied_tokens, after_idle,
-                         plan.num_prefill_tokens > 0, bool(plan.copies))
+                         plan.num_prefill_tokens > 0, bool(plan.copies), n_kv)
+
+    @property
+    def tracks_kv_cells(self) -> bool:
+        """True when a step's price depends on the unified KV stream's cells, which the steps before it left
+        (step_after carries a UnifiedKV): such a model cannot price a stretch of steps from their slots alone."""
+        return self.kv_size is not None
+
+    def kv_range_s(self, shape: StepShape) -> float:
+        """Seconds of the ubatches' work over their KV ranges (0 without KV-range prices; a shape without
+        n_kv: the smallest range, 256 cells)."""
+        if self.kv_size is None or not shape.ubatches:
+            return 0.0
+        n_kv = shape.n_kv or (KV_PAD,)
+        t = 0.0
+        for i, u in enumerate(shape.ubatches):
+            n = n_kv[min(i, len(n_kv) - 1)]
+            t += (self.per_kv_cell_s + self.per_kv_token_cell_s * u.n_tokens) * n
+        return t
 
     def price(self, shape: StepShape, prev_graph=STEADY) -> float:
         """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost.graph;
@@ -127,7 +157,7 @@ class TableCostModel:
                   + interp_free(u.n_outputs, self.ubatch_outputs, self.ubatch_output_s))
             if u.q_len:
                 t += self.prompt_attention_s(u)
-        return t
+        return t + self.kv_range_s(shape)
 
     def total_s(self, base_s: float, pairs: int, factor: float) -> float:
         """A non-empty step's seconds from its fixed part plus graph building (base_s) and its decodes'
@@ -151,8 +181,17 @@ class TableCostModel:
             return shape.ubatches[-1].graph
         return None if shape.resets_graph else prev_graph
 
-    def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, tuple | None]:
-        """(seconds, graph key after it) of the step following a ubatch of graph key prev_graph."""
+    def step_after(self, plan: StepPlan, prev_graph, after_idle: bool = False) -> tuple[float, Any]:
+        """(seconds, graph key after it) of the step following a ubatch of graph key prev_graph. A model with
+        KV-range prices carries the unified stream's cells instead (a UnifiedKV, updated in place; a fresh one
+        when prev_graph is not one)."""
+        if self.kv_size is not None:
+            cells = prev_graph if isinstance(prev_graph, UnifiedKV) else UnifiedKV(self.kv_size)
+            try:
+                n_kv = cells.run_plan(plan, self.n_batch, self.n_ubatch)
+            except ValueError:  # more tokens than the stream holds: the scheduler's limits are not this context's
+                n_kv = compact_n_kv(plan, self.kv_size)
+            return self.price(self.shape(plan, after_idle, n_kv)), cells
         shape = self.shape(plan, after_idle)
         return self.price(shape, prev_graph), self.graph_after(shape, prev_graph)
 
@@ -196,12 +235,14 @@ class TableCostModel:
 
     def step_time_s(self, plan: StepPlan) -> float:
         """Seconds the plan's step takes (0 for an empty plan) when the engine was busy before it."""
-        return self.price(self.shape(plan))
+        return self.time_s(plan)
 
-    def time_s(self, plan: StepPlan, after_idle: bool = False, prev_graph=STEADY) -> float:
-        """Seconds of the step; after_idle adds the wake-up of a step that follows an idle engine, and
-        prev_graph is the graph key before it (default: the step follows itself)."""
-        return self.price(self.shape(plan, after_idle), prev_graph)
+    def time_s(self, plan: StepPlan, after_idle: bool = False, prev_graph=STEADY, n_kv: tuple[int, ...] = ()) -> float:
+        """Seconds of the step; after_idle adds the wake-up of a step that follows an idle engine, prev_graph
+        is the graph key before it (default: the step follows itself), n_kv its ubatches' KV ranges if known."""
+        if self.kv_size is not None and not n_kv:
+            n_kv = compact_n_kv(plan, self.kv_size)
+        return self.price(self.shape(plan, after_idle, n_kv), prev_graph)
 
     def decode_pricer(self, slots: Sequence[int]) -> Callable[[int], float]:
         """price(num_context_tokens): the price() of a pure-decode step over these slots, for drivers that skip

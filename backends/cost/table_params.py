@@ -15,8 +15,9 @@ SPLIT = ("n_batch", "n_ubatch", "kv_unified")
 # chunk's attention pairs are priced like a decode's (per_attention_pair_s)
 OPTIONAL = ("run_factor", "prefill_run_factor", "per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s",
             "per_fa_tile_s", "fa_heads", "fa_threads", "per_graph_build_s", "per_graph_build_seq_s",
-            "idle_wakeup_curve", "decode_batch_factors")
+            "idle_wakeup_curve", "decode_batch_factors", "per_kv_cell_s", "per_kv_token_cell_s", "kv_size")
 GRAPH = ("per_graph_build_s", "per_graph_build_seq_s")
+KV_RANGE = ("per_kv_cell_s", "per_kv_token_cell_s", "kv_size")
 TILING = ("per_fa_tile_s", "fa_heads", "fa_threads")
 TABLES = (("ubatch_tokens", "ubatch_token_s"), ("ubatch_outputs", "ubatch_output_s"))
 PROMPT_PAIRS = ("per_prompt_pair_s", "prompt_pair_knots", "prompt_context_pair_s")
@@ -38,6 +39,7 @@ def check_model(m: Any) -> None:
     _check_prompt_pairs(m)
     _check_tiling(m)
     _check_graph(m)
+    _check_kv_range(m)
     for n in ("run_factor", "prefill_run_factor"):
         f = getattr(m, n)
         if n == "prefill_run_factor" and f is None:
@@ -114,6 +116,17 @@ def _check_graph(m: Any) -> None:
     if m.kv_unified:
         raise CostModelError("TableCostModel: graph building is priced for one KV stream per sequence; a "
                              "kv_unified profile must leave per_graph_build_s and per_graph_build_seq_s null")
+
+
+def _check_kv_range(m: Any) -> None:
+    values = _together(m, KV_RANGE, "to price attention by the sequences' own positions")
+    if values is None:
+        return
+    check_params("table", dict(zip(KV_RANGE[:2], values[:2], strict=True)), KV_RANGE[:2], "TableCostModel")
+    _check_positive_int(m, "kv_size")
+    if not m.kv_unified:
+        raise CostModelError("TableCostModel: KV-range prices are for one unified KV stream; a profile with "
+                             "kv_unified false must leave per_kv_cell_s, per_kv_token_cell_s and kv_size null")
 
 
 def to_params(m: Any) -> dict:
