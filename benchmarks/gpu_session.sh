@@ -14,6 +14,8 @@
 #   PROFILE=P bash benchmarks/gpu_session.sh valnew    # validate P at 30/70/120 req/s, no speed probes, both policies
 #   PROFILE=P bash benchmarks/gpu_session.sh valprobe  # the same with speed probes (POLICIES= to pick)
 #   bash benchmarks/gpu_session.sh kvdata      # long-queue serving steps + the Azure validation (continuous), steps kept
+#   bash benchmarks/gpu_session.sh kvprofile   # calibrate with the overloaded serving run; validate it (continuous)
+#   bash benchmarks/gpu_session.sh kvcheck     # then, same lease: chunked, the long-queue loads, the main job
 #   bash benchmarks/gpu_session.sh mainjob     # the README's main job on the GPU with the bundled profile
 # A build packed by `pack` (and the sources, vocab and wheels beside it) carried as .gpub skips the 4-minute build.
 set -uo pipefail
@@ -112,6 +114,27 @@ kvdata)  # long-queue synthetic serving steps (25-140 req/s) and the Azure valid
     | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
   tar czf "$OUT/longq.tgz" -C $W longq
   POLICIES=${POLICIES:-continuous} validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
+  ;;
+kvprofile)  # calibrate (grid + serving runs, the overloaded one included), then validate it on the Azure slice
+  timeout ${CAL_S:-330} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
+    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
+    | tee "$OUT/calibrate.txt"
+  cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
+  PROFILE=$W/new.json POLICIES=continuous validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
+  ;;
+kvcheck)  # on the same lease after kvprofile: chunked on the Azure slice, the long-queue loads, the main job
+  export PROFILE=${PROFILE:-$W/new.json}
+  POLICIES=chunked validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
+  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
+  timeout ${SERVE_S:-110} python3 -m sim.cli validate --profile $PROFILE --model "$M8" --policy continuous \
+    --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $SYN \
+    --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
+    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
+  tar czf "$OUT/longq.tgz" -C $W longq
+  timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" --cost $PROFILE \
+    --llama-option n_ctx=262144 --llama-option n_seq_max=256 --llama-option n_batch=8192 --llama-option n_ubatch=512 \
+    --llama-option kv_unified=true --llama-option n_threads=$T --limit 200 --time-scale 0.06 --probe-requests 0 \
+    --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/main.txt"
   ;;
 valnew)  # validate PROFILE at 30/70/120 req/s without speed probes, chunked in 256-token steps, real steps kept
   validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples

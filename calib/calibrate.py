@@ -239,41 +239,46 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
         close_instances(backends)
 
 
-SERVING_REQUESTS = 300  # of each serving run (continuous, chunked) a GPU calibration adds to its grid
-SERVING_LOAD = 0.25  # their arrival rate, as a share of the capacity the grid's fit predicts
-SERVING_POLICIES = ("continuous", "chunked")
+SERVING_REQUESTS = 300  # of each serving run a GPU calibration adds to its grid
+# its serving runs: (policy, arrival rate as a share of the capacity the grid's fit predicts); the overloaded
+# run queues hundreds of requests, which spreads a unified KV stream's live cells (backends.cost.kvcells)
+SERVING_RUNS = (("continuous", 0.25), ("chunked", 0.25), ("continuous", 2.0))
+SERVING_LOAD = SERVING_RUNS[0][1]
+SERVING_POLICIES = tuple(dict.fromkeys(p for p, _ in SERVING_RUNS))
 
 
 def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig, requests: int, seed: int,
                       say: Callable[[str], None]) -> Calibration:
     """The grid's fit again with the steps of real-time serving runs added: the probe's synthetic workload
     (uniform prompts and outputs, shared prefixes; other requests than any validation's), `requests` requests
-    at SERVING_LOAD of the fitted capacity, once under continuous and once under chunked.
+    per run, each of SERVING_RUNS (a policy at a share of the fitted capacity).
 
     On an H200 the grid alone priced a light load's serving steps 10-15 % high at 2 to 32 sequences (its decode
     scenarios hold a batch steady; serving batches change every step), and the held-out error of the fit fell
-    from 12.4 % to 5.5 % with these steps in it. Heavier loads are left out on purpose: with llama.cpp's unified KV
-    stream, a step's attention spans the cache's occupied cell range, which a long queue spreads far beyond
-    the step's own sequences; no step shape the scheduler plans carries that (docs/GPU.md)."""
+    from 12.4 % to 5.5 % with these steps in it. The overloaded run is there for a unified KV stream: a long
+    queue spreads the live sequences' cells far beyond their count and every step attends over the spread
+    (the KV range, replayed per run from an empty cache and fitted as per_kv_cell_s and per_kv_token_cell_s);
+    without it, synthetic long-queue runs read 45-73 % slower than predicted (docs/GPU.md)."""
     serving, labels = [], []
-    for policy in SERVING_POLICIES:
+    for k, (policy, load) in enumerate(SERVING_RUNS):
         steps: list = []
-        probe_run_factor(backends, config, cal.model, False, seed + len(labels),  # each run draws its own requests
-                         lambda text: say(f"calibrate: serving {text}"), requests=requests, policy=policy,
-                         samples_out=steps, load=SERVING_LOAD)
-        for k, (run, _idle) in enumerate(steps):
+        probe_run_factor(backends, config, cal.model, False, seed + k,  # each run draws its own requests
+                         lambda text, p=policy, x=load: say(f"calibrate: serving {p} at {x:g}x: {text}"),
+                         requests=requests, policy=policy, samples_out=steps, load=load)
+        for j, (run, _idle) in enumerate(steps):
             for plan, t, _gap, idle in run:
                 if plan.chunks:
                     serving.append((plan, t, idle))
-                    labels.append(f"serving {policy} run {k + 1}")  # each run starts on an empty cache
+                    # each run under its own name: it starts on an empty KV cache
+                    labels.append(f"serving {policy} {load:g}x" + (f" instance {j + 1}" if len(steps) > 1 else ""))
     meta = {k: v for k, v in cal.meta.items() if k != "fit"}
     runs = list(cal.labels or [None] * len(cal.samples)) + labels
     refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta, runs)
     refitted.labels = runs
     grid_times = cal.repeat_times or [[t] for _p, t, _i in cal.samples]
     refitted.repeat_times = list(grid_times) + [[t] for _p, t, _i in serving]
-    refitted.stats["serving"] = {"requests": requests, "load": SERVING_LOAD, "steps": len(serving),
-                                 "policies": list(SERVING_POLICIES), "grid_held_out": cal.stats["held_out"]}
+    refitted.stats["serving"] = {"requests": requests, "runs": [list(r) for r in SERVING_RUNS], "steps": len(serving),
+                                 "grid_held_out": cal.stats["held_out"]}
     refitted.meta = {**refitted.meta, "serving": refitted.stats["serving"]}
     refitted.model = replace(refitted.model, meta=refitted.meta)
     say(f"calibrate: {len(serving)} serving steps added to the fit: held-out MAPE {cal.stats['held_out']['mape']:.1f}% "
@@ -321,7 +326,10 @@ def refit(paths, name: str) -> Calibration:
     probe = header["meta"].get("run_probe")
     if serving:
         steps = [(r["plan"], r["measured_s"], r.get("driver_s") or 0.0, bool(r.get("after_idle"))) for r in serving]
-        fit = fit_run_factors(steps, cal.model, PROBE_MIN_STEPS)
+        # each run is priced from a fresh context (None: no known wait), as it ran
+        waits = [None if i == 0 or r["scenario"] != serving[i - 1]["scenario"] else r.get("idle_s") or 0.0
+                 for i, r in enumerate(serving)]
+        fit = fit_run_factors(steps, cal.model, PROBE_MIN_STEPS, idle_s=waits)
         probe = {"source": "serving steps of " + ", ".join(os.path.basename(p) for p in paths[1:]),
                  "steps": fit["steps"], "by_kind": fit["by_kind"], "overall_factor": fit["overall_factor"],
                  "run_factor": fit["by_kind"]["decode"]["factor"],

@@ -391,8 +391,8 @@ def test_validate_samples_are_serving_steps_that_a_refit_adds_to_the_grid(quick,
 
 
 def test_serving_runs_join_the_grid_in_the_fit(tmp_path, capsys):
-    """--serving-requests N (a GPU calibration's default): two real-time serving runs, continuous and chunked,
-    whose steps are fitted with the grid's and kept in the samples file under their own scenario names."""
+    """--serving-requests N (a GPU calibration's default): three real-time serving runs, continuous and chunked at
+    0.25x the fitted capacity and continuous overloaded at 2x, whose steps are fitted with the grid's and kept in the samples file under their own scenario names."""
     samples = tmp_path / "s.jsonl"
     assert main(["calibrate", "--quick", "--serving-requests", "6", "--no-wakeup-probe", "--out",
                  str(tmp_path / "p.json"), "--samples", str(samples), "--json", "--quiet"]) == 0
@@ -400,7 +400,8 @@ def test_serving_runs_join_the_grid_in_the_fit(tmp_path, capsys):
     header, rows = read_samples(samples)
     served = [r for r in rows if r["scenario"].startswith("serving ")]
     # each real-time run under its own name: it starts on an empty KV cache (backends.cost.kvcells)
-    assert {r["scenario"] for r in served} == {"serving continuous run 1", "serving chunked run 1"}
+    assert {r["scenario"] for r in served} == {"serving continuous 0.25x", "serving chunked 0.25x",
+                                               "serving continuous 2x"}
     assert doc["meta"]["serving"]["steps"] == len(served) > 0
     assert doc["fit"]["held_out"]["n"] + doc["fit"]["train"]["n"] == len(rows) == doc["meta"]["grid"]["num_steps"] \
         + len(served)
