@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_session.sh kvdata      # long-queue serving steps + the Azure validation (continuous), steps kept
 #   bash benchmarks/gpu_session.sh kvprofile   # calibrate with the overloaded serving run; validate it (continuous)
 #   bash benchmarks/gpu_session.sh kvcheck     # then, same lease: chunked, the long-queue loads, the main job
+#   bash benchmarks/gpu_session.sh final       # calibrate, then validate its profile: Azure slice (both policies), long queues
 #   bash benchmarks/gpu_session.sh mainjob     # the README's main job on the GPU with the bundled profile
 # A build packed by `pack` (and the sources, vocab and wheels beside it) carried as .gpub skips the 4-minute build.
 set -uo pipefail
@@ -121,6 +122,20 @@ kvprofile)  # calibrate (grid + serving runs, the overloaded one included), then
     | tee "$OUT/calibrate.txt"
   cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
   PROFILE=$W/new.json POLICIES=continuous validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
+  ;;
+final)  # one lease: calibrate (the product path), validate its profile on the Azure slice and the long-queue loads
+  timeout ${CAL_S:-300} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
+    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
+    | tee "$OUT/calibrate.txt"
+  cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
+  export PROFILE=$W/new.json VAL_S=${VAL_S:-110}
+  validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
+  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
+  timeout ${SERVE_S:-100} python3 -m sim.cli validate --profile $PROFILE --model "$M8" --policy continuous \
+    --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $SYN \
+    --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
+    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
+  tar czf "$OUT/longq.tgz" -C $W longq
   ;;
 kvcheck)  # on the same lease after kvprofile: chunked on the Azure slice, the long-queue loads, the main job
   export PROFILE=${PROFILE:-$W/new.json}

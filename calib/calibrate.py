@@ -230,7 +230,12 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]),
                                 meta={**cal.model.meta, "wakeup": wake})
             cal.stats["wakeup"] = wake
-        probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
+        if serving:  # the serving runs are real-time runs already, longer than a probe: the factors come from them
+            rows = [{"plan": p, "measured_s": t, "after_idle": idle, "scenario": label}
+                    for (p, t, idle), label in zip(cal.samples, cal.labels, strict=True) if label.startswith("serving ")]
+            probe = serving_factors(rows, cal.model, "the calibration's serving runs")
+        else:
+            probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
         cal.model = replace(cal.model, run_factor=probe["run_factor"],
                             prefill_run_factor=probe["prefill_run_factor"], meta={**cal.model.meta, "run_probe": probe})
         cal.meta, cal.stats["run_probe"] = cal.model.meta, probe
@@ -240,11 +245,25 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
 
 
 SERVING_REQUESTS = 300  # of each serving run a GPU calibration adds to its grid
-# its serving runs: (policy, arrival rate as a share of the capacity the grid's fit predicts); the overloaded
-# run queues hundreds of requests, which spreads a unified KV stream's live cells (backends.cost.kvcells)
-SERVING_RUNS = (("continuous", 0.25), ("chunked", 0.25), ("continuous", 2.0))
+# the overloaded run's workload: long-tailed prompts and outputs (a few long requests decode on long after the
+# queue drains, over whatever cells the queue left them), with shared prefixes
+LONG_TAIL = {"prompt": "lognormal:120,1.0", "output": "lognormal:24,0.9", "shared_prefix_tokens": 32,
+             "prefix_groups": 4}
+# its serving runs: (policy, arrival rate as a share of the capacity the grid's fit predicts, workload: None for
+# the probe's uniform one, else LONG_TAIL); the overloaded run queues hundreds of requests, which spreads a
+# unified KV stream's live cells (backends.cost.kvcells)
+SERVING_RUNS = (("continuous", 0.25, None), ("chunked", 0.25, None), ("continuous", 2.0, "long-tail"))
 SERVING_LOAD = SERVING_RUNS[0][1]
-SERVING_POLICIES = tuple(dict.fromkeys(p for p, _ in SERVING_RUNS))
+SERVING_POLICIES = tuple(dict.fromkeys(r[0] for r in SERVING_RUNS))
+
+
+def long_tail_workload(requests: int, seed: int):
+    """LONG_TAIL's synthetic workload of `requests` requests (Poisson arrivals, re-timed by the probe)."""
+    from sim.workload import synthetic_workload
+
+    return synthetic_workload("poisson", 1.0, requests, LONG_TAIL["prompt"], LONG_TAIL["output"], seed + 104729,
+                              shared_prefix_tokens=LONG_TAIL["shared_prefix_tokens"],
+                              num_prefix_groups=LONG_TAIL["prefix_groups"])
 
 
 def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig, requests: int, seed: int,
@@ -260,24 +279,27 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
     (the KV range, replayed per run from an empty cache and fitted as per_kv_cell_s and per_kv_token_cell_s);
     without it, synthetic long-queue runs read 45-73 % slower than predicted (docs/GPU.md)."""
     serving, labels = [], []
-    for k, (policy, load) in enumerate(SERVING_RUNS):
+    for k, (policy, load, kind) in enumerate(SERVING_RUNS):
         steps: list = []
         probe_run_factor(backends, config, cal.model, False, seed + k,  # each run draws its own requests
                          lambda text, p=policy, x=load: say(f"calibrate: serving {p} at {x:g}x: {text}"),
-                         requests=requests, policy=policy, samples_out=steps, load=load)
+                         requests=requests, policy=policy, samples_out=steps, load=load,
+                         sample_of=long_tail_workload(requests * len(backends), seed + k) if kind else None)
         for j, (run, _idle) in enumerate(steps):
             for plan, t, _gap, idle in run:
                 if plan.chunks:
                     serving.append((plan, t, idle))
                     # each run under its own name: it starts on an empty KV cache
-                    labels.append(f"serving {policy} {load:g}x" + (f" instance {j + 1}" if len(steps) > 1 else ""))
+                    labels.append(f"serving {policy} {load:g}x" + (f" {kind}" if kind else "")
+                                  + (f" instance {j + 1}" if len(steps) > 1 else ""))
     meta = {k: v for k, v in cal.meta.items() if k != "fit"}
     runs = list(cal.labels or [None] * len(cal.samples)) + labels
     refitted = fit_and_score(cal.samples + serving, cal.split, cal.model.name, meta, runs)
     refitted.labels = runs
     grid_times = cal.repeat_times or [[t] for _p, t, _i in cal.samples]
     refitted.repeat_times = list(grid_times) + [[t] for _p, t, _i in serving]
-    refitted.stats["serving"] = {"requests": requests, "runs": [list(r) for r in SERVING_RUNS], "steps": len(serving),
+    refitted.stats["serving"] = {"requests": requests, "runs": [list(r) for r in SERVING_RUNS], "long_tail": LONG_TAIL,
+                                 "steps": len(serving),
                                  "grid_held_out": cal.stats["held_out"]}
     refitted.meta = {**refitted.meta, "serving": refitted.stats["serving"]}
     refitted.model = replace(refitted.model, meta=refitted.meta)
@@ -286,13 +308,30 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
     return refitted
 
 
-def refit(paths, name: str) -> Calibration:
-    """Fit and score again from samples files (no measuring): the first written by calibrate --samples (its
-    meta, probes and context layout), any others by validate --samples (real-time serving steps, fitted with
-    the grid's). With serving steps, the run factors are fitted again on them against the new fit."""
+def is_serving(row: dict) -> bool:
+    """True for a samples row from a real-time serving run (validate --samples, or calibrate's serving runs)."""
+    return str(row.get("scenario") or "").startswith("serving ") or row.get("driver_s") is not None
+
+
+def serving_factors(rows: list[dict], model: TableCostModel, source: str) -> dict:
+    """The run factors fitted on real-time serving steps (samples rows with "plan", "measured_s", "scenario"),
+    against the model's fit, each run priced from a fresh context as it ran."""
     from calib.probes import PROBE_MIN_STEPS
     from calib.speed import fit_run_factors
 
+    steps = [(r["plan"], r["measured_s"], r.get("driver_s") or 0.0, bool(r.get("after_idle"))) for r in rows]
+    waits = [None if i == 0 or r["scenario"] != rows[i - 1]["scenario"] else r.get("idle_s") or 0.0
+             for i, r in enumerate(rows)]
+    fit = fit_run_factors(steps, model, PROBE_MIN_STEPS, idle_s=waits)
+    return {"source": source, "steps": fit["steps"], "by_kind": fit["by_kind"], "overall_factor": fit["overall_factor"],
+            "run_factor": fit["by_kind"]["decode"]["factor"], "prefill_run_factor": fit["by_kind"]["prefill"]["factor"]}
+
+
+def refit(paths, name: str) -> Calibration:
+    """Fit and score again from samples files (no measuring): the first written by calibrate --samples (its
+    meta, probes and context layout), any others by validate --samples (real-time serving steps, fitted with
+    the grid's). With serving steps (the files' or the calibration's own serving runs), the run factors are
+    fitted again on them against the new fit."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     header, rows = read_samples(paths[0])
     if "meta" not in header or "split" not in header or header.get("source") == "serving":
@@ -324,16 +363,10 @@ def refit(paths, name: str) -> Calibration:
     cal.labels = runs
     cal.repeat_times = [r["repeats_s"] for r in rows + serving]
     probe = header["meta"].get("run_probe")
-    if serving:
-        steps = [(r["plan"], r["measured_s"], r.get("driver_s") or 0.0, bool(r.get("after_idle"))) for r in serving]
-        # each run is priced from a fresh context (None: no known wait), as it ran
-        waits = [None if i == 0 or r["scenario"] != serving[i - 1]["scenario"] else r.get("idle_s") or 0.0
-                 for i, r in enumerate(serving)]
-        fit = fit_run_factors(steps, cal.model, PROBE_MIN_STEPS, idle_s=waits)
-        probe = {"source": "serving steps of " + ", ".join(os.path.basename(p) for p in paths[1:]),
-                 "steps": fit["steps"], "by_kind": fit["by_kind"], "overall_factor": fit["overall_factor"],
-                 "run_factor": fit["by_kind"]["decode"]["factor"],
-                 "prefill_run_factor": fit["by_kind"]["prefill"]["factor"]}
+    served = [r for r in rows + serving if is_serving(r)]
+    if served:
+        probe = serving_factors(served, cal.model, "serving steps of " + ", ".join(
+            os.path.basename(p) for i, p in enumerate(paths) if i or any(is_serving(r) for r in rows)))
         cal.model = replace(cal.model, meta={**cal.model.meta, "run_probe": probe})
         cal.meta = cal.model.meta
     if isinstance(probe, dict) and "run_factor" in probe:

@@ -401,7 +401,9 @@ def test_serving_runs_join_the_grid_in_the_fit(tmp_path, capsys):
     served = [r for r in rows if r["scenario"].startswith("serving ")]
     # each real-time run under its own name: it starts on an empty KV cache (backends.cost.kvcells)
     assert {r["scenario"] for r in served} == {"serving continuous 0.25x", "serving chunked 0.25x",
-                                               "serving continuous 2x"}
+                                               "serving continuous 2x long-tail"}
+    # the run factors come from the serving runs' own steps, not from a separate probe
+    assert doc["meta"]["run_probe"]["steps"] == len(served)
     assert doc["meta"]["serving"]["steps"] == len(served) > 0
     assert doc["fit"]["held_out"]["n"] + doc["fit"]["train"]["n"] == len(rows) == doc["meta"]["grid"]["num_steps"] \
         + len(served)

@@ -312,6 +312,9 @@ class TableCostModel:
         graphs = ("" if self.per_graph_build_s is None else
                   f" + {self.per_graph_build_s * 1e3:.3f} ms (+ {self.per_graph_build_seq_s * 1e3:.3f} ms/seq) per "
                   f"graph built")
+        if self.kv_size is not None:
+            graphs += (f" + KV range n_kv: {self.per_kv_cell_s * 1e9:.2f} ns/cell + "
+                       f"{self.per_kv_token_cell_s * 1e9:.3f} ns/token x cell per ubatch ({self.kv_size} cells)")
         return (f"table '{self.name}': per-ubatch tables (decode ubatch of B seqs, ms: {pts}) + "
                 f"{self.step_s * 1e3:.2f} ms/step + {self.per_chunk_s * 1e3:.3f} ms/chunk{tiles}{graphs}, "
                 f"kv_unified={self.kv_unified}, run factor x{self.run_factor:.3f}{prefill}{quality}")
