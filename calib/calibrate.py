@@ -362,6 +362,11 @@ def refit(paths, name: str) -> Calibration:
     cal = fit_and_score(samples, split, name, meta, runs)
     cal.labels = runs
     cal.repeat_times = [r["repeats_s"] for r in rows + serving]
+    # before the run factors, which calibrate also fits with the wake-up curve in place
+    wake = header["meta"].get("wakeup")
+    if isinstance(wake, dict) and wake.get("knots"):  # measured apart from the grid: kept as it was
+        cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]))
+        cal.stats["wakeup"] = wake
     probe = header["meta"].get("run_probe")
     served = [r for r in rows + serving if is_serving(r)]
     if served:
@@ -376,8 +381,4 @@ def refit(paths, name: str) -> Calibration:
         cal.model = replace(cal.model, run_factor=float(probe["run_factor"]),
                             prefill_run_factor=None if pf is None else float(pf))
         cal.stats["run_probe"] = probe
-    wake = header["meta"].get("wakeup")
-    if isinstance(wake, dict) and wake.get("knots"):  # measured apart from the grid: kept as it was
-        cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]))
-        cal.stats["wakeup"] = wake
     return cal

@@ -258,7 +258,7 @@ def test_gpu_profiles_read_the_output_table_at_sparse_counts():
 
 def test_the_bundled_h200_profile_refits_from_its_samples(tmp_path):
     """The H200 calibration's grid and serving steps ship with it: a refit on any machine gives the bundled
-    profile back (sparse output table, the run probe's factors and the wake-up curve kept)."""
+    profile back (sparse output table, KV-range prices, the serving runs' factors and the wake-up curve)."""
     import json
 
     from backends.cost import load_cost_model
@@ -269,15 +269,18 @@ def test_the_bundled_h200_profile_refits_from_its_samples(tmp_path):
     samples = root / "calib" / "data" / "h200-llama3-8b-f16-samples.jsonl"
     header, rows = read_samples(samples)
     serving = [r for r in rows if (r["scenario"] or "").startswith("serving ")]
-    assert header["split"]["sparse_outputs"] is True and len(serving) > 1000
-    assert {r["scenario"] for r in serving} == {"serving continuous", "serving chunked"}
+    assert header["split"]["sparse_outputs"] is True and header["split"]["kv_size"] == 262144 and len(serving) > 1000
+    assert {r["scenario"] for r in serving} == {"serving continuous 0.25x", "serving chunked 0.25x",
+                                                "serving continuous 2x long-tail"}
     cal = refit(samples, "h200-llama3-8b-f16")
     bundled = load_cost_model("h200-llama3-8b-f16")
     assert cal.model.ubatch_outputs == bundled.ubatch_outputs == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128,
                                                                   192, 256)
     for name in ("ubatch_token_s", "ubatch_output_s"):
         assert getattr(cal.model, name) == pytest.approx(getattr(bundled, name), rel=1e-9)
-    assert (cal.model.run_factor, cal.model.prefill_run_factor) == (bundled.run_factor, bundled.prefill_run_factor)
-    assert cal.stats["held_out"]["mape"] < 6.0  # 5.5 % with the serving steps in the fit
+    for name in ("run_factor", "prefill_run_factor", "per_kv_cell_s", "per_kv_token_cell_s"):
+        assert getattr(cal.model, name) == pytest.approx(getattr(bundled, name), rel=1e-9)
+    assert bundled.tracks_kv_cells and bundled.per_kv_token_cell_s > 0
+    assert cal.stats["held_out"]["mape"] < 4.5  # 4.0 % with the serving steps and the KV range in the fit
     meta = json.loads((root / "backends" / "data" / "h200-llama3-8b-f16.json").read_text())["meta"]
-    assert meta["serving"]["steps"] == len(serving) and meta["serving"]["grid_held_out"]["mape"] > 10
+    assert meta["serving"]["steps"] == len(serving) and meta["serving"]["grid_held_out"]["mape"] > 5

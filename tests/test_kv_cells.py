@@ -90,7 +90,9 @@ def test_kv_ranges_reset_per_run_and_the_model_prices_the_range():
     decode = _plan([ScheduledChunk("a", 0, 600, (5,), True, 0, True)])
     assert kv_ranges([prompt, decode], 8192, 512, 8192) == [(512, 768), (768,)]
     assert kv_ranges([prompt, prompt], 8192, 512, 8192, runs=["x", "y"]) == [(512, 768), (512, 768)]
-    base = load_cost_model("h200-llama3-8b-f16")
+    bundled = load_cost_model("h200-llama3-8b-f16")
+    assert bundled.tracks_kv_cells and bundled.kv_size == 262144
+    base = replace(bundled, per_kv_cell_s=None, per_kv_token_cell_s=None, kv_size=None)
     with_kv = replace(base, per_kv_cell_s=1e-8, per_kv_token_cell_s=1e-9, kv_size=8192)
     assert with_kv.tracks_kv_cells and not base.tracks_kv_cells
     near, far = with_kv.time_s(decode, n_kv=(256,)), with_kv.time_s(decode, n_kv=(8192,))
@@ -109,7 +111,7 @@ def test_kv_range_params_are_checked():
     from backends.cost.base import CostModelError
     from backends.cost import load_cost_model
 
-    base = load_cost_model("h200-llama3-8b-f16")
+    base = replace(load_cost_model("h200-llama3-8b-f16"), per_kv_cell_s=None, per_kv_token_cell_s=None, kv_size=None)
     with pytest.raises(CostModelError, match="go together"):
         replace(base, per_kv_cell_s=1e-8)
     with pytest.raises(CostModelError, match="kv_unified false"):
