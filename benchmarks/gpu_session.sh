@@ -46,6 +46,15 @@ validate_loads() {  # $1: result name; $2: flags of every policy's run; $3: chun
   done
   tar czf "$OUT/$1.tgz" -C $W $dirs
 }
+longq_loads() {  # the synthetic long-queue loads (25-140 req/s, 300 requests, continuous), steps kept
+  local profile=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
+  local syn="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
+  timeout ${SERVE_S:-110} python3 -m sim.cli validate --profile $profile --model "$M8" --policy continuous \
+    --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $syn \
+    --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
+    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
+  tar czf "$OUT/longq.tgz" -C $W longq
+}
 case "${1:-engine}" in
 engine)
   python3 -c 'import numpy, sys; print("numpy", numpy.__version__, sys.version.split()[0])'
@@ -108,12 +117,7 @@ mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix 
     | tail -40 | tee "$OUT/main.txt"
   ;;
 kvdata)  # long-queue synthetic serving steps (25-140 req/s) and the Azure validation, continuous, steps kept
-  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
-  timeout ${SERVE_S:-110} python3 -m sim.cli validate --profile ${PROFILE:-backends/data/h200-llama3-8b-f16.json} \
-    --model "$M8" --policy continuous --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots \
-    $SYN --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
-    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
-  tar czf "$OUT/longq.tgz" -C $W longq
+  longq_loads
   POLICIES=${POLICIES:-continuous} validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
   ;;
 kvprofile)  # calibrate (grid + serving runs, the overloaded one included), then validate it on the Azure slice
@@ -130,22 +134,12 @@ final)  # one lease: calibrate (the product path), validate its profile on the A
   cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
   export PROFILE=$W/new.json VAL_S=${VAL_S:-110}
   validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
-  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
-  timeout ${SERVE_S:-100} python3 -m sim.cli validate --profile $PROFILE --model "$M8" --policy continuous \
-    --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $SYN \
-    --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
-    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
-  tar czf "$OUT/longq.tgz" -C $W longq
+  longq_loads
   ;;
 kvcheck)  # on the same lease after kvprofile: chunked on the Azure slice, the long-queue loads, the main job
   export PROFILE=${PROFILE:-$W/new.json}
   POLICIES=chunked validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
-  SYN="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
-  timeout ${SERVE_S:-110} python3 -m sim.cli validate --profile $PROFILE --model "$M8" --policy continuous \
-    --rates 25,60,100,140 --repeats 1 --probe-requests 0 --no-wakeup-probe --no-plots $SYN \
-    --samples "$OUT/longq-continuous.jsonl" --out $W/longq 2>&1 | grep -v '^llama\|^load' \
-    | grep 'steps written\|mean\|^load' | tee "$OUT/longq.txt"
-  tar czf "$OUT/longq.tgz" -C $W longq
+  longq_loads
   timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" --cost $PROFILE \
     --llama-option n_ctx=262144 --llama-option n_seq_max=256 --llama-option n_batch=8192 --llama-option n_ubatch=512 \
     --llama-option kv_unified=true --llama-option n_threads=$T --limit 200 --time-scale 0.06 --probe-requests 0 \
