@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "flat wake-up, whatever the wait")
     add_gpu_args(parser)
     parser.add_argument("--serving-requests", type=nonnegative_int, default=None, metavar="N",
-                        help="requests of each real-time serving run (continuous, chunked; at 0.25x the fitted "
-                             "capacity) whose steps join the grid's in the fit (default 300 on a GPU context, 0 "
-                             "on the CPU)")
+                        help="requests of each real-time serving run (continuous and chunked at 0.25x the fitted "
+                             "capacity, continuous at 2x on a long-tailed workload) whose steps join the grid's in "
+                             "the fit and set the run factors (default 300 on a GPU context, 0 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts' token ids (default 0)")
     parser.add_argument("--samples", metavar="FILE", help="also write every measured step as JSON lines (shape, kind, "
                                                           "repeat times, held out or not)")
