@@ -355,10 +355,25 @@ _LIMITS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_siz
            "preemption_victim", "slot_choice")
 
 
+def gpu_profile_limits(cost_model) -> dict:
+    """A table profile calibrated on a GPU context: the scheduler limits that context served (256 slots, 8k-token
+    steps, its KV cells: meta["scheduler"]), which the simulator takes unless flags say otherwise; {} for any other
+    model (the CPU profiles keep the scheduler's defaults)."""
+    meta = getattr(cost_model, "meta", None) or {}
+    if not (meta.get("context") or {}).get("n_gpu_layers"):
+        return {}
+    limits = meta.get("scheduler") or {}
+    keys = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_blocks", "block_size")
+    return {k: int(limits[k]) for k in keys if isinstance(limits.get(k), int) and limits[k] > 0}
+
+
 def build_config(args: argparse.Namespace, cost_model=None, base: SchedulerConfig | None = None) -> SchedulerConfig:
     """The SchedulerConfig: base (else the cost model's capacity, else defaults) with the flags given on top."""
     if base is None:
         base = SchedulerConfig(**cost_model.capacity()) if isinstance(cost_model, SizesScheduler) else SchedulerConfig()
+        served = gpu_profile_limits(cost_model)
+        if served:
+            base = replace(base, **served)
     overrides = {name: getattr(args, name) for name in _LIMITS if getattr(args, name, None) is not None}
     if args.kv_blocks is not None and args.kv_tokens is not None:
         raise UsageError("give --kv-blocks or --kv-tokens, not both")

@@ -284,3 +284,22 @@ def test_the_bundled_h200_profile_refits_from_its_samples(tmp_path):
     assert cal.stats["held_out"]["mape"] < 4.5  # 4.0 % with the serving steps and the KV range in the fit
     meta = json.loads((root / "backends" / "data" / "h200-llama3-8b-f16.json").read_text())["meta"]
     assert meta["serving"]["steps"] == len(serving) and meta["serving"]["grid_held_out"]["mape"] > 5
+
+
+def test_a_gpu_profile_sizes_the_simulated_scheduler_as_its_context_served(tmp_path):
+    """`simulate --cost h200-llama3-8b-f16` takes the calibrated context's limits (256 slots, 8k-token steps, its
+    KV cells) unless flags say otherwise; a CPU profile keeps the scheduler's defaults."""
+    import json
+
+    from sim.cli import main
+
+    assert main(["simulate", "--cost", "h200-llama3-8b-f16", "--num-requests", "20", "--rate", "5",
+                 "--no-plots", "--out", str(tmp_path / "gpu"), "--json", "--quiet"]) == 0
+    sched = json.loads((tmp_path / "gpu" / "summary.json").read_text())["config"]["scheduler"]
+    assert (sched["max_num_seqs"], sched["max_num_batched_tokens"], sched["num_kv_blocks"]) == (256, 8192, 16384)
+    assert main(["simulate", "--cost", "h200-llama3-8b-f16", "--max-num-seqs", "32", "--num-requests", "20",
+                 "--rate", "5", "--no-plots", "--out", str(tmp_path / "flag"), "--json", "--quiet"]) == 0
+    assert json.loads((tmp_path / "flag" / "summary.json").read_text())["config"]["scheduler"]["max_num_seqs"] == 32
+    assert main(["simulate", "--cost", "cpu-gemma3-270m", "--num-requests", "20", "--rate", "5",
+                 "--no-plots", "--out", str(tmp_path / "cpu"), "--json", "--quiet"]) == 0
+    assert json.loads((tmp_path / "cpu" / "summary.json").read_text())["config"]["scheduler"]["max_num_seqs"] == 16

@@ -93,9 +93,12 @@ class UnifiedKV:
         np.add.at(self.blocks, found // KV_PAD, 1)
         self.used += n
         self.head = int(found[-1]) + 1
-        i = 0
+        cells, seqs, i = found.tolist(), self.seqs, 0
         for slot, k in rows:
-            self.seqs.setdefault(slot, []).extend(found[i:i + k].tolist())
+            if slot in seqs:
+                seqs[slot].extend(cells[i:i + k])
+            else:
+                seqs[slot] = cells[i:i + k]
             i += k
         return self.n_kv()
 
