@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_session.sh kvprofile   # calibrate with the overloaded serving run; validate it (continuous)
 #   bash benchmarks/gpu_session.sh kvcheck     # then, same lease: chunked, the long-queue loads, the main job
 #   bash benchmarks/gpu_session.sh final       # calibrate, then validate its profile: Azure slice (both policies), long queues
+#   bash benchmarks/gpu_session.sh kvrange     # decodes and a prompt over a ~98k-cell KV range, measured vs priced
 #   bash benchmarks/gpu_session.sh mainjob     # the README's main job on the GPU with the bundled profile
 # A build packed by `pack` (and the sources, vocab and wheels beside it) carried as .gpub skips the 4-minute build.
 set -uo pipefail
@@ -144,6 +145,10 @@ kvcheck)  # on the same lease after kvprofile: chunked on the Azure slice, the l
     --llama-option n_ctx=262144 --llama-option n_seq_max=256 --llama-option n_batch=8192 --llama-option n_ubatch=512 \
     --llama-option kv_unified=true --llama-option n_threads=$T --limit 200 --time-scale 0.06 --probe-requests 0 \
     --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/main.txt"
+  ;;
+kvrange)  # steps over a wide unified-KV range (48 x 2,048-token prompts, all but the top one dropped), measured vs priced
+  timeout ${KVR_S:-100} python3 -m benchmarks.kv_range_probe --model "$M8" --n-gpu-layers 99 --json-out "$OUT/kv_range.json" \
+    2>&1 | grep -v '^llama\|^load\|^print_info' | tail -8 | tee "$OUT/kv_range.txt"
   ;;
 valnew)  # validate PROFILE at 30/70/120 req/s without speed probes, chunked in 256-token steps, real steps kept
   validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
