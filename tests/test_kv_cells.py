@@ -116,3 +116,14 @@ def test_kv_range_params_are_checked():
         replace(base, per_kv_cell_s=1e-8)
     with pytest.raises(CostModelError, match="kv_unified false"):
         replace(base, kv_unified=False, per_kv_cell_s=1e-8, per_kv_token_cell_s=0.0, kv_size=8192)
+
+
+def test_a_scheduler_that_holds_more_than_the_stream_gets_a_one_line_error(tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "simulate", "--cost", "h200-llama3-8b-f16:kv_size=300",
+                           "--num-requests", "20", "--rate", "5", "--no-plots", "--out", str(tmp_path), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "300 cells" in proc.stderr and "--kv-tokens 300" in proc.stderr

@@ -84,7 +84,7 @@ class UnifiedKV:
         """find_slot and apply_ubatch for one ubatch of rows (slot, tokens) in order; returns its n_kv."""
         n = sum(k for _, k in rows)
         if n > self.size - self.used:
-            raise ValueError(f"a ubatch of {n} tokens does not fit in {self.size - self.used} free KV cells")
+            raise ValueError(f"a ubatch of {n} tokens does not fit in the {self.size - self.used} free cells")
         head = 0 if self.head > self.used + 2 * n else self.head
         found = self._free_from(head, n)
         if len(found) < n:  # wrap to the start

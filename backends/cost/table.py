@@ -189,8 +189,10 @@ class TableCostModel:
             cells = prev_graph if isinstance(prev_graph, UnifiedKV) else UnifiedKV(self.kv_size)
             try:
                 n_kv = cells.run_plan(plan, self.n_batch, self.n_ubatch)
-            except ValueError:  # more tokens than the stream holds: the scheduler's limits are not this context's
-                n_kv = compact_n_kv(plan, self.kv_size)
+            except ValueError as exc:  # the scheduler's KV limit is not this context's
+                raise CostModelError(f"cost model {self.name!r}: {exc} of its unified KV stream ({self.kv_size} "
+                                     f"cells): give --kv-tokens {self.kv_size} or fewer, or a profile calibrated "
+                                     "on a larger context") from None
             return self.price(self.shape(plan, after_idle, n_kv)), cells
         shape = self.shape(plan, after_idle)
         return self.price(shape, prev_graph), self.graph_after(shape, prev_graph)
