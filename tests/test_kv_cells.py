@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from backends.cost.kvcells import UnifiedKV, kv_ranges, ubatch_rows
+from backends.cost.ubatch import split_ubatches
 from scheduler.messages import KVRemove, ScheduledChunk, StepPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +128,51 @@ def test_a_scheduler_that_holds_more_than_the_stream_gets_a_one_line_error(tmp_p
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "300 cells" in proc.stderr and "--kv-tokens 300" in proc.stderr
+
+
+def test_the_fit_recovers_kv_range_prices_from_replayed_runs():
+    """Runs whose steps cost a base plus (a + b x tokens) x n_kv per ubatch, n_kv from the replayed stream: the
+    calibration's fit (each run replayed from an empty cache) finds a and b and prices held-out steps exactly; a fit
+    without the replay cannot."""
+    import numpy as np
+
+    from calib.calibrate import fit_and_score
+
+    a_true, b_true = 4e-8, 2e-9
+    rng = np.random.default_rng(0)
+    samples, runs = [], []
+    for run in range(6):
+        kv, live, step = UnifiedKV(65536), {}, 0
+        for _ in range(60):
+            chunks, removes = [], []
+            for slot in list(live):
+                if rng.random() < 0.08:  # finishes: removed in this step
+                    removes.append(KVRemove(slot, 0))
+                    del live[slot]
+            free = [s for s in range(64) if s not in live]
+            for slot in free[: int(rng.integers(0, 3))]:  # new prompts
+                n = int(rng.integers(50, 900))
+                chunks.append(ScheduledChunk(f"r{run}-{step}-{slot}", slot, 0, (5,) * n, True))
+                live[slot] = n
+            for slot, pos in list(live.items()):
+                if all(c.slot != slot for c in chunks):
+                    chunks.append(ScheduledChunk(f"d{slot}", slot, pos, (5,), True, 0, True))
+                    live[slot] = pos + 1
+            plan = StepPlan(step, 0.0, tuple(chunks), tuple(removes))
+            if chunks:
+                n_kv = kv.run_plan(plan, 8192, 512)
+                ubatches = split_ubatches(plan, 8192, 512, True)
+                t = sum(0.004 + 2e-5 * u.n_tokens + (a_true + b_true * u.n_tokens) * n
+                        for u, n in zip(ubatches, n_kv, strict=True))
+                samples.append((plan, t, False))
+                runs.append(f"run {run}")
+            step += 1
+    split = {"n_batch": 8192, "n_ubatch": 512, "kv_unified": True, "n_seq_max": 64, "kv_size": 65536}
+    cal = fit_and_score(samples, split, "t", {}, runs)
+    assert cal.model.kv_size == 65536
+    assert cal.model.per_kv_cell_s == pytest.approx(a_true, rel=0.01)
+    assert cal.model.per_kv_token_cell_s == pytest.approx(b_true, rel=0.01)
+    assert cal.stats["held_out"]["mape"] < 0.5
+    # without the replay (no kv_size), the same steps cannot be priced as well
+    blind = fit_and_score(samples, {k: v for k, v in split.items() if k != "kv_size"}, "t", {}, runs)
+    assert blind.model.kv_size is None and blind.stats["held_out"]["mape"] > 4.0  # 7.4 %
