@@ -47,6 +47,20 @@ validate_loads() {  # $1: result name; $2: flags of every policy's run; $3: chun
   done
   tar czf "$OUT/$1.tgz" -C $W $dirs
 }
+new_profile() {  # $1: timeout default. The product path: calibrate (grid + serving runs) with its samples; the
+  # profile also goes to $W/new.json for the modes that validate it in the same lease
+  timeout ${CAL_S:-$1} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
+    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
+    | tee "$OUT/calibrate.txt"
+  cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
+}
+main_job() {  # the README's main job on the GPU with PROFILE (default: the bundled one)
+  timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" \
+    --cost ${PROFILE:-backends/data/h200-llama3-8b-f16.json} --llama-option n_ctx=262144 --llama-option n_seq_max=256 \
+    --llama-option n_batch=8192 --llama-option n_ubatch=512 --llama-option kv_unified=true --llama-option n_threads=$T \
+    --limit 200 --time-scale 0.06 --probe-requests 0 --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' \
+    | tail -40 | tee "$OUT/main.txt"
+}
 longq_loads() {  # the synthetic long-queue loads (25-140 req/s, 300 requests, continuous), steps kept
   local profile=${PROFILE:-backends/data/h200-llama3-8b-f16.json}
   local syn="--num-requests 300 --prompt-len lognormal:120,1.0 --output-len lognormal:24,0.9 --shared-prefix 32 --prefix-groups 4 --seed 1"
@@ -106,33 +120,21 @@ servecal)
   done
   ;;
 newprofile)  # the product path: calibrate (grid + serving steps) with its samples
-  timeout ${CAL_S:-400} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
-    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
-    | tee "$OUT/calibrate.txt"
+  new_profile 400
   ;;
 mainjob)  # the README's main job on the GPU: static vs continuous vs no prefix sharing, with predictions
-  timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" \
-    --cost ${PROFILE:-backends/data/h200-llama3-8b-f16.json} --llama-option n_ctx=262144 --llama-option n_seq_max=256 \
-    --llama-option n_batch=8192 --llama-option n_ubatch=512 --llama-option kv_unified=true --llama-option n_threads=$T \
-    --limit 200 --time-scale 0.06 --probe-requests 0 --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' \
-    | tail -40 | tee "$OUT/main.txt"
+  main_job
   ;;
 kvdata)  # long-queue synthetic serving steps (25-140 req/s) and the Azure validation, continuous, steps kept
   longq_loads
   POLICIES=${POLICIES:-continuous} validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
   ;;
 kvprofile)  # calibrate (grid + serving runs, the overloaded one included), then validate it on the Azure slice
-  timeout ${CAL_S:-330} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
-    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
-    | tee "$OUT/calibrate.txt"
-  cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
+  new_profile 330
   PROFILE=$W/new.json POLICIES=continuous validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
   ;;
 final)  # one lease: calibrate (the product path), validate its profile on the Azure slice and the long-queue loads
-  timeout ${CAL_S:-300} python3 -m sim.cli calibrate --model "$M8" --n-gpu-layers 99 --threads $T --repeats 3 \
-    --out "$OUT/h200-llama3-8b-f16.json" --samples "$OUT/grid-serving.jsonl" 2>&1 | grep -v '^llama\|^load' | tail -32 \
-    | tee "$OUT/calibrate.txt"
-  cp "$OUT/h200-llama3-8b-f16.json" $W/new.json
+  new_profile 300
   export PROFILE=$W/new.json VAL_S=${VAL_S:-110}
   validate_loads val "--probe-requests 0" "--max-num-batched-tokens ${BUDGET:-256}" samples
   longq_loads
@@ -141,10 +143,7 @@ kvcheck)  # on the same lease after kvprofile: chunked on the Azure slice, the l
   export PROFILE=${PROFILE:-$W/new.json}
   POLICIES=chunked validate_loads val "--probe-requests 0" "--max-num-batched-tokens 256" samples
   longq_loads
-  timeout ${MAIN_S:-140} python3 -m sim.cli compare --backend llama --device cuda --model "$M8" --cost $PROFILE \
-    --llama-option n_ctx=262144 --llama-option n_seq_max=256 --llama-option n_batch=8192 --llama-option n_ubatch=512 \
-    --llama-option kv_unified=true --llama-option n_threads=$T --limit 200 --time-scale 0.06 --probe-requests 0 \
-    --no-plots --out "$OUT/main" 2>&1 | grep -v '^llama\|^load' | tail -40 | tee "$OUT/main.txt"
+  main_job
   ;;
 kvrange)  # steps over a wide unified-KV range (48 x 2,048-token prompts, all but the top one dropped), measured vs priced
   timeout ${KVR_S:-100} python3 -m benchmarks.kv_range_probe --model "$M8" --n-gpu-layers 99 --json-out "$OUT/kv_range.json" \

@@ -232,7 +232,8 @@ def calibrate(model: str | None = None, options: dict | None = None, quick: bool
             cal.stats["wakeup"] = wake
         if serving:  # the serving runs are real-time runs already, longer than a probe: the factors come from them
             rows = [{"plan": p, "measured_s": t, "after_idle": idle, "scenario": label}
-                    for (p, t, idle), label in zip(cal.samples, cal.labels, strict=True) if label.startswith("serving ")]
+                    for (p, t, idle), label in zip(cal.samples, cal.labels, strict=True)
+                    if is_serving(label)]
             probe = serving_factors(rows, cal.model, "the calibration's serving runs")
         else:
             probe = probe_run_factor(backends, config, cal.model, quick, seed, lambda text: say(f"calibrate: {text}"))
@@ -253,8 +254,6 @@ LONG_TAIL = {"prompt": "lognormal:120,1.0", "output": "lognormal:24,0.9", "share
 # the probe's uniform one, else LONG_TAIL); the overloaded run queues hundreds of requests, which spreads a
 # unified KV stream's live cells (backends.cost.kvcells)
 SERVING_RUNS = (("continuous", 0.25, None), ("chunked", 0.25, None), ("continuous", 2.0, "long-tail"))
-SERVING_LOAD = SERVING_RUNS[0][1]
-SERVING_POLICIES = tuple(dict.fromkeys(r[0] for r in SERVING_RUNS))
 
 
 def long_tail_workload(requests: int, seed: int):
@@ -308,9 +307,10 @@ def add_serving_steps(cal: Calibration, backends: list, config: SchedulerConfig,
     return refitted
 
 
-def is_serving(row: dict) -> bool:
-    """True for a samples row from a real-time serving run (validate --samples, or calibrate's serving runs)."""
-    return str(row.get("scenario") or "").startswith("serving ") or row.get("driver_s") is not None
+def is_serving(label: str | None) -> bool:
+    """True for the run label (samples rows' "scenario") of a real-time serving run: calibrate's own serving runs
+    and validate --samples' runs are named "serving ..."."""
+    return str(label or "").startswith("serving ")
 
 
 def serving_factors(rows: list[dict], model: TableCostModel, source: str) -> dict:
@@ -368,10 +368,12 @@ def refit(paths, name: str) -> Calibration:
         cal.model = replace(cal.model, idle_wakeup_curve=wakeup_curve(wake["knots"]))
         cal.stats["wakeup"] = wake
     probe = header["meta"].get("run_probe")
-    served = [r for r in rows + serving if is_serving(r)]
+    # the calibration's own serving runs; every row of the other files is a serving step
+    own = [r for r in rows if is_serving(r["scenario"])]
+    served = own + serving
     if served:
-        probe = serving_factors(served, cal.model, "serving steps of " + ", ".join(
-            os.path.basename(p) for i, p in enumerate(paths) if i or any(is_serving(r) for r in rows)))
+        sources = paths if own else paths[1:]
+        probe = serving_factors(served, cal.model, "serving steps of " + ", ".join(map(os.path.basename, sources)))
         cal.model = replace(cal.model, meta={**cal.model.meta, "run_probe": probe})
         cal.meta = cal.model.meta
     if isinstance(probe, dict) and "run_factor" in probe:

@@ -10,7 +10,7 @@ import numpy as np
 from backends.cost.base import CostModelError
 from backends.cost.graph import builds
 from backends.cost.knots import default_knots, output_knots, sparse_output_knots
-from backends.cost.table import StepShape, TableCostModel
+from backends.cost.table import StepShape, TableCostModel, kv_range_counts
 from backends.cost.table_params import GRAPH, KV_RANGE, SCALARS
 from backends.cost.ubatch import FA_Q_TILE, fa_tiles, takes_tiled_path
 from calib.nnls import nnls
@@ -95,12 +95,7 @@ def design_row(shape: StepShape, token_knots: tuple[int, ...], output_knots: tup
         built = builds([u.graph for u in shape.ubatches], None if shape.resets_graph else prev_graph)
         n_builds = float(sum(built))
         seqs = float(sum(u.n_seqs for u, b in zip(shape.ubatches, built, strict=True) if b))
-    kv_cells = kv_token_cells = 0.0
-    if shape.n_kv:
-        for i, u in enumerate(shape.ubatches):
-            n = shape.n_kv[min(i, len(shape.n_kv) - 1)]
-            kv_cells += n
-            kv_token_cells += u.n_tokens * n
+    kv_cells, kv_token_cells = kv_range_counts(shape.ubatches, shape.n_kv) if shape.n_kv else (0, 0)
     head = [0.0 if shape.is_empty else 1.0, shape.num_chunks, shape.num_removes, shape.num_copies,
             shape.num_copied_tokens, pairs, float(shape.after_idle), chunk_pairs, tiles, n_builds, seqs,
             kv_cells, kv_token_cells]

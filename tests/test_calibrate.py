@@ -392,7 +392,8 @@ def test_validate_samples_are_serving_steps_that_a_refit_adds_to_the_grid(quick,
 
 def test_serving_runs_join_the_grid_in_the_fit(tmp_path, capsys):
     """--serving-requests N (a GPU calibration's default): three real-time serving runs, continuous and chunked at
-    0.25x the fitted capacity and continuous overloaded at 2x, whose steps are fitted with the grid's and kept in the samples file under their own scenario names."""
+    0.25x the fitted capacity and continuous overloaded at 2x, whose steps are fitted with the grid's and kept in
+    the samples file under their own scenario names."""
     samples = tmp_path / "s.jsonl"
     assert main(["calibrate", "--quick", "--serving-requests", "6", "--no-wakeup-probe", "--out",
                  str(tmp_path / "p.json"), "--samples", str(samples), "--json", "--quiet"]) == 0

@@ -57,7 +57,7 @@ def test_replayed_cells_match_llama_cpp_ubatch_by_ubatch(default_model_path):
     # the script leaves holes below the head (the range attended exceeds the cells in use), moves the head back
     # and wraps it to the start
     assert any(n > used for n, used, _ in real)
-    assert any(b[2] < a[2] for a, b in zip(real, real[1:]))
+    assert any(b[2] < a[2] for a, b in zip(real, real[1:], strict=False))
 
 
 def _plan(chunks=(), removes=()):
@@ -109,8 +109,8 @@ def test_kv_ranges_reset_per_run_and_the_model_prices_the_range():
 
 
 def test_kv_range_params_are_checked():
-    from backends.cost.base import CostModelError
     from backends.cost import load_cost_model
+    from backends.cost.base import CostModelError
 
     base = replace(load_cost_model("h200-llama3-8b-f16"), per_kv_cell_s=None, per_kv_token_cell_s=None, kv_size=None)
     with pytest.raises(CostModelError, match="go together"):

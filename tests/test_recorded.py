@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RECORDED = ROOT / "calib" / "data" / "h200-llama3-8b-f16-continuous"
 
 
-def _default_workload():
+def _default_workload(argv=()):
+    """The workload validate's flags give (none: the bundled default)."""
     parser = argparse.ArgumentParser()
     cli_validate.add_arguments(parser)
-    return cli_validate._workload(parser.parse_args([]))
+    return cli_validate._workload(parser.parse_args(list(argv)))
 
 
 def test_rejudging_with_the_recorded_profile_reproduces_its_predictions_and_verdicts():
@@ -59,9 +60,7 @@ def test_long_queues_need_the_unified_kv_range():
     """Synthetic runs at 25-140 req/s on the H200 (300 requests, hundreds queued at 60 and above): the bundled
     profile, which replays llama.cpp's unified KV cells and prices each step's KV range, predicts every load's mean
     E2E within 6 %; the profile before it, without the range, ran 40-70 % fast from 60 req/s on."""
-    parser = argparse.ArgumentParser()
-    cli_validate.add_arguments(parser)
-    workload = cli_validate._workload(parser.parse_args(LONG_QUEUE_FLAGS))
+    workload = _default_workload(LONG_QUEUE_FLAGS)
     now = rejudge(LONG_QUEUES, workload, load_cost_model("h200-llama3-8b-f16"))
     before = rejudge(LONG_QUEUES, workload, load_cost_model(RECORDED / "profile.json"))
     assert [round(ld["rate"]) for ld in now] == [25, 60, 100, 140]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.cost.graph import KV_PAD
+from backends.cost.graph import KV_PAD, kv_cells
 
 
 class UnifiedKV:
@@ -41,8 +41,7 @@ class UnifiedKV:
     def n_kv(self) -> int:
         """The KV range the next ubatch attends over: the highest cell in use + 1, padded to 256 cells."""
         nz = np.flatnonzero(self.blocks)
-        top = (int(nz[-1]) + 1) * KV_PAD if len(nz) else 0
-        return min(self.size, max(KV_PAD, top))
+        return min(self.size, kv_cells((int(nz[-1]) + 1) * KV_PAD if len(nz) else 0))
 
     def used_max_p1(self) -> int:
         """The highest cell in use + 1 (0 when none is), as llama_kv_cells::used_max_p1."""
@@ -159,8 +158,7 @@ def compact_n_kv(plan, size: int) -> tuple[int, ...]:
     """Without the stream's history: each ubatch's n_kv as if the step's sequences were the only ones and lay
     packed from cell 0 (a lower bound of the real range)."""
     held = sum(c.start_pos + len(c.token_ids) + c.num_pad_tokens for c in plan.chunks)
-    n = min(size, max(KV_PAD, -(-held // KV_PAD) * KV_PAD))
-    return (n,)
+    return (min(size, kv_cells(held)),)
 
 
 def kv_ranges(plans, n_batch: int, n_ubatch: int, size: int, runs=None) -> list[tuple[int, ...]]:

@@ -12,8 +12,8 @@ work: per step, per chunk, per KV op and copied token.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from backends.cost.base import (
     MIN_STEP_S,
@@ -24,8 +24,8 @@ from backends.cost.base import (
     floor_time,
 )
 from backends.cost.graph import KV_PAD, STEADY, build_s, graph_key, key_slots, with_end
-from backends.cost.kvcells import UnifiedKV, compact_n_kv
 from backends.cost.knots import default_knots, interp, interp_clamped, interp_free, knot_value, output_knots
+from backends.cost.kvcells import UnifiedKV, compact_n_kv
 from backends.cost.table_params import check_model, from_params, to_params
 from backends.cost.ubatch import DecodeChunk, Ubatch, fa_tiles, split_ubatches, takes_tiled_path
 from scheduler.messages import StepPlan
@@ -129,12 +129,8 @@ class TableCostModel:
         n_kv: the smallest range, 256 cells)."""
         if self.kv_size is None or not shape.ubatches:
             return 0.0
-        n_kv = shape.n_kv or (KV_PAD,)
-        t = 0.0
-        for i, u in enumerate(shape.ubatches):
-            n = n_kv[min(i, len(n_kv) - 1)]
-            t += (self.per_kv_cell_s + self.per_kv_token_cell_s * u.n_tokens) * n
-        return t
+        cells, token_cells = kv_range_counts(shape.ubatches, shape.n_kv or (KV_PAD,))
+        return self.per_kv_cell_s * cells + self.per_kv_token_cell_s * token_cells
 
     def price(self, shape: StepShape, prev_graph=STEADY) -> float:
         """Seconds for a step of this shape after a ubatch of graph key prev_graph (see backends.cost.graph;
@@ -362,6 +358,17 @@ class DecodeStretch:
         if not self.last:
             return self.last
         return with_end(self.last, self.last_end + i)
+
+
+def kv_range_counts(ubatches: Sequence[Ubatch], n_kv: Sequence[int]) -> tuple[int, int]:
+    """(sum of n_kv, sum of tokens x n_kv) over the ubatches, n_kv[i] the range of ubatch i (the last value for
+    any ubatch past its end): what the KV-range prices multiply."""
+    cells = token_cells = 0
+    for i, u in enumerate(ubatches):
+        n = n_kv[min(i, len(n_kv) - 1)]
+        cells += n
+        token_cells += u.n_tokens * n
+    return cells, token_cells
 
 
 def _prefill_context(f: StepFeatures) -> int:
